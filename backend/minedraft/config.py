@@ -1,0 +1,106 @@
+"""Engine configuration: one validated value object, built once, never changed afterwards."""
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .model_runner import DTYPES
+
+MODES = ("ar", "sd", "psd")
+DRAFTER_KINDS = ("auto", "inline", "process")
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "model_repository" / "minedraft" / "1"
+
+
+class ConfigError(ValueError):
+    """Invalid engine configuration; the message names the key."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    target_model: str = str(DEFAULT_MODEL_DIR / "target")
+    draft_model: str = str(DEFAULT_MODEL_DIR / "draft")
+    mode: str = "psd"
+    num_draft_tokens: int = 4
+    max_num_seqs: int = 16  # per internal batch: psd holds twice this many in flight
+    max_model_len: int = 1024
+    target_device: str = "cpu"
+    draft_device: str = "cpu"
+    dtype: str = "float32"
+    # Where the drafter runs: "process" (its own worker process, the CPU way to overlap),
+    # "inline" (same process; a CUDA stream on draft_device), or "auto".
+    drafter: str = "auto"
+    # CPU cores for each side, e.g. "0" or "0-1"; empty: psd splits the cores, sd/ar share them.
+    target_cpus: str = ""
+    draft_cpus: str = ""
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "EngineConfig":
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown engine parameter(s): {', '.join(unknown)}")
+        parsed = {}
+        for key, value in values.items():
+            default = getattr(cls, key)
+            try:
+                parsed[key] = type(default)(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{key}: cannot read {value!r} as {type(default).__name__}") from None
+        config = cls(**parsed)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not 0 <= self.num_draft_tokens <= 16:
+            raise ConfigError(f"num_draft_tokens must be in [0, 16], got {self.num_draft_tokens}")
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.drafter not in DRAFTER_KINDS:
+            raise ConfigError(f"drafter must be one of {DRAFTER_KINDS}, got {self.drafter!r}")
+        for key in ("target_device", "draft_device"):
+            device = getattr(self, key)
+            if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
+                raise ConfigError(f"{key} must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        for key in ("target_cpus", "draft_cpus"):
+            parse_cpus(getattr(self, key), key)
+        for key in ("target_model", "draft_model"):
+            if not (Path(getattr(self, key)) / "config.json").is_file():
+                raise ConfigError(f"{key}: no HF model (config.json) in {getattr(self, key)!r}")
+
+    @property
+    def num_batches(self) -> int:
+        return 2 if self.mode == "psd" else 1
+
+    @property
+    def drafter_kind(self) -> str:
+        if self.drafter != "auto":
+            return self.drafter
+        overlaps_on_cpu = self.mode == "psd" and self.draft_device == "cpu"
+        return "process" if overlaps_on_cpu else "inline"
+
+    def cpu_split(self) -> tuple[set[int], set[int]]:
+        """Cores for (target, drafter). An overlapping drafter gets its own cores."""
+        available = sorted(os.sched_getaffinity(0))
+        target = parse_cpus(self.target_cpus, "target_cpus")
+        draft = parse_cpus(self.draft_cpus, "draft_cpus")
+        if self.drafter_kind == "process" and len(available) > 1:
+            half = len(available) // 2
+            return target or set(available[:half]), draft or set(available[half:])
+        return target or set(available), draft or target or set(available)
+
+
+def parse_cpus(spec: str, key: str) -> set[int]:
+    """'0', '0-3' or '0,2' -> {cores}; empty -> empty set."""
+    cpus = set()
+    try:
+        for part in filter(None, spec.replace(" ", "").split(",")):
+            low, _, high = part.partition("-")
+            cpus.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise ConfigError(f"{key}: expected cores like '0', '0-3' or '0,2', got {spec!r}") from None
+    return cpus

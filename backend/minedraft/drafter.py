@@ -1,0 +1,247 @@
+"""The drafter: proposes k tokens per row from verified context, with their probabilities.
+
+`DraftModel` does the work. Two ways to run it behind the same start/finish interface:
+- `InlineDrafter`: a thread in the engine's process. On CUDA it issues its kernels on its
+  own stream of `draft_device`, so they overlap the target's. On CPU the GIL serialises
+  the two sides' Python, which is why CPU overlap uses the next one.
+- `ProcessDrafter`: a worker process on its own cores (MineDraft's workers are processes too).
+  Each call sends a small control message through a pipe; draft ids and their [b, k, V]
+  probabilities come back through shared memory.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.shared_memory import SharedMemory
+
+import numpy as np
+import torch
+
+from . import sampler
+from .model_runner import ModelRunner, load_model
+
+NUM_BATCH_SLOTS = 2
+
+
+class DrafterError(RuntimeError):
+    """The drafter failed or died; the engine falls back to target-only steps and restarts it."""
+
+
+@dataclass
+class DraftRow:
+    cached_len: int  # valid prefix of the draft cache for this row (rolls rejected drafts back)
+    feed: list[int]  # verified tokens the draft cache lacks
+    temperature: float
+    top_k: int
+    top_p: float
+    num_eos_blocked: int  # leading draft positions where EOS is masked (min_tokens)
+    uniforms: list[float]  # one per drafted position; drawn by the engine from the request's RNG
+
+
+@dataclass
+class DraftWork:
+    batch_slot: int
+    moves: list[tuple[int, int, int]]  # (src row, dst row, length) applied to the cache first
+    rows: list[DraftRow]
+    num_tokens: int
+
+
+class DraftModel:
+    """Draft model plus one RowKVCache per internal batch."""
+
+    def __init__(self, runner: ModelRunner, eos_token_id: int | None):
+        self.runner = runner
+        self.eos_token_id = eos_token_id
+        self.caches = [runner.new_cache() for _ in range(NUM_BATCH_SLOTS)]
+        self.last_span = (0.0, 0.0)  # monotonic start and end of the last run (shared clock across processes)
+
+    def run(self, work: DraftWork) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns draft ids [b, k] and probabilities [b, k, V]; `last_span` times it."""
+        started = time.monotonic()
+        ids, probs = self._draft(work)
+        self.last_span = (started, time.monotonic())
+        return ids, probs
+
+    def _draft(self, work: DraftWork) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self.caches[work.batch_slot]
+        for src, dst, length in work.moves:
+            cache.move_row(src, dst, length)
+        rows, k = work.rows, work.num_tokens
+        lens = self._prefill_long_feeds(cache, rows)
+        feeds = [r.feed[len(r.feed) - min(len(r.feed), 2):] for r in rows]
+        logits = self.runner.forward(cache, slice(0, len(rows)), lens, feeds, last_only=True)
+        lens = [n + len(f) for n, f in zip(lens, feeds)]
+        settings = self._settings(rows, k)
+        uniforms = torch.tensor([r.uniforms[:k] for r in rows], dtype=torch.float32)
+        ids, probs = [], []
+        for j in range(k):
+            step_probs = sampler.processed_probs(logits[:, None].to("cpu"), settings.at(j))[:, 0]
+            tokens = sampler.sample(step_probs, uniforms[:, j])
+            ids.append(tokens)
+            probs.append(step_probs)
+            if j + 1 < k:  # the last draft never needs to be fed: its successor is the target's
+                logits = self.runner.forward(cache, slice(0, len(rows)), lens, [[t] for t in tokens.tolist()],
+                                             last_only=True)
+                lens = [n + 1 for n in lens]
+        return torch.stack(ids, 1), torch.stack(probs, 1)
+
+    def _prefill_long_feeds(self, cache, rows: list[DraftRow]) -> list[int]:
+        """Rows that just joined feed their whole context: run it as a sub-batch so that the
+        common one-or-two-token feeds of everyone else carry no padding."""
+        long_rows = [i for i, r in enumerate(rows) if len(r.feed) > 2]
+        lens = [r.cached_len for r in rows]
+        if long_rows:
+            self.runner.forward(cache, long_rows, [lens[i] for i in long_rows],
+                                [rows[i].feed[:-2] for i in long_rows], last_only=True)
+            for i in long_rows:
+                lens[i] += len(rows[i].feed) - 2
+        return lens
+
+    def _settings(self, rows: list[DraftRow], k: int) -> "_DraftSettings":
+        return _DraftSettings(rows, k, self.eos_token_id)
+
+
+class _DraftSettings:
+    def __init__(self, rows: list[DraftRow], k: int, eos_token_id):
+        self.temperature = torch.tensor([r.temperature for r in rows], dtype=torch.float32)
+        self.top_k = torch.tensor([r.top_k for r in rows])
+        self.top_p = torch.tensor([r.top_p for r in rows], dtype=torch.float32)
+        self.blocked = torch.tensor([r.num_eos_blocked for r in rows])
+        self.eos_token_id = eos_token_id
+
+    def at(self, position: int) -> sampler.RowSampling:
+        return sampler.RowSampling(self.temperature, self.top_k, self.top_p,
+                                   (self.blocked > position)[:, None], self.eos_token_id)
+
+
+def build_draft_model(path: str, device: str, dtype: str, num_rows: int, capacity: int, eos_token_id):
+    return DraftModel(ModelRunner(load_model(path, device, dtype), num_rows, capacity), eos_token_id)
+
+
+class InlineDrafter:
+    """Drafts in a thread of the engine's process; on CUDA on its own stream of draft_device."""
+
+    def __init__(self, draft_model: DraftModel):
+        self.draft_model = draft_model
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="minedraft-draft")
+        device = draft_model.runner.device
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._pending = None
+        self.last_span = (0.0, 0.0)
+
+    def start(self, work: DraftWork) -> None:
+        self._pending = self._executor.submit(self._run, work)
+
+    def _run(self, work: DraftWork):
+        if self._stream is None:
+            return self.draft_model.run(work)
+        with torch.cuda.stream(self._stream):
+            ids, probs = self.draft_model.run(work)
+        self._stream.synchronize()
+        return ids, probs
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pending, self._pending = self._pending, None
+        try:
+            result = pending.result()
+        except Exception as exc:
+            raise DrafterError(f"drafting failed: {exc}") from exc
+        self.last_span = self.draft_model.last_span
+        return result
+
+    def restart(self) -> None:
+        self.draft_model.caches = [self.draft_model.runner.new_cache() for _ in range(NUM_BATCH_SLOTS)]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+class ProcessDrafter:
+    """Drafts in a worker process pinned to its own cores; results come back via shared memory."""
+
+    def __init__(self, path, device, dtype, num_rows, capacity, eos_token_id, vocab_size, max_tokens, cpus):
+        self._spec = (path, device, dtype, num_rows, capacity, eos_token_id, sorted(cpus))
+        self._ids_shape = (NUM_BATCH_SLOTS, num_rows, max_tokens)
+        self._probs_shape = (NUM_BATCH_SLOTS, num_rows, max_tokens, vocab_size)
+        self._ids_shm = SharedMemory(create=True, size=int(np.prod(self._ids_shape)) * 8)
+        self._probs_shm = SharedMemory(create=True, size=int(np.prod(self._probs_shape)) * 4)
+        self.ids = torch.frombuffer(self._ids_shm.buf, dtype=torch.int64).view(self._ids_shape)
+        self.probs = torch.frombuffer(self._probs_shm.buf, dtype=torch.float32).view(self._probs_shape)
+        self.process = None
+        self._work: DraftWork | None = None
+        self.last_span = (0.0, 0.0)
+        self._spawn()
+
+    def _spawn(self) -> None:
+        # A plain `python -m minedraft.drafter_worker` child rather than multiprocessing's spawn: inside
+        # Triton's python stub neither sys.executable nor __main__ is something spawn can re-run.
+        parent_sock, child_sock = socket.socketpair()
+        spec = json.dumps({"fd": child_sock.fileno(), "ids": self._ids_shm.name, "probs": self._probs_shm.name,
+                           "ids_shape": self._ids_shape, "probs_shape": self._probs_shape, "model": self._spec})
+        self.process = subprocess.Popen([python_executable(), "-m", "minedraft.drafter_worker", spec],
+                                        pass_fds=[child_sock.fileno()])
+        child_sock.close()
+        self._conn = Connection(parent_sock.detach())
+        self._expect_reply("starting the drafter")
+
+    def start(self, work: DraftWork) -> None:
+        self._work = work
+        try:
+            self._conn.send(work)
+        except (BrokenPipeError, OSError) as exc:
+            raise DrafterError(f"drafter process is gone: {exc}") from exc
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        work, self._work = self._work, None
+        self.last_span = self._expect_reply("drafting")
+        b, k = len(work.rows), work.num_tokens
+        return self.ids[work.batch_slot, :b, :k], self.probs[work.batch_slot, :b, :k]
+
+    def _expect_reply(self, what: str):
+        while not self._conn.poll(0.5):
+            if self.process.poll() is not None:
+                raise DrafterError(f"drafter process died while {what} (exit code {self.process.returncode})")
+        try:
+            status, detail = self._conn.recv()
+        except (EOFError, OSError) as exc:
+            raise DrafterError(f"drafter process died while {what}: {exc}") from exc
+        if status != "ok":
+            raise DrafterError(f"drafter failed while {what}: {detail}")
+        return detail
+
+    def restart(self) -> None:
+        self._stop_process()
+        self._spawn()
+
+    def _stop_process(self) -> None:
+        try:
+            self._conn.send(None)
+        except (BrokenPipeError, OSError):
+            pass
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._conn.close()
+
+    def close(self) -> None:
+        self._stop_process()
+        del self.ids, self.probs
+        for shm in (self._ids_shm, self._probs_shm):
+            shm.close()
+            shm.unlink()
+
+
+def python_executable() -> str:
+    name = os.path.basename(sys.executable or "")
+    if name.startswith("python"):
+        return sys.executable
+    candidate = os.path.join(sys.exec_prefix, "bin", "python3")
+    return candidate if os.path.exists(candidate) else shutil.which("python3")

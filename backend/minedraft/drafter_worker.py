@@ -1,0 +1,59 @@
+"""Entry point of the drafter worker process started by ProcessDrafter."""
+import json
+import os
+import sys
+import traceback
+from multiprocessing import resource_tracker
+from multiprocessing.connection import Connection
+from multiprocessing.shared_memory import SharedMemory
+
+import torch
+
+from .drafter import build_draft_model
+
+
+def _attach(name: str) -> SharedMemory:
+    shm = SharedMemory(name=name)
+    # The engine owns and unlinks the block; this process's resource tracker must not.
+    resource_tracker.unregister(shm._name, "shared_memory")
+    return shm
+
+
+def _worker_main(spec: dict) -> None:
+    path, device, dtype, num_rows, capacity, eos_token_id, cpus = spec["model"]
+    conn = Connection(spec["fd"])
+    ids_shape, probs_shape = tuple(spec["ids_shape"]), tuple(spec["probs_shape"])
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+        torch.set_num_threads(len(cpus))
+    ids_shm, probs_shm = _attach(spec["ids"]), _attach(spec["probs"])
+    ids = torch.frombuffer(ids_shm.buf, dtype=torch.int64).view(ids_shape)
+    probs = torch.frombuffer(probs_shm.buf, dtype=torch.float32).view(probs_shape)
+    try:
+        draft_model = build_draft_model(path, device, dtype, num_rows, capacity, eos_token_id)
+        conn.send(("ok", None))
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+        return
+    while True:
+        try:
+            work = conn.recv()
+        except EOFError:
+            break
+        if work is None:
+            break
+        try:
+            draft_ids, draft_probs = draft_model.run(work)
+            b, k = draft_ids.shape
+            ids[work.batch_slot, :b, :k] = draft_ids
+            probs[work.batch_slot, :b, :k] = draft_probs
+            conn.send(("ok", draft_model.last_span))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))
+    del ids, probs
+    ids_shm.close()
+    probs_shm.close()
+
+
+if __name__ == "__main__":
+    _worker_main(json.loads(sys.argv[1]))

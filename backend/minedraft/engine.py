@@ -1,0 +1,392 @@
+"""The engine: `step()` = admit -> plan -> draft/verify -> commit, for every policy.
+
+Usable without Triton:
+
+    engine = Engine(EngineConfig(mode="psd"))
+    engine.submit("r1", "def add(a, b):", {"max_tokens": 32, "temperature": 0})
+    while engine.has_work():
+        for out in engine.step():
+            print(out.text_delta, end="")
+"""
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from . import sampler
+from .config import ConfigError, EngineConfig
+from .drafter import DraftRow, DraftWork, DrafterError, InlineDrafter, ProcessDrafter, build_draft_model
+from .model_runner import ModelRunner, load_model
+from .policy import StepPlan, make_policy
+from .sampling_params import InvalidRequest, SamplingParams
+from .scheduler import Batch, Scheduler
+from .sequence import RequestOutput, Sequence
+
+log = logging.getLogger("minedraft")
+
+
+@dataclass
+class StepRecord:
+    """Timing of one step, kept for metrics and for the overlap test."""
+    policy: str
+    verify_slot: int
+    verify_size: int
+    verify_span: tuple[float, float]
+    draft_slot: int | None
+    draft_size: int
+    draft_span: tuple[float, float] | None
+    num_draft_tokens: int
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.policy = make_policy(config.mode, config.num_draft_tokens)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.target_model)
+        self.eos_token_id = self.tokenizer.eos_token_id
+        target_cpus, draft_cpus = config.cpu_split() if config.target_device == "cpu" else (set(), set())
+        capacity = config.max_model_len + config.num_draft_tokens + 2
+        self.drafter = self._start_drafter(capacity, draft_cpus) if self.policy.num_draft_tokens else None
+        self._pin_target(target_cpus)
+        target = load_model(config.target_model, config.target_device, config.dtype)
+        _check_context(target.config, config)
+        self.target = ModelRunner(target, config.max_num_seqs, capacity)
+        batches = [Batch(slot, self.target.new_cache(), config.max_num_seqs) for slot in range(config.num_batches)]
+        self.scheduler = Scheduler(batches)
+        self._lock = threading.Lock()  # guards the waiting queue and cancellations, filled from other threads
+        self._cancelled: set[str] = set()
+        self._seed_source = torch.Generator().manual_seed(torch.seed())
+        self.step_log: deque[StepRecord] = deque(maxlen=4096)
+        self.num_drafter_failures = 0
+        self.fault_hook = None  # tests: called with each Sequence before its commit
+
+    # -- set-up -------------------------------------------------------------------------------
+    def _start_drafter(self, capacity: int, draft_cpus: set[int]):
+        cfg = self.config
+        draft_config = AutoConfig.from_pretrained(cfg.draft_model)
+        target_config = AutoConfig.from_pretrained(cfg.target_model)
+        check_vocabularies(self.tokenizer, cfg.draft_model, target_config.vocab_size, draft_config.vocab_size)
+        _check_context(draft_config, cfg)
+        if cfg.drafter_kind == "process":
+            return ProcessDrafter(cfg.draft_model, cfg.draft_device, cfg.dtype, cfg.max_num_seqs, capacity,
+                                  self.eos_token_id, draft_config.vocab_size, cfg.num_draft_tokens, draft_cpus)
+        model = build_draft_model(cfg.draft_model, cfg.draft_device, cfg.dtype, cfg.max_num_seqs, capacity,
+                                  self.eos_token_id)
+        return InlineDrafter(model)
+
+    @staticmethod
+    def _pin_target(cpus: set[int]) -> None:
+        if cpus:
+            import os
+            os.sched_setaffinity(0, cpus)
+            torch.set_num_threads(len(cpus))
+
+    def close(self) -> None:
+        if self.drafter is not None:
+            self.drafter.close()
+            self.drafter = None
+
+    # -- requests -----------------------------------------------------------------------------
+    def submit(self, request_id: str, prompt: str | list[int], params: SamplingParams | dict | None = None) -> None:
+        """Validate and queue a request; raises InvalidRequest with a clear message."""
+        if not isinstance(params, SamplingParams):
+            params = SamplingParams.from_dict(params or {})
+        prompt_ids = self._encode(prompt)
+        if len(prompt_ids) >= self.config.max_model_len:
+            raise InvalidRequest(f"prompt has {len(prompt_ids)} tokens; max_model_len is {self.config.max_model_len}")
+        num_draft = self.policy.num_draft_tokens
+        if params.num_draft_tokens is not None:
+            num_draft = min(params.num_draft_tokens, num_draft)
+        seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seed_source))
+        seq = Sequence(request_id, prompt_ids, params, num_draft, torch.Generator().manual_seed(seed))
+        with self._lock:
+            if self.scheduler.find(request_id) is not None:
+                raise InvalidRequest(f"request id {request_id!r} is already in flight")
+            self.scheduler.waiting.append(seq)
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequest("prompt is empty")
+            return self.tokenizer(prompt).input_ids
+        ids = list(prompt)
+        if not ids or not all(isinstance(t, int) and 0 <= t < len(self.tokenizer) for t in ids):
+            raise InvalidRequest("prompt token ids must be a non-empty list of ids within the vocabulary")
+        return ids
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._cancelled.add(request_id)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self.scheduler.waiting or self.scheduler.num_running or self._cancelled)
+
+    @property
+    def num_free_slots(self) -> int:
+        with self._lock:
+            return self.scheduler.capacity - self.scheduler.num_running - len(self.scheduler.waiting)
+
+    def batch_sizes(self) -> list[int]:
+        return [len(b) for b in self.scheduler.batches]
+
+    # -- the step loop ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs = self._apply_cancellations()
+        with self._lock:
+            admitted = self.scheduler.admit()
+        self._prefill(admitted)
+        plan = self.policy.plan(self.scheduler.batches)
+        if plan is None:
+            return outputs
+        draft_span = self._draft_for(plan)
+        verify_started = time.monotonic()
+        accepted, next_tokens = self._verify(plan.verify)
+        verify_span = (verify_started, time.monotonic())
+        if plan.overlap is not None and self.drafter is not None:
+            draft_span = self._collect_drafts(plan.overlap) or draft_span
+        self.step_log.append(StepRecord(
+            self.policy.name, plan.verify.slot, len(plan.verify), verify_span,
+            plan.overlap.slot if plan.overlap else None, len(plan.overlap) if plan.overlap else 0,
+            draft_span, plan.num_draft_tokens))
+        outputs += self._commit(plan.verify, accepted, next_tokens)
+        return outputs
+
+    def _draft_for(self, plan: StepPlan):
+        """Draft the batch about to be verified if it has no drafts yet (sequential), then
+        start drafting the overlap batch, which runs while the target verifies."""
+        if self.drafter is None or plan.num_draft_tokens == 0:
+            return None
+        span = None
+        if not plan.verify.is_drafted:
+            if self._start_draft(plan.verify):
+                span = self._collect_drafts(plan.verify)
+        if plan.overlap is not None and not self._start_draft(plan.overlap):
+            plan.overlap = None
+        return span
+
+    def _start_draft(self, batch: Batch) -> bool:
+        work = self._draft_work(batch)
+        if work is None:
+            return False
+        try:
+            self.drafter.start(work)
+        except DrafterError as exc:
+            self._on_drafter_failure(exc)
+            return False
+        self._in_flight = work
+        return True
+
+    def _draft_work(self, batch: Batch) -> DraftWork | None:
+        num_tokens = max(seq.num_draft_tokens for seq in batch.seqs)
+        if num_tokens == 0:
+            return None
+        rows = [DraftRow(cached_len=seq.draft_cached, feed=seq.token_ids[seq.draft_cached:],
+                         temperature=seq.params.temperature, top_k=seq.params.top_k, top_p=seq.params.top_p,
+                         num_eos_blocked=max(0, seq.params.min_tokens - seq.num_generated),
+                         uniforms=seq.uniforms(num_tokens).tolist())
+                for seq in batch.seqs]
+        work = DraftWork(batch.slot, list(batch.draft_moves), rows, num_tokens)
+        batch.draft_moves.clear()
+        return work
+
+    def _collect_drafts(self, batch: Batch):
+        work, self._in_flight = self._in_flight, None
+        try:
+            ids, probs = self.drafter.finish()
+        except DrafterError as exc:
+            self._on_drafter_failure(exc)
+            return None
+        for row, seq in enumerate(batch.seqs):
+            seq.draft_ids = ids[row, :seq.num_draft_tokens].tolist()
+            seq.draft_probs = probs[row, :seq.num_draft_tokens]
+            seq.draft_cached = len(seq.token_ids)
+            seq.draft_extent = work.num_tokens - 1
+        batch.is_drafted = True
+        return self.drafter.last_span
+
+    def _on_drafter_failure(self, exc: Exception) -> None:
+        """Lossless fallback: forget all drafts (the target decodes alone meanwhile) and restart."""
+        self.num_drafter_failures += 1
+        log.error("drafter failure %d: %s; restarting it, target-only steps meanwhile",
+                  self.num_drafter_failures, exc)
+        for batch in self.scheduler.batches:
+            batch.is_drafted = False
+            batch.draft_moves.clear()
+            for seq in batch.seqs:
+                seq.draft_ids, seq.draft_probs, seq.draft_cached, seq.draft_extent = [], None, 0, 0
+        self.drafter.restart()
+
+    def _prefill(self, admitted: list[tuple[Sequence, Batch]]) -> None:
+        """Fill the target cache with all but the last prompt token, which stays pending."""
+        for batch in self.scheduler.batches:
+            seqs = [seq for seq, b in admitted if b is batch and len(seq.token_ids) > 1]
+            if seqs:
+                rows = [batch.seqs.index(seq) for seq in seqs]
+                self.target.forward(batch.target_cache, rows, [0] * len(seqs),
+                                    [seq.token_ids[:-1] for seq in seqs], last_only=True)
+            for seq, b in admitted:
+                if b is batch:
+                    seq.target_cached = len(seq.token_ids) - 1
+
+    def _verify(self, batch: Batch):
+        """One target forward over the batch: each row feeds its pending token and its drafts."""
+        seqs = batch.seqs
+        num_drafts = torch.tensor([len(s.draft_ids) for s in seqs])
+        k = int(num_drafts.max())
+        feeds = [s.token_ids[s.target_cached:] + s.draft_ids for s in seqs]
+        logits = self.target.forward(batch.target_cache, slice(0, len(seqs)), [s.target_cached for s in seqs], feeds)
+        # Row r's p_i sits at offset (pending tokens - 1) + i of its feed; pad rows repeat the last.
+        first = torch.tensor([len(f) - 1 - len(s.draft_ids) for f, s in zip(feeds, seqs)])
+        positions = (first[:, None] + torch.arange(k + 1)).clamp(max=logits.size(1) - 1)
+        logits = logits[torch.arange(len(seqs))[:, None], positions].cpu()
+        target_probs = sampler.processed_probs(logits, self._row_sampling(seqs, k + 1))
+        vocab = target_probs.size(-1)
+        draft_ids = torch.zeros(len(seqs), k, dtype=torch.long)
+        draft_probs = torch.zeros(len(seqs), k, vocab)
+        accept_uniforms = torch.zeros(len(seqs), k)
+        for row, seq in enumerate(seqs):
+            n = len(seq.draft_ids)
+            if n:
+                draft_ids[row, :n] = torch.tensor(seq.draft_ids)
+                draft_probs[row, :n] = seq.draft_probs[:, :vocab]
+                accept_uniforms[row, :n] = seq.uniforms(n)
+        resample_uniforms = torch.cat([seq.uniforms(1) for seq in seqs])
+        return sampler.verify(target_probs, draft_ids, draft_probs, num_drafts, accept_uniforms, resample_uniforms)
+
+    def _row_sampling(self, seqs: list[Sequence], num_positions: int) -> sampler.RowSampling:
+        generated = torch.tensor([s.num_generated for s in seqs])
+        min_tokens = torch.tensor([s.params.min_tokens for s in seqs])
+        return sampler.RowSampling(
+            temperature=torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32),
+            top_k=torch.tensor([s.params.top_k for s in seqs]),
+            top_p=torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32),
+            eos_blocked=(generated[:, None] + torch.arange(num_positions)) < min_tokens[:, None],
+            eos_token_id=self.eos_token_id)
+
+    def _commit(self, batch: Batch, accepted: torch.Tensor, next_tokens: torch.Tensor) -> list[RequestOutput]:
+        outputs = []
+        for seq, num_accepted, next_token in zip(batch.seqs, accepted.tolist(), next_tokens.tolist()):
+            try:
+                if self.fault_hook is not None:
+                    self.fault_hook(seq)
+                appended = self._advance(seq, num_accepted, seq.draft_ids[:num_accepted] + [next_token])
+                outputs.append(self._output(seq, appended))
+            except Exception as exc:  # one request's failure must not take the batch down
+                log.exception("request %s failed", seq.request_id)
+                seq.finish_reason = "error"
+                outputs.append(self._output(seq, [], error=f"{type(exc).__name__}: {exc}"))
+        # Only now: a row's move copies the cache extent its commit has just booked.
+        for seq in [s for s in batch.seqs if s.is_finished]:
+            batch.remove(seq)
+        batch.is_drafted = False
+        return outputs
+
+    def _advance(self, seq: Sequence, num_accepted: int, new_tokens: list[int]) -> list[int]:
+        """Book the verification's result; returns the tokens kept (up to a finishing one)."""
+        seq.num_drafted += len(seq.draft_ids)
+        seq.num_accepted += num_accepted
+        seq.target_cached = len(seq.token_ids) + num_accepted
+        seq.draft_cached += min(num_accepted, seq.draft_extent)
+        seq.draft_ids, seq.draft_probs, seq.draft_extent = [], None, 0
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        params = seq.params
+        for kept, token in enumerate(new_tokens, 1):
+            seq.token_ids.append(token)
+            if token == self.eos_token_id and not params.ignore_eos:
+                seq.finish_reason = "eos"
+            elif params.stop and self._cut_at_stop(seq):
+                seq.finish_reason = "stop"
+            elif seq.num_generated >= params.max_tokens or len(seq.token_ids) >= self.config.max_model_len:
+                seq.finish_reason = "length"
+            if seq.is_finished:
+                return new_tokens[:kept]
+        return new_tokens
+
+    def _cut_at_stop(self, seq: Sequence) -> bool:
+        text = self._decode(seq)
+        hits = [i for i in (text.find(s, max(0, seq.num_text_sent - len(s))) for s in seq.params.stop) if i >= 0]
+        if hits:
+            seq.text = text[:min(hits)]
+        return bool(hits)
+
+    def _decode(self, seq: Sequence) -> str:
+        return self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+
+    def _output(self, seq: Sequence, new_tokens: list[int], error: str | None = None) -> RequestOutput:
+        return RequestOutput(seq.request_id, new_tokens, self._text_delta(seq), seq.is_finished, seq.finish_reason,
+                             seq.num_prompt_tokens, seq.num_generated, seq.num_drafted, seq.num_accepted, error)
+
+    def _text_delta(self, seq: Sequence) -> str:
+        """New text since the last output. Held back while it ends in an incomplete UTF-8
+        character, or could still grow into a stop string, so the deltas always concatenate
+        to the final text."""
+        if seq.finish_reason != "stop":
+            seq.text = self._decode(seq)
+        ready = len(seq.text)
+        if not seq.is_finished:
+            ready = len(seq.text.rstrip("\ufffd"))
+            if seq.params.stop:
+                ready = min(ready, len(seq.text) - max(len(s) for s in seq.params.stop) + 1)
+        delta = seq.text[seq.num_text_sent:max(ready, seq.num_text_sent)]
+        seq.num_text_sent += len(delta)
+        return delta
+
+    def _apply_cancellations(self) -> list[RequestOutput]:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            found = [(rid, self.scheduler.find(rid)) for rid in cancelled]
+            for _, hit in found:
+                if hit is not None:
+                    self.scheduler.drop(*hit)
+        outputs = []
+        for rid, hit in found:
+            if hit is not None:
+                seq = hit[0]
+                seq.finish_reason = "cancelled"
+                outputs.append(self._output(seq, []))
+        return outputs
+
+    # -- convenience for scripts and tests -------------------------------------------------------
+    def generate(self, prompts: list, params) -> list[RequestOutput]:
+        """Run prompts to completion; returns one aggregated output per prompt, in order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        results: dict[str, RequestOutput] = {}
+        texts: dict[str, list] = {}
+        for i, (prompt, p) in enumerate(zip(prompts, params_list)):
+            self.submit(f"gen-{i}", prompt, p)
+            texts[f"gen-{i}"] = [[], ""]
+        while self.has_work():
+            for out in self.step():
+                acc = texts[out.request_id]
+                acc[0] += out.new_token_ids
+                acc[1] += out.text_delta
+                if out.finished:
+                    results[out.request_id] = out
+        return [RequestOutput(rid, texts[rid][0], texts[rid][1], True, r.finish_reason, r.num_input_tokens,
+                              r.num_output_tokens, r.num_drafted_tokens, r.num_accepted_tokens, r.error)
+                for rid, r in ((f"gen-{i}", results[f"gen-{i}"]) for i in range(len(prompts)))]
+
+
+def check_vocabularies(tokenizer, draft_path: str, target_vocab_size: int, draft_vocab_size: int) -> None:
+    if target_vocab_size != draft_vocab_size:
+        raise ConfigError(f"draft_model: vocabulary size {draft_vocab_size} differs from the target's "
+                          f"{target_vocab_size}; the pair must share a tokenizer")
+    try:
+        draft_tokenizer = AutoTokenizer.from_pretrained(draft_path)
+    except (OSError, ValueError):
+        return  # a draft directory without its own tokenizer uses the target's
+    if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError("draft_model: its tokenizer's vocabulary differs from the target's")
+
+
+def _check_context(model_config, config: EngineConfig) -> None:
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and config.max_model_len > limit:
+        raise ConfigError(f"max_model_len {config.max_model_len} exceeds the model's "
+                          f"max_position_embeddings {limit}")

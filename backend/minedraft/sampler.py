@@ -1,0 +1,95 @@
+"""Pure tensor functions: logits processing, sampling, and the speculative acceptance rule.
+
+Every row carries its own temperature, top-k and top-p. The same processing is applied to
+the draft's and the target's logits, so rejection sampling preserves the target's
+*processed* distribution. Greedy rows (temperature 0) are an explicit exact path: their
+distribution is the one-hot argmax, which makes acceptance an exact token match and the
+residual the target's argmax, with no randomness involved.
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RowSampling:
+    """Per-row processing settings as tensors, [b] each; `eos_blocked` is [b, n]."""
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    eos_blocked: torch.Tensor
+    eos_token_id: int
+
+
+def processed_probs(logits: torch.Tensor, sampling: RowSampling) -> torch.Tensor:
+    """logits [b, n, V] -> probabilities [b, n, V] after min-tokens EOS masking, temperature,
+    top-k and top-p; one-hot argmax for greedy rows."""
+    logits = logits.clone()
+    if sampling.eos_token_id is not None:
+        logits[..., sampling.eos_token_id].masked_fill_(sampling.eos_blocked, float("-inf"))
+    greedy = sampling.temperature == 0
+    probs = torch.zeros_like(logits)
+    if greedy.any():
+        probs[greedy] = _one_hot_argmax(logits[greedy])
+    if (~greedy).any():
+        rows = ~greedy
+        probs[rows] = _filtered_softmax(logits[rows] / sampling.temperature[rows, None, None],
+                                        sampling.top_k[rows], sampling.top_p[rows])
+    return probs
+
+
+def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+
+
+def _filtered_softmax(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    # logits [r, n, V]; top_k, top_p [r]
+    vocab = logits.size(-1)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    ranks = torch.arange(vocab, device=logits.device)
+    drop = ranks >= k[:, None, None]
+    sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+    # top-p: drop a token when the mass strictly before it already reaches top_p (keeps >= 1 token).
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    drop |= mass_before >= top_p[:, None, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.zeros_like(logits).scatter_(-1, order, sorted_logits.softmax(-1))
+
+
+def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: probs [..., V], uniforms [...] in [0, 1) -> token ids [...]."""
+    cdf = probs.cumsum(-1)
+    scaled = uniforms * cdf[..., -1]
+    ids = torch.searchsorted(cdf, scaled.unsqueeze(-1), right=True).squeeze(-1)
+    return ids.clamp_(max=probs.size(-1) - 1)
+
+
+def verify(target_probs: torch.Tensor, draft_ids: torch.Tensor, draft_probs: torch.Tensor,
+           num_drafts: torch.Tensor, accept_uniforms: torch.Tensor, resample_uniforms: torch.Tensor):
+    """Leviathan et al.'s rule, batched with ragged draft lengths.
+
+    target_probs [b, k+1, V]: p_i, the target's distribution after i drafted tokens.
+    draft_ids [b, k], draft_probs [b, k, V]: q_i and the token d_i drawn from it.
+    num_drafts [b]: row r only proposes its first num_drafts[r] tokens.
+    Returns (accepted [b], next_token [b]): the row keeps d_0..d_{accepted-1}, then next_token,
+    drawn from the residual max(0, p - q) at the first rejection or from p_k when all pass.
+    """
+    b, k = draft_ids.shape
+    if k == 0:
+        return torch.zeros(b, dtype=torch.long), sample(target_probs[:, 0], resample_uniforms)
+    p_of_d = target_probs[:, :k].gather(-1, draft_ids[..., None]).squeeze(-1)
+    q_of_d = draft_probs.gather(-1, draft_ids[..., None]).squeeze(-1)
+    # u < p/q, written without a division: q(d) > 0 because d was drawn from q.
+    passes = accept_uniforms * q_of_d < p_of_d
+    passes &= torch.arange(k) < num_drafts[:, None]
+    accepted = passes.long().cumprod(-1).sum(-1)
+    rows = torch.arange(b)
+    p_next = target_probs[rows, accepted]
+    q_next = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], 1)[rows, accepted]
+    rejected = accepted < num_drafts
+    residual = torch.where(rejected[:, None], (p_next - q_next).clamp_(min=0), p_next)
+    # A residual of zero mass cannot be drawn from; p itself is the right law there (p == q).
+    empty = residual.sum(-1) <= 0
+    residual[empty] = p_next[empty]
+    return accepted, sample(residual, resample_uniforms)

@@ -1,0 +1,75 @@
+"""Who runs: the waiting queue and the internal batches. Bookkeeping only, no tensors."""
+from collections import deque
+
+from .kv_cache import RowKVCache
+from .sequence import Sequence
+
+
+class Batch:
+    """One internal batch. Its live rows are always 0..len-1 of its caches: a leaving request's
+    row is filled by the last row, and the move is queued for the drafter's copy of the cache."""
+
+    def __init__(self, slot: int, target_cache: RowKVCache, capacity: int):
+        self.slot = slot
+        self.target_cache = target_cache
+        self.capacity = capacity
+        self.seqs: list[Sequence] = []
+        self.draft_moves: list[tuple[int, int, int]] = []
+        self.is_drafted = False  # drafts for every row are waiting for verification
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def add(self, seq: Sequence) -> None:
+        self.seqs.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        row, last = self.seqs.index(seq), len(self.seqs) - 1
+        if row != last:
+            moved = self.seqs[last]
+            self.target_cache.move_row(last, row, moved.target_cached)
+            self.draft_moves.append((last, row, moved.draft_cached + moved.draft_extent))
+            self.seqs[row] = moved
+        self.seqs.pop()
+
+
+class Scheduler:
+    def __init__(self, batches: list[Batch]):
+        self.batches = batches
+        self.waiting: deque[Sequence] = deque()
+
+    @property
+    def num_running(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+    @property
+    def capacity(self) -> int:
+        return sum(b.capacity for b in self.batches)
+
+    def admit(self) -> list[tuple[Sequence, Batch]]:
+        """Move waiting requests into the smaller batch while there is room."""
+        admitted = []
+        while self.waiting:
+            batch = min(self.batches, key=len)
+            if len(batch) >= batch.capacity:
+                break
+            seq = self.waiting.popleft()
+            batch.add(seq)
+            admitted.append((seq, batch))
+        return admitted
+
+    def find(self, request_id: str) -> tuple[Sequence, Batch | None] | None:
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                return seq, None
+        for batch in self.batches:
+            for seq in batch.seqs:
+                if seq.request_id == request_id:
+                    return seq, batch
+        return None
+
+    def drop(self, seq: Sequence, batch: Batch | None) -> None:
+        if batch is None:
+            self.waiting.remove(seq)
+        else:
+            batch.remove(seq)

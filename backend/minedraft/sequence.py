@@ -1,0 +1,63 @@
+"""Per-request state: tokens, cache extents, counters and the text streamed so far."""
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request; the last one has `finished` set."""
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool
+    finish_reason: str | None
+    num_input_tokens: int
+    num_output_tokens: int
+    num_drafted_tokens: int
+    num_accepted_tokens: int
+    error: str | None = None
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, num_draft_tokens: int,
+                 generator: torch.Generator):
+        self.request_id = request_id
+        self.params = params
+        self.token_ids = list(prompt_ids)
+        self.num_prompt_tokens = len(prompt_ids)
+        self.num_draft_tokens = num_draft_tokens
+        self.generator = generator
+        # How many of token_ids each model's KV cache holds. The target keeps exactly one
+        # token pending (fed at the next verification); the drafter catches up when it drafts.
+        self.target_cached = 0
+        self.draft_cached = 0
+        # Drafts waiting for verification: token ids and their [k, V] probabilities.
+        self.draft_ids: list[int] = []
+        self.draft_probs: torch.Tensor | None = None
+        self.draft_extent = 0  # drafted tokens the draft cache holds beyond token_ids
+        self.num_drafted = 0
+        self.num_accepted = 0
+        self.finish_reason: str | None = None
+        self.text = ""
+        self.num_text_sent = 0
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def uniforms(self, n: int) -> torch.Tensor:
+        return torch.rand(n, generator=self.generator)

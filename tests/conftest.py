@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny Llama target/draft pairs built on the spot (no hub), and the demo pair."""
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DIR = REPO / "model_repository" / "minedraft" / "1"
+CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "for i in range(10):\n    print(i * i)  # squares: ünïcødé ✓ 数字\n",
+    "import os\nimport sys\n\nif __name__ == '__main__':\n    sys.exit(main())\n",
+] * 20
+
+
+def build_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   clean_up_tokenization_spaces=False)
+    fast.save_pretrained(path)
+    return fast
+
+
+def build_llama(path: Path, tokenizer, hidden: int, layers: int, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id)
+    model = LlamaForCausalLM(config)
+    # Random init gives near-flat logits; sharpen them so greedy choices have clear margins.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory):
+    """(target_dir, draft_dir): a 2-layer target and a smaller 1-layer draft, unrelated weights."""
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = build_tokenizer(root / "tok")
+    build_llama(root / "target", tokenizer, hidden=64, layers=2, seed=1)
+    build_llama(root / "draft", tokenizer, hidden=32, layers=1, seed=2)
+    return str(root / "target"), str(root / "draft")
+
+
+@pytest.fixture(scope="session")
+def tiny_twin_pair(tmp_path_factory, tiny_pair):
+    """(target_dir, draft_dir) where the draft has exactly the target's weights."""
+    return tiny_pair[0], tiny_pair[0]
+
+
+@pytest.fixture(scope="session")
+def demo_pair():
+    if not (DEMO_DIR / "target" / "config.json").exists():
+        pytest.skip("the demo pair is not trained yet")
+    return str(DEMO_DIR / "target"), str(DEMO_DIR / "draft")
