@@ -1,0 +1,64 @@
+"""Prometheus metrics through Triton's pb_utils.MetricFamily (served on :8002/metrics)."""
+
+LATENCY_BUCKETS = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
+
+
+class EngineMetrics:
+    def __init__(self, pb_utils, model_name: str):
+        labels = {"model": model_name}
+        M = pb_utils.MetricFamily
+        self._families = []  # a family must outlive its metrics, or Triton rejects their updates
+
+        def family(name, description, kind, **kwargs):
+            self._families.append(M(name=name, description=description, kind=kind))
+            return self._families[-1].Metric(labels=labels, **kwargs)
+
+        def histogram(name, description):
+            return family(name, description, M.HISTOGRAM, buckets=LATENCY_BUCKETS)
+
+        self.prompt_tokens = family("minedraft_prompt_tokens_total", "Prompt tokens of finished requests", M.COUNTER)
+        self.generation_tokens = family("minedraft_generation_tokens_total", "Generated tokens", M.COUNTER)
+        self.draft_tokens = family("minedraft_draft_tokens_total", "Draft tokens proposed for verification", M.COUNTER)
+        self.accepted_tokens = family("minedraft_accepted_tokens_total", "Draft tokens the target accepted",
+                                      M.COUNTER)
+        self.requests_finished = family("minedraft_requests_finished_total", "Requests that completed", M.COUNTER)
+        self.requests_aborted = family("minedraft_requests_aborted_total", "Requests ended by an error", M.COUNTER)
+        self.requests_cancelled = family("minedraft_requests_cancelled_total", "Requests cancelled", M.COUNTER)
+        self.drafter_failures = family("minedraft_drafter_failures_total", "Drafter failures (restarted)", M.COUNTER)
+        self.steps = family("minedraft_steps_total", "Engine steps run", M.COUNTER)
+        self.in_flight = family("minedraft_requests_in_flight", "Requests inside the backend", M.GAUGE)
+        self.batch_a = family("minedraft_batch_size_a", "Requests in internal batch A", M.GAUGE)
+        self.batch_b = family("minedraft_batch_size_b", "Requests in internal batch B", M.GAUGE)
+        self.max_verify_batch = family("minedraft_max_verify_batch_size", "Largest verified batch so far", M.GAUGE)
+        self.ttft = histogram("minedraft_time_to_first_token_seconds", "Time to first token")
+        self.tpot = histogram("minedraft_time_per_output_token_seconds", "Mean time per output token after the first")
+        self.e2e = histogram("minedraft_request_latency_seconds", "End-to-end request latency")
+        self._max_verify = 0
+        self._failures_seen = 0
+
+    def observe_step(self, engine) -> None:
+        self.steps.increment(1)
+        sizes = engine.batch_sizes() + [0]
+        self.batch_a.set(sizes[0])
+        self.batch_b.set(sizes[1])
+        if engine.step_log:
+            self._max_verify = max(self._max_verify, engine.step_log[-1].verify_size)
+            self.max_verify_batch.set(self._max_verify)
+        if engine.num_drafter_failures > self._failures_seen:
+            self.drafter_failures.increment(engine.num_drafter_failures - self._failures_seen)
+            self._failures_seen = engine.num_drafter_failures
+
+    def observe_finished(self, output, arrival: float, first_token: float | None, now: float) -> None:
+        self.requests_finished.increment(1)
+        self.prompt_tokens.increment(output.num_input_tokens)
+        self.generation_tokens.increment(output.num_output_tokens)
+        self.draft_tokens.increment(output.num_drafted_tokens)
+        self.accepted_tokens.increment(output.num_accepted_tokens)
+        self.e2e.observe(now - arrival)
+        if first_token is not None:
+            self.ttft.observe(first_token - arrival)
+            if output.num_output_tokens > 1:
+                self.tpot.observe((now - first_token) / (output.num_output_tokens - 1))
+
+    def observe_aborted(self, cancelled: bool) -> None:
+        (self.requests_cancelled if cancelled else self.requests_aborted).increment(1)
