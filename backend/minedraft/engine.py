@@ -9,6 +9,7 @@ Usable without Triton:
             print(out.text_delta, end="")
 """
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -78,12 +79,14 @@ class Engine:
                                   self.eos_token_id)
         return InlineDrafter(model)
 
-    @staticmethod
-    def _pin_target(cpus: set[int]) -> None:
-        if cpus:
-            import os
+    def _pin_target(self, cpus: set[int]) -> None:
+        """Size the target's thread pool to its share of cores. The affinity is only set when
+        configured: it applies to the calling thread, which an embedding program may not expect."""
+        if not cpus:
+            return
+        torch.set_num_threads(len(cpus))
+        if self.config.target_cpus:
             os.sched_setaffinity(0, cpus)
-            torch.set_num_threads(len(cpus))
 
     def close(self) -> None:
         if self.drafter is not None:

@@ -52,7 +52,7 @@ def _filtered_softmax(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
     # top-p: drop a token when the mass strictly before it already reaches top_p (keeps >= 1 token).
     mass_before = sorted_probs.cumsum(-1) - sorted_probs
-    drop |= mass_before >= top_p[:, None, None]
+    drop = drop | (mass_before >= top_p[:, None, None])
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.zeros_like(logits).scatter_(-1, order, sorted_logits.softmax(-1))
 

@@ -1,0 +1,122 @@
+"""minedraft-client: stream a completion from a minedraft model over gRPC or HTTP generate_stream."""
+import argparse
+import json
+import queue
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Chunk:
+    text: str
+    finish_reason: str
+    num_output_tokens: int
+    num_draft_tokens: int
+    num_accepted_tokens: int
+
+
+def sampling_parameters(args) -> dict:
+    params = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+              "top_k": args.top_k, "seed": args.seed, "stop": args.stop or None,
+              "num_draft_tokens": args.num_draft_tokens, "ignore_eos": args.ignore_eos or None}
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def stream_grpc(url: str, model: str, prompt: str, params: dict):
+    """Yields Chunks from Triton's gRPC bidirectional stream; raises on an error response."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    def tensor(name, array):
+        t = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        t.set_data_from_numpy(array)
+        return t
+
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    inputs = [tensor("text_input", np.array([[prompt.encode()]], dtype=np.object_)),
+              tensor("stream", np.array([[True]])),
+              tensor("sampling_parameters", np.array([[json.dumps(params).encode()]], dtype=np.object_))]
+    client.async_stream_infer(model, inputs, enable_empty_final_response=True)
+    try:
+        while True:
+            result, error = responses.get()
+            if error is not None:
+                raise RuntimeError(str(error))
+            response = result.get_response()
+            if response.outputs:
+                yield _grpc_chunk(result)
+            if response.parameters.get("triton_final_response").bool_param:
+                return
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+
+
+def _grpc_chunk(result) -> Chunk:
+    def item(name):
+        value = result.as_numpy(name).reshape(-1)[0]
+        return value.decode() if isinstance(value, bytes) else int(value)
+    return Chunk(item("text_output"), item("finish_reason"), item("num_output_tokens"),
+                 item("num_draft_tokens"), item("num_accepted_tokens"))
+
+
+def stream_http(url: str, model: str, prompt: str, params: dict):
+    """Yields Chunks from the HTTP generate_stream endpoint (server-sent events)."""
+    body = json.dumps({"text_input": prompt, "stream": True, "parameters": params}).encode()
+    request = urllib.request.Request(f"http://{url}/v2/models/{model}/generate_stream", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request) as response:
+        for line in response:
+            if not line.startswith(b"data:"):
+                continue
+            event = json.loads(line[5:])
+            if "error" in event:
+                raise RuntimeError(event["error"])
+            yield Chunk(event["text_output"], event["finish_reason"], event["num_output_tokens"],
+                        event["num_draft_tokens"], event["num_accepted_tokens"])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="minedraft-client", description=__doc__)
+    parser.add_argument("prompt")
+    parser.add_argument("--model", default="minedraft")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    parser.add_argument("--url", help="host:port (default localhost:8001 for gRPC, localhost:8000 for HTTP)")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", help="stop string (repeatable)")
+    parser.add_argument("--num-draft-tokens", type=int)
+    parser.add_argument("--ignore-eos", action="store_true")
+    args = parser.parse_args(argv)
+    url = args.url or ("localhost:8001" if args.protocol == "grpc" else "localhost:8000")
+    stream = stream_grpc if args.protocol == "grpc" else stream_http
+    started, last = time.monotonic(), None
+    sys.stdout.write(args.prompt)
+    try:
+        for chunk in stream(url, args.model, args.prompt, sampling_parameters(args)):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            last = chunk
+    except (RuntimeError, OSError) as exc:
+        print(f"\nminedraft-client: {exc}", file=sys.stderr)
+        return 1
+    elapsed = time.monotonic() - started
+    if last is not None:
+        rate = last.num_accepted_tokens / last.num_draft_tokens if last.num_draft_tokens else float("nan")
+        print(f"\n\n[{last.num_output_tokens} tokens in {elapsed:.2f}s: {last.num_output_tokens / elapsed:.1f} tokens/s, "
+              f"acceptance {rate:.2f} ({last.num_accepted_tokens}/{last.num_draft_tokens}), "
+              f"finish: {last.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

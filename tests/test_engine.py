@@ -1,0 +1,339 @@
+"""The engine without Triton: losslessness in every mode, overlap, request handling."""
+import random
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from minedraft import ConfigError, Engine, EngineConfig, InvalidRequest
+
+MODES = [("ar", "auto"), ("sd", "inline"), ("psd", "process"), ("psd", "inline")]
+PROMPTS = [
+    "def add(a, b):", "class Point:\n", "for i in", "import os", "x", "print(i * i)  # squares", "def",
+    "sys.exit(main())\n", "if __name__ == '__main__':\n    ", "    def __init__(self, x, y):\n",
+    "return a + b\n" * 3, "self.x = x\nself.y = y\n", "数字 ✓ ünïcødé", "import sys\n\n", "for", "class",
+    "print(", "def add(a, b):\n    return a + b\n" * 4, "i * i", "(10):", "main())", "  ", "\n\n", "os.path",
+    "self", "ünï", "Point(1, 2)", "range(10)", "squares = [", "if x:", "while True:\n", "a = b = c",
+]
+
+
+def make_engine(target, draft, mode="psd", drafter="auto", **kwargs):
+    kwargs.setdefault("max_num_seqs", 6)
+    kwargs.setdefault("max_model_len", 256)
+    kwargs.setdefault("num_draft_tokens", 3)
+    return Engine(EngineConfig(target_model=target, draft_model=draft, mode=mode, drafter=drafter, **kwargs))
+
+
+@pytest.fixture(scope="module")
+def target_model(tiny_pair):
+    return AutoModelForCausalLM.from_pretrained(tiny_pair[0]).eval(), AutoTokenizer.from_pretrained(tiny_pair[0])
+
+
+def reference_greedy(model, tokenizer, prompt, max_tokens):
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False)
+    return ids[0].tolist(), out[0, ids.size(1):].tolist()
+
+
+def top2_gap(model, context):
+    with torch.no_grad():
+        logits = model(torch.tensor([context])).logits[0, -1]
+    top = logits.topk(2).values
+    return float(top[0] - top[1])
+
+
+def run_staggered(engine, prompts, params):
+    """Submit a third of the prompts at a time, a few steps apart, so requests join mid-flight."""
+    results, pending = {}, list(enumerate(prompts))
+    step = 0
+    while pending or engine.has_work():
+        if pending and step % 3 == 0:
+            for i, prompt in pending[:len(prompts) // 3 + 1]:
+                engine.submit(str(i), prompt, params)
+            pending = pending[len(prompts) // 3 + 1:]
+        for out in engine.step():
+            tokens, text = results.get(out.request_id, ([], ""))
+            results[out.request_id] = (tokens + out.new_token_ids, text + out.text_delta)
+            if out.finished:
+                results[out.request_id + "/final"] = out
+        step += 1
+    return results
+
+
+@pytest.mark.parametrize("mode,drafter", MODES)
+def test_greedy_output_is_token_identical_to_the_target(tiny_pair, target_model, mode, drafter):
+    model, tokenizer = target_model
+    engine = make_engine(*tiny_pair, mode=mode, drafter=drafter)
+    try:
+        results = run_staggered(engine, PROMPTS, {"max_tokens": 24, "temperature": 0})
+    finally:
+        engine.close()
+    divergences = []
+    for i, prompt in enumerate(PROMPTS):
+        prompt_ids, expected = reference_greedy(model, tokenizer, prompt, 24)
+        got = results[str(i)][0]
+        if got != expected:
+            at = next(j for j, (a, b) in enumerate(zip(got + [None], expected + [None])) if a != b)
+            gap = top2_gap(model, prompt_ids + expected[:at])
+            divergences.append((prompt, at, gap))
+    print(f"{mode}/{drafter}: {len(PROMPTS)} prompts compared, divergences: {divergences}")
+    assert all(gap < 1e-3 for _, _, gap in divergences), divergences
+
+
+def test_identical_draft_is_always_accepted(tiny_pair):
+    engine = make_engine(tiny_pair[0], tiny_pair[0], mode="sd")
+    outs = engine.generate(PROMPTS[:8], {"max_tokens": 20, "temperature": 0, "ignore_eos": True})
+    engine.close()
+    assert sum(o.num_drafted_tokens for o in outs) > 0
+    assert all(o.num_accepted_tokens == o.num_drafted_tokens for o in outs)
+
+
+@pytest.mark.parametrize("mode,drafter", [("sd", "inline"), ("psd", "process")])
+def test_sampled_tokens_follow_the_targets_distribution(tiny_pair, noisy_draft, target_model, mode, drafter):
+    """First two sampled tokens under speculation against the target's exact joint law (chi-square)."""
+    model, tokenizer = target_model
+    prompt, draws = "def add(a, b):", 3000
+    params = {"max_tokens": 2, "temperature": 1.3, "top_k": 40, "top_p": 0.95, "ignore_eos": True}
+    engine = make_engine(tiny_pair[0], noisy_draft, mode=mode, drafter=drafter, max_num_seqs=32)
+    outs = engine.generate([prompt] * draws, params)
+    engine.close()
+    assert sum(o.num_accepted_tokens for o in outs) > 0.1 * sum(o.num_drafted_tokens for o in outs)
+    law = exact_two_token_law(model, tokenizer, prompt, params)
+    counts = {}
+    for o in outs:
+        pair = tuple(o.new_token_ids)
+        counts[pair] = counts.get(pair, 0) + 1
+    observed, expected = binned(counts, law, draws)
+    assert chisquare(observed, expected).pvalue > 0.01
+
+
+def exact_two_token_law(model, tokenizer, prompt, params):
+    from minedraft import sampler
+    ids = tokenizer(prompt).input_ids
+
+    def processed(logits):
+        b = logits.size(0)
+        rows = sampler.RowSampling(torch.full((b,), params["temperature"]), torch.full((b,), params["top_k"]),
+                                   torch.full((b,), params["top_p"]), torch.zeros(b, 1, dtype=torch.bool), None)
+        return sampler.processed_probs(logits[:, None].float(), rows)[:, 0]
+
+    with torch.no_grad():
+        first = processed(model(torch.tensor([ids])).logits[:, -1])[0]
+        support = first.nonzero().flatten().tolist()
+        contexts = torch.tensor([ids + [t] for t in support])
+        second = processed(model(contexts).logits[:, -1])
+    return {(t1, t2): float(first[t1] * second[i, t2])
+            for i, t1 in enumerate(support) for t2 in second[i].nonzero().flatten().tolist()}
+
+
+def binned(counts, law, total):
+    """Cells with expected count >= 5 stand alone; the rest share one cell."""
+    big = [pair for pair, p in law.items() if p * total >= 5]
+    observed = [counts.get(pair, 0) for pair in big]
+    expected = [law[pair] * total for pair in big]
+    observed.append(total - sum(observed))
+    expected.append(total - sum(expected))
+    return observed, expected
+
+
+@pytest.fixture(scope="module")
+def noisy_draft(tiny_pair, tmp_path_factory):
+    """The target's weights plus noise: a draft that agrees often but not always."""
+    path = tmp_path_factory.mktemp("noisy")
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair[0])
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.15 * p.std())
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_pair[0]).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def mid_model(tmp_path_factory):
+    """A target big enough that one verification outlasts the drafter's IPC round trip."""
+    from conftest import build_llama, build_tokenizer
+    root = tmp_path_factory.mktemp("mid")
+    build_llama(root, build_tokenizer(root), hidden=256, layers=4, seed=5)
+    return str(root)
+
+
+def test_psd_drafting_overlaps_verification(mid_model):
+    engine = make_engine(mid_model, mid_model, mode="psd", drafter="process", max_num_seqs=8)
+    engine.generate([PROMPTS[i % len(PROMPTS)] for i in range(32)], {"max_tokens": 40, "temperature": 0,
+                                                                      "ignore_eos": True})
+    engine.close()
+    paired = [r for r in engine.step_log if r.draft_slot is not None and r.draft_span]
+    overlapping = [r for r in paired if r.draft_span[0] < r.verify_span[1] and r.verify_span[0] < r.draft_span[1]]
+    print(f"{len(overlapping)}/{len(paired)} paired steps overlap, of {len(engine.step_log)} steps")
+    assert len(paired) > 10
+    assert len(overlapping) > 0.5 * len(paired)
+    assert all(r.verify_slot != r.draft_slot for r in paired)
+
+
+def test_stream_deltas_concatenate_to_the_full_text(tiny_pair):
+    engine = make_engine(*tiny_pair, mode="sd")
+    tokenizer = engine.tokenizer
+    results = run_staggered(engine, PROMPTS[:12], {"max_tokens": 30, "temperature": 0.9, "seed": 7})
+    engine.close()
+    for i in range(12):
+        tokens, text = results[str(i)]
+        assert text == tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_multibyte_characters_stream_whole(tiny_pair):
+    """Byte-level BPE splits characters across tokens: no delta may carry half a character."""
+    engine = make_engine(*tiny_pair, mode="ar")
+    tokenizer = engine.tokenizer
+    text = "数字 ✓ ünïcødé"
+    ids = tokenizer(text).input_ids
+    assert any("\ufffd" in tokenizer.decode([t]) for t in ids), "the test needs split characters"
+    engine.submit("u", "x", {"max_tokens": 100})
+    seq = engine.scheduler.waiting[0]
+    deltas = []
+    for token in ids:
+        seq.token_ids.append(token)
+        deltas.append(engine._text_delta(seq))
+    seq.finish_reason = "length"
+    deltas.append(engine._text_delta(seq))
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
+    engine.close()
+
+
+def test_max_tokens_eos_min_tokens_and_stop(tiny_pair):
+    engine = make_engine(*tiny_pair, mode="sd")
+    eos = engine.eos_token_id
+    free = engine.generate(PROMPTS[:6], {"max_tokens": 64, "temperature": 0})
+    assert {o.finish_reason for o in free} <= {"eos", "length"}
+    ended = [o for o in free if o.finish_reason == "eos"]
+    assert ended, "the tiny target should end some prompts with EOS"
+    assert all(o.new_token_ids[-1] == eos and eos not in o.new_token_ids[:-1] for o in ended)
+    assert all(len(o.new_token_ids) == 64 for o in free if o.finish_reason == "length")
+    prompt = next(p for p, o in zip(PROMPTS, free) if o.finish_reason == "eos")
+    shortest = min(len(o.new_token_ids) for o in ended)
+    held = engine.generate([prompt], {"max_tokens": 64, "temperature": 0, "min_tokens": shortest + 5})[0]
+    assert eos not in held.new_token_ids[:shortest + 5]
+    ignored = engine.generate([prompt], {"max_tokens": 40, "temperature": 0, "ignore_eos": True})[0]
+    assert len(ignored.new_token_ids) == 40 and ignored.finish_reason == "length"
+    text = free[0].text_delta
+    stop = text[len(text) // 2:len(text) // 2 + 2] if len(text) > 4 else None
+    if stop:
+        stopped = engine.generate([PROMPTS[0]], {"max_tokens": 64, "temperature": 0, "stop": [stop]})[0]
+        assert stopped.finish_reason == "stop" and stopped.text_delta == text[:text.find(stop)]
+    engine.close()
+
+
+def test_mixed_sampling_parameters_in_one_batch(tiny_pair, target_model):
+    model, tokenizer = target_model
+    engine = make_engine(*tiny_pair, mode="psd", drafter="inline")
+    params = [{"max_tokens": 16, "temperature": 0},
+              {"max_tokens": 16, "temperature": 1.0, "top_p": 0.8, "seed": 1},
+              {"max_tokens": 16, "temperature": 0.7, "top_k": 5, "seed": 2},
+              {"max_tokens": 16, "temperature": 0, "num_draft_tokens": 1},
+              {"max_tokens": 16, "temperature": 0, "num_draft_tokens": 0}] * 2
+    outs = engine.generate(PROMPTS[:10], params)
+    again = engine.generate(PROMPTS[:10], params)
+    engine.close()
+    for prompt, p, out, out2 in zip(PROMPTS, params, outs, again):
+        if p["temperature"] == 0:
+            assert out.new_token_ids == reference_greedy(model, tokenizer, prompt, 16)[1]
+        else:
+            assert out.new_token_ids == out2.new_token_ids  # same seed, same tokens
+    assert outs[4].num_drafted_tokens == 0
+
+
+def test_cancel_frees_the_slot(tiny_pair):
+    engine = make_engine(*tiny_pair, mode="psd", drafter="inline", max_num_seqs=2)
+    for i in range(4):
+        engine.submit(f"r{i}", PROMPTS[i], {"max_tokens": 200, "temperature": 0, "ignore_eos": True})
+    for _ in range(3):
+        engine.step()
+    assert engine.num_free_slots == 0
+    engine.cancel("r1")
+    engine.cancel("r3")
+    outs = engine.step()
+    assert {o.request_id for o in outs if o.finish_reason == "cancelled"} == {"r1", "r3"}
+    assert engine.num_free_slots == 2
+    engine.submit("next", PROMPTS[5], {"max_tokens": 5, "temperature": 0})
+    finished = {}
+    while engine.has_work():
+        for o in engine.step():
+            if o.finished:
+                finished[o.request_id] = o.finish_reason
+        if "next" in finished:
+            break
+    assert finished["next"] == "length"
+    engine.close()
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"), ({"bogus": 1}, "unknown"), ({"max_tokens": "3"}, "integer"),
+    ({"stop": [1]}, "stop"), ({"min_tokens": 99, "max_tokens": 4}, "min_tokens"),
+])
+def test_invalid_requests_are_rejected_at_submit(tiny_pair, params, message):
+    engine = make_engine(*tiny_pair, mode="ar")
+    with pytest.raises(InvalidRequest, match=message):
+        engine.submit("bad", "x", params)
+    with pytest.raises(InvalidRequest, match="max_model_len"):
+        engine.submit("long", list(range(1, 10)) * 40, {})
+    with pytest.raises(InvalidRequest, match="empty"):
+        engine.submit("empty", "", {})
+    assert engine.generate(["x"], {"max_tokens": 2})[0].num_output_tokens == 2
+    engine.close()
+
+
+def test_mismatched_vocabularies_are_refused(tiny_pair, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="vocabulary"):
+        make_engine(tiny_pair[0], str(tmp_path), mode="sd")
+
+
+def test_config_rejects_unknown_and_invalid_keys(tiny_pair):
+    with pytest.raises(ConfigError, match="bogus"):
+        EngineConfig.from_dict({"bogus": "1"})
+    with pytest.raises(ConfigError, match="mode"):
+        EngineConfig.from_dict({"mode": "fast"})
+    with pytest.raises(ConfigError, match="max_num_seqs"):
+        EngineConfig.from_dict({"max_num_seqs": "many"})
+
+
+def test_drafter_process_death_falls_back_losslessly_and_restarts(tiny_pair, target_model):
+    model, tokenizer = target_model
+    engine = make_engine(*tiny_pair, mode="psd", drafter="process")
+    for i in range(8):
+        engine.submit(str(i), PROMPTS[i], {"max_tokens": 30, "temperature": 0})
+    results = {}
+    for step in range(400):
+        if step == 4:
+            engine.drafter.process.kill()
+        for out in engine.step():
+            results.setdefault(out.request_id, []).extend(out.new_token_ids)
+        if not engine.has_work():
+            break
+    assert engine.num_drafter_failures >= 1
+    assert engine.drafter.process.poll() is None  # restarted
+    for i in range(8):
+        assert results[str(i)] == reference_greedy(model, tokenizer, PROMPTS[i], 30)[1]
+    after = engine.generate(PROMPTS[:2], {"max_tokens": 10, "temperature": 0})
+    assert sum(o.num_drafted_tokens for o in after) > 0  # speculating again
+    engine.close()
+
+
+def test_a_failing_request_does_not_disturb_its_batch(tiny_pair):
+    engine = make_engine(*tiny_pair, mode="sd")
+
+    def hook(seq):
+        if seq.request_id == "gen-1" and seq.num_generated > 3:
+            raise RuntimeError("injected")
+    engine.fault_hook = hook
+    outs = engine.generate(PROMPTS[:4], {"max_tokens": 12, "temperature": 0, "ignore_eos": True})
+    engine.close()
+    assert outs[1].finish_reason == "error" and "injected" in outs[1].error
+    assert all(o.finish_reason == "length" and o.num_output_tokens == 12 for i, o in enumerate(outs) if i != 1)
