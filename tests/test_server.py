@@ -1,0 +1,214 @@
+"""A real tritonserver with the minedraft backend, on free ports, driven by tritonclient."""
+import json
+import queue
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from minedraft import Engine, EngineConfig
+from minedraft.launcher import TritonServer, free_port
+from minedraft.perf_analyzer import perf_analyzer_binary, perf_analyzer_env, write_input_data
+from minedraft.repository import write_repository
+
+pytestmark = pytest.mark.server
+PROMPTS = ["def add(a, b):\n    ", "class Stack:\n    def push(self, item):\n        ", "import os\n\ndef main():\n"]
+MAX_NUM_SEQS = 4
+
+
+@pytest.fixture(scope="module")
+def server(demo_pair, tmp_path_factory):
+    root = tmp_path_factory.mktemp("repo")
+    write_repository(root, {"minedraft": {"max_num_seqs": MAX_NUM_SEQS}}, max_batch_size=2 * MAX_NUM_SEQS)
+    ports = [free_port() for _ in range(3)]
+    srv = TritonServer(root, *ports, log_path=root / "server.log")
+    srv.start()
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(demo_pair):
+    """The in-process engine's greedy output for PROMPTS (the server must match it)."""
+    engine = Engine(EngineConfig(target_model=demo_pair[0], draft_model=demo_pair[1], mode="ar"))
+    outs = engine.generate(PROMPTS, {"max_tokens": 32, "temperature": 0})
+    engine.close()
+    return [o.text_delta for o in outs]
+
+
+def infer_inputs(prompt, params, stream=True):
+    def tensor(name, array):
+        t = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        t.set_data_from_numpy(array)
+        return t
+    inputs = [tensor("text_input", np.array([[prompt.encode()]], dtype=np.object_)),
+              tensor("stream", np.array([[stream]]))]
+    if params is not None:
+        raw = params if isinstance(params, str) else json.dumps(params)
+        inputs.append(tensor("sampling_parameters", np.array([[raw.encode()]], dtype=np.object_)))
+    return inputs
+
+
+def stream(server, prompt, params, cancel_after=None):
+    """Returns (chunks, final outputs dict or None, error or None)."""
+    results = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer("minedraft", infer_inputs(prompt, params), enable_empty_final_response=True)
+    chunks, final, error = [], None, None
+    try:
+        while True:
+            result, err = results.get(timeout=60)
+            if err is not None:
+                error = err
+                break
+            if result.get_response().outputs:
+                chunks.append(result.as_numpy("text_output").reshape(-1)[0].decode())
+                final = {n: result.as_numpy(n).reshape(-1)[0] for n in
+                         ("finish_reason", "num_output_tokens", "num_draft_tokens", "num_accepted_tokens")}
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+            if cancel_after is not None and len(chunks) >= cancel_after:
+                break
+    finally:
+        client.stop_stream(cancel_requests=cancel_after is not None)
+        client.close()
+    return chunks, final, error
+
+
+def metrics(server) -> dict:
+    text = urllib.request.urlopen(server.metrics_url).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("minedraft_") and "_bucket" not in line:
+            name, value = line.rsplit(" ", 1)
+            values[name.split("{")[0]] = float(value)
+    return values
+
+
+def post(server, path, body):
+    request = urllib.request.Request(f"http://{server.http_url}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return response.read().decode()
+
+
+def test_grpc_stream_matches_in_process_engine(server, reference):
+    for prompt, expected in zip(PROMPTS, reference):
+        chunks, final, error = stream(server, prompt, {"max_tokens": 32, "temperature": 0})
+        assert error is None
+        assert "".join(chunks) == expected
+        assert len(chunks) > 1  # streamed, not one blob
+        assert final["num_output_tokens"] == 32 or final["finish_reason"] == b"eos"
+        assert final["num_draft_tokens"] > 0
+
+
+def test_http_generate_returns_one_response(server, reference):
+    body = post(server, "/v2/models/minedraft/generate",
+                {"text_input": PROMPTS[0], "parameters": {"max_tokens": 32, "temperature": 0}})
+    answer = json.loads(body)
+    assert answer["text_output"] == PROMPTS[0] + reference[0]  # the prompt is included unless excluded
+    excluded = json.loads(post(server, "/v2/models/minedraft/generate", {
+        "text_input": PROMPTS[0], "exclude_input_in_output": True,
+        "parameters": {"max_tokens": 32, "temperature": 0}}))
+    assert excluded["text_output"] == reference[0]
+
+
+def test_http_generate_stream_sends_sse_events(server, reference):
+    body = post(server, "/v2/models/minedraft/generate_stream",
+                {"text_input": PROMPTS[1], "stream": True, "parameters": {"max_tokens": 32, "temperature": 0}})
+    events = [json.loads(line[5:]) for line in body.splitlines() if line.startswith("data:")]
+    assert len(events) > 1
+    assert "".join(e["text_output"] for e in events) == reference[1]
+    assert events[-1]["finish_reason"] in ("length", "eos")
+
+
+def test_sixteen_concurrent_streams_complete_and_batch(server, reference):
+    results = [None] * 16
+
+    def run(i):
+        results[i] = stream(server, PROMPTS[i % 3], {"max_tokens": 32, "temperature": 0})
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    for i, (chunks, final, error) in enumerate(results):
+        assert error is None and "".join(chunks) == reference[i % 3]
+    assert metrics(server)["minedraft_max_verify_batch_size"] > 1
+
+
+def test_cancelling_mid_stream_frees_the_slot(server, reference):
+    before = metrics(server).get("minedraft_requests_cancelled_total", 0)
+    chunks, _, _ = stream(server, PROMPTS[0], {"max_tokens": 900, "temperature": 0, "ignore_eos": True},
+                          cancel_after=3)
+    assert len(chunks) >= 3
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        m = metrics(server)
+        if m["minedraft_requests_cancelled_total"] > before and m["minedraft_requests_in_flight"] == 0:
+            break
+        time.sleep(0.2)
+    assert m["minedraft_requests_cancelled_total"] > before
+    assert m["minedraft_requests_in_flight"] == 0
+    assert m["minedraft_batch_size_a"] == 0 and m["minedraft_batch_size_b"] == 0
+    chunks, _, error = stream(server, PROMPTS[0], {"max_tokens": 32, "temperature": 0})
+    assert error is None and "".join(chunks) == reference[0]
+
+
+@pytest.mark.parametrize("prompt,params,message", [
+    ("def f():", "{not json", "JSON"),
+    ("def f():", {"max_tokens": -3}, "max_tokens"),
+    ("def f():", {"max_tokens": 4, "bogus": 1}, "unknown"),
+    ("", {"max_tokens": 4}, "empty"),
+    ("x = 1\n" * 2000, {"max_tokens": 4}, "max_model_len"),
+])
+def test_bad_inputs_get_invalid_arg_and_the_server_keeps_serving(server, reference, prompt, params, message):
+    # gRPC streams carry only the message of an error response; HTTP shows its code: INVALID_ARG is 400.
+    _, _, error = stream(server, prompt, params)
+    assert isinstance(error, InferenceServerException) and message in error.message()
+    body = {"text_input": prompt, "parameters": {}}
+    if isinstance(params, str):
+        body["sampling_parameters"] = params
+    else:
+        body["parameters"] = params
+    with pytest.raises(urllib.error.HTTPError) as http_error:
+        post(server, "/v2/models/minedraft/generate", body)
+    assert http_error.value.code == 400 and message in http_error.value.read().decode()
+    chunks, _, error = stream(server, PROMPTS[2], {"max_tokens": 32, "temperature": 0})
+    assert error is None and "".join(chunks) == reference[2]
+
+
+def test_metrics_are_exposed(server):
+    m = metrics(server)
+    for name in ("minedraft_prompt_tokens_total", "minedraft_generation_tokens_total", "minedraft_draft_tokens_total",
+                 "minedraft_accepted_tokens_total", "minedraft_time_to_first_token_seconds_count",
+                 "minedraft_time_per_output_token_seconds_count", "minedraft_request_latency_seconds_count",
+                 "minedraft_batch_size_a", "minedraft_batch_size_b"):
+        assert name in m, name
+    assert m["minedraft_accepted_tokens_total"] > 0
+    assert m["minedraft_accepted_tokens_total"] <= m["minedraft_draft_tokens_total"]
+
+
+def test_perf_analyzer_streaming_smoke(server, tmp_path):
+    data = write_input_data(tmp_path / "input.json", PROMPTS, {"max_tokens": 16, "temperature": 0, "ignore_eos": True})
+    export = tmp_path / "profile.json"
+    run = subprocess.run([perf_analyzer_binary(), "-m", "minedraft", "-u", server.grpc_url, "-i", "grpc",
+                          "--streaming", "--concurrency-range", "2", "--input-data", str(data),
+                          "--measurement-interval", "2000", "--stability-percentage", "999",
+                          "--max-trials", "4", "--profile-export-file", str(export)],
+                         env=perf_analyzer_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Throughput" in run.stdout
+    profile = json.loads(export.read_text())
+    requests = profile["experiments"][0]["requests"]
+    assert requests and all(len(r["response_timestamps"]) >= 2 for r in requests)
