@@ -233,6 +233,9 @@ class TritonPythonModel:
         self._outputs.put(None)
         self._sender_thread.join()
         self.engine.close()
+        if self.metrics:
+            self.metrics.close()
+            self.metrics = None
 
 
 def _read_parameters(model_config: dict, version_dir: str) -> dict:

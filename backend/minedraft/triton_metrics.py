@@ -36,6 +36,14 @@ class EngineMetrics:
         self._max_verify = 0
         self._failures_seen = 0
 
+    def close(self) -> None:
+        """Drop every Metric before its MetricFamily; the stub crashes at exit otherwise."""
+        families = self._families
+        for name, value in list(vars(self).items()):
+            if name != "_families" and not isinstance(value, (int, float)):
+                delattr(self, name)
+        families.clear()
+
     def observe_step(self, engine) -> None:
         self.steps.increment(1)
         sizes = engine.batch_sizes() + [0]

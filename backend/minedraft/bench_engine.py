@@ -1,0 +1,107 @@
+"""In-process benchmark: AR vs SD vs PSD output-token throughput, closed loop, no Triton.
+
+    python -m minedraft.bench_engine [--concurrency 1 2 4 8 16 32] [--draft-lengths 2 4 6 8] [--out FILE]
+
+Each mode gets one engine; concurrency is the number of requests kept in flight, and the
+draft length is set per request (num_draft_tokens), so one engine serves the whole sweep.
+SD and PSD are compared at their best draft length per concurrency. Prints JSON.
+"""
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from .config import DEFAULT_MODEL_DIR, EngineConfig
+from .engine import Engine
+
+
+def load_prompts(path: Path, limit: int | None = None) -> list[str]:
+    with open(path) as f:
+        prompts = [json.loads(line)["prompt"] for line in f]
+    return prompts[:limit] if limit else prompts
+
+
+def measure(engine: Engine, prompts: list[str], concurrency: int, num_draft_tokens: int, max_tokens: int,
+            num_requests: int) -> dict:
+    """Keep `concurrency` requests in flight until `num_requests` finished; time the whole run."""
+    params = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "num_draft_tokens": num_draft_tokens}
+    submitted = finished = tokens = drafted = accepted = 0
+    started = time.perf_counter()
+    while finished < num_requests:
+        while submitted < num_requests and submitted - finished < concurrency:
+            engine.submit(f"b{submitted}", prompts[submitted % len(prompts)], params)
+            submitted += 1
+        for out in engine.step():
+            if out.finished:
+                finished += 1
+                tokens += out.num_output_tokens
+                drafted += out.num_drafted_tokens
+                accepted += out.num_accepted_tokens
+    elapsed = time.perf_counter() - started
+    return {"concurrency": concurrency, "num_draft_tokens": num_draft_tokens, "requests": num_requests,
+            "output_tokens": tokens, "seconds": round(elapsed, 3), "tokens_per_s": round(tokens / elapsed, 1),
+            "acceptance_rate": round(accepted / drafted, 4) if drafted else None}
+
+
+def engine_for(mode: str, max_concurrency: int, max_draft: int, model_dir: Path, **overrides) -> Engine:
+    per_batch = math.ceil(max_concurrency / 2) if mode == "psd" else max_concurrency
+    return Engine(EngineConfig(target_model=str(model_dir / "target"), draft_model=str(model_dir / "draft"),
+                               mode=mode, num_draft_tokens=max_draft if mode != "ar" else 0,
+                               max_num_seqs=per_batch, **overrides))
+
+
+def sweep(concurrencies, draft_lengths, max_tokens, model_dir: Path, prompts, requests_per_level=2, progress=print):
+    results = {"ar": [], "sd": [], "psd": []}
+    for mode in results:
+        engine = engine_for(mode, max(concurrencies), max(draft_lengths), model_dir)
+        lengths = [0] if mode == "ar" else draft_lengths
+        measure(engine, prompts, 2, lengths[0], 8, 2)  # warm-up
+        for c in concurrencies:
+            for k in lengths:
+                row = measure(engine, prompts, c, k, max_tokens, max(requests_per_level * c, 8))
+                progress(f"{mode:>3} c={c:<3} k={k} {row['tokens_per_s']:8.1f} tok/s  acceptance={row['acceptance_rate']}")
+                results[mode].append(row)
+        engine.close()
+    return results
+
+
+def best_by_concurrency(rows: list[dict]) -> dict[int, dict]:
+    best = {}
+    for row in rows:
+        if row["concurrency"] not in best or row["tokens_per_s"] > best[row["concurrency"]]["tokens_per_s"]:
+            best[row["concurrency"]] = row
+    return best
+
+
+def ratio_table(results: dict) -> list[dict]:
+    ar, sd, psd = (best_by_concurrency(results[m]) for m in ("ar", "sd", "psd"))
+    return [{"concurrency": c, "ar_tok_s": ar[c]["tokens_per_s"], "sd_tok_s": sd[c]["tokens_per_s"],
+             "sd_k": sd[c]["num_draft_tokens"], "psd_tok_s": psd[c]["tokens_per_s"], "psd_k": psd[c]["num_draft_tokens"],
+             "sd_over_ar": round(sd[c]["tokens_per_s"] / ar[c]["tokens_per_s"], 3),
+             "psd_over_ar": round(psd[c]["tokens_per_s"] / ar[c]["tokens_per_s"], 3),
+             "psd_over_sd": round(psd[c]["tokens_per_s"] / sd[c]["tokens_per_s"], 3)}
+            for c in sorted(ar)]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument("--draft-lengths", type=int, nargs="+", default=[2, 4, 6, 8])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    prompts = load_prompts(args.model_dir / "prompts.jsonl")
+    results = sweep(args.concurrency, args.draft_lengths, args.max_tokens, args.model_dir, prompts)
+    report = {"cpus": len(os.sched_getaffinity(0)), "max_tokens": args.max_tokens, "results": results,
+              "ratios": ratio_table(results)}
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.write_text(text)
+    print(json.dumps(report["ratios"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
