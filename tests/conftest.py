@@ -8,6 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO / "model_repository" / "minedraft" / "1"
+TESTED_TRITON_VERSION = "2.51.0"  # the tritonserver in nvidia-pytriton 0.7.0 = NGC 24.10
 CORPUS = [
     "def add(a, b):\n    return a + b\n",
     "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",

@@ -188,6 +188,12 @@ def test_bad_inputs_get_invalid_arg_and_the_server_keeps_serving(server, referen
     assert error is None and "".join(chunks) == reference[2]
 
 
+def test_server_is_the_tested_triton_release(server):
+    from conftest import TESTED_TRITON_VERSION
+    metadata = json.loads(urllib.request.urlopen(f"http://{server.http_url}/v2").read())
+    assert metadata["version"] == TESTED_TRITON_VERSION
+
+
 def test_metrics_are_exposed(server):
     m = metrics(server)
     for name in ("minedraft_prompt_tokens_total", "minedraft_generation_tokens_total", "minedraft_draft_tokens_total",

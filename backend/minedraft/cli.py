@@ -39,6 +39,10 @@ def main(argv=None) -> int:
     p.add_argument("--ready-timeout", type=float, default=300)
     p.add_argument("triton_args", nargs="*", help="extra tritonserver flags, after --")
     p.set_defaults(run=serve)
+    b = commands.add_parser("bench", help="AR vs SD vs PSD through tritonserver with perf_analyzer")
+    from .bench import bench, main_args
+    main_args(b)
+    b.set_defaults(run=bench)
     args = parser.parse_args(argv)
     return args.run(args)
 

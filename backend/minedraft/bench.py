@@ -1,0 +1,222 @@
+"""`minedraft bench`: AR vs SD vs PSD through the real tritonserver, driven by perf_analyzer.
+
+One server serves one model per set-up over the same demo weights. perf_analyzer streams
+held-out prompts (fixed max_tokens, ignore_eos: equal work in every mode) at each
+concurrency; its profile export gives every response's timestamp, from which throughput,
+TTFT, inter-token latency and end-to-end latency follow. Acceptance comes from the
+server's Prometheus counters. The in-process engine, HF assisted generation and PSD's
+ideal are measured in the same run. Writes docs/benchmarks.md, PNG plots and raw JSON.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from .bench_engine import engine_for, load_prompts, measure
+from .config import DEFAULT_MODEL_DIR
+from .launcher import TritonServer, free_port
+from .perf_analyzer import perf_analyzer_binary, perf_analyzer_env, write_input_data
+from .repository import write_repository
+
+# Set-ups: (model name, mode, parameters). Cores: 0 and 1 of the machine's first two.
+SETUPS = {
+    "ar": ("minedraft_ar", {"mode": "ar", "target_cpus": "0-1"}),
+    "sd": ("minedraft_sd", {"mode": "sd", "target_cpus": "0-1", "drafter": "inline"}),
+    "psd": ("minedraft_psd", {"mode": "psd", "target_cpus": "0", "draft_cpus": "1", "drafter": "process"}),
+    # P1b, the paper's set-up: SD with its draft on the target's one core (PSD gets a second one).
+    "sd_1core": ("minedraft_sd_1core", {"mode": "sd", "target_cpus": "0", "drafter": "inline"}),
+}
+
+
+def build_repository(root: Path, setups: list[str], max_num_seqs: int, max_draft: int, model_dir: Path) -> Path:
+    weights = {"target_model": str(model_dir.resolve() / "target"), "draft_model": str(model_dir.resolve() / "draft")}
+    models = {SETUPS[s][0]: {**SETUPS[s][1], **weights, "max_num_seqs": max_num_seqs, "num_draft_tokens": max_draft}
+              for s in setups}
+    return write_repository(root, models, max_batch_size=2 * max_num_seqs, queue_size=1024)
+
+
+def scrape_counters(server: TritonServer, model: str) -> dict:
+    text = urllib.request.urlopen(server.metrics_url).read().decode()
+    label = f'model="{model}"'
+    return {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("minedraft_") and label in line and "_total" in line}
+
+
+def run_perf_analyzer(server, model, data: Path, concurrency: int, export: Path, window_requests: int) -> None:
+    """Three count windows; stability is not required (the run is one sample). perf_analyzer still
+    gives up on some noisy runs, so those are retried with longer windows."""
+    for attempt in range(3):
+        cmd = [perf_analyzer_binary(), "-m", model, "-u", server.grpc_url, "-i", "grpc", "--streaming",
+               "--concurrency-range", str(concurrency), "--input-data", str(data),
+               "--measurement-mode", "count_windows", "--measurement-request-count", str(window_requests << attempt),
+               "--stability-percentage", "999", "--max-trials", "6", "--profile-export-file", str(export)]
+        run = subprocess.run(cmd, env=perf_analyzer_env(), capture_output=True, text=True, timeout=1800)
+        if run.returncode == 0:
+            return
+    raise RuntimeError(f"perf_analyzer failed ({model}, c={concurrency}):\n{run.stdout}\n{run.stderr}")
+
+
+def summarise_profile(export: Path) -> dict:
+    """Token throughput inside perf_analyzer's measurement windows, and per-request latencies."""
+    experiment = json.loads(export.read_text())["experiments"][0]
+    bounds = experiment["window_boundaries"]
+    start, end = bounds[0], bounds[-1]
+    tokens_in_window, ttft, itl, e2e = 0, [], [], []
+    for request in experiment["requests"]:
+        stamps, outputs = request["response_timestamps"], request["response_outputs"]
+        counts = [o.get("num_output_tokens", 0) for o in outputs]
+        previous = 0
+        for stamp, count in zip(stamps, counts):
+            if start <= stamp <= end:
+                tokens_in_window += count - previous
+            previous = max(previous, count)
+        if not stamps or not counts or counts[-1] < 1:
+            continue
+        ttft.append((stamps[0] - request["timestamp"]) / 1e9)
+        e2e.append((stamps[-1] - request["timestamp"]) / 1e9)
+        if counts[-1] > 1:
+            itl.append((stamps[-1] - stamps[0]) / 1e9 / (counts[-1] - 1))
+    return {"tokens_per_s": round(tokens_in_window / ((end - start) / 1e9), 2),
+            "requests": len(experiment["requests"]),
+            "ttft_p50_ms": _ms(_pct(ttft, 50)), "ttft_p99_ms": _ms(_pct(ttft, 99)),
+            "itl_p50_ms": _ms(_pct(itl, 50)), "itl_p99_ms": _ms(_pct(itl, 99)),
+            "e2e_p50_ms": _ms(_pct(e2e, 50)), "e2e_p99_ms": _ms(_pct(e2e, 99))}
+
+
+def _pct(values, q):
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def _ms(seconds):
+    return round(seconds * 1000, 2)
+
+
+def measure_server(server, setup, k, concurrency, prompts, max_tokens, workdir: Path) -> dict:
+    model = SETUPS[setup][0]
+    params = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    if setup != "ar":
+        params["num_draft_tokens"] = k
+    data = write_input_data(workdir / f"input_k{k}.json", prompts, params)
+    export = workdir / f"{model}_k{k}_c{concurrency}.json"
+    before = scrape_counters(server, model)
+    run_perf_analyzer(server, model, data, concurrency, export, window_requests=max(concurrency, 4))
+    after = scrape_counters(server, model)
+    drafted = after.get("minedraft_draft_tokens_total", 0) - before.get("minedraft_draft_tokens_total", 0)
+    accepted = after.get("minedraft_accepted_tokens_total", 0) - before.get("minedraft_accepted_tokens_total", 0)
+    row = {"setup": setup, "model": model, "num_draft_tokens": k if setup != "ar" else 0,
+           "concurrency": concurrency, **summarise_profile(export),
+           "acceptance_rate": round(accepted / drafted, 4) if drafted else None}
+    return row
+
+
+def hf_assisted_generation(model_dir: Path, prompts, max_tokens: int, num_prompts: int) -> dict:
+    """The peer baseline: transformers' assisted generation at batch 1, same pair and prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.set_num_threads(2)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir / "target")
+    target = AutoModelForCausalLM.from_pretrained(model_dir / "target", dtype=torch.float32).eval()
+    draft = AutoModelForCausalLM.from_pretrained(model_dir / "draft", dtype=torch.float32).eval()
+    tokens, started = 0, time.perf_counter()
+    for prompt in prompts[:num_prompts]:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        out = target.generate(ids, assistant_model=draft, do_sample=False, max_new_tokens=max_tokens,
+                              min_new_tokens=max_tokens)
+        tokens += out.size(1) - ids.size(1)
+    elapsed = time.perf_counter() - started
+    return {"tokens_per_s": round(tokens / elapsed, 2), "prompts": num_prompts, "output_tokens": tokens}
+
+
+def in_process(setup, k, concurrency, prompts, max_tokens, model_dir, max_num_seqs) -> dict:
+    """The engine without Triton, same cores and parameters; for PSD also its ideal."""
+    params = dict(SETUPS[setup][1])
+    mode = params.pop("mode")
+    engine = engine_for(mode, 2 * max_num_seqs if mode == "psd" else max_num_seqs, max(k, 1), model_dir, **params)
+    try:
+        measure(engine, prompts, 2, k, 8, 2)  # warm-up
+        engine.step_log.clear()
+        row = measure(engine, prompts, concurrency, k, max_tokens, max(2 * concurrency, 8))
+        verify_seconds = sum(r.verify_span[1] - r.verify_span[0] for r in engine.step_log)
+        # Ideal: every step costs only its verification (drafting fully hidden).
+        row["ideal_tokens_per_s"] = round(row["output_tokens"] / verify_seconds, 2) if verify_seconds else None
+    finally:
+        engine.close()
+    return row
+
+
+def best(rows, setup, concurrency):
+    candidates = [r for r in rows if r["setup"] == setup and r["concurrency"] == concurrency]
+    return max(candidates, key=lambda r: r["tokens_per_s"]) if candidates else None
+
+
+def run(args) -> dict:
+    from rich.progress import Progress
+    prompts = load_prompts(args.model_dir / "prompts.jsonl", args.num_prompts)
+    workdir = Path(tempfile.mkdtemp(prefix="minedraft-bench-"))
+    setups = args.setups
+    build_repository(workdir / "repo", setups, args.max_num_seqs, max(args.draft_lengths), args.model_dir)
+    plan = [(s, k, c) for s in setups for c in args.concurrency
+            for k in ([0] if s == "ar" else args.draft_lengths)
+            if s != "sd_1core" or c in args.paper_concurrency]
+    rows, extras = [], {}
+    ports = [free_port() for _ in range(3)]
+    with Progress() as progress, TritonServer(workdir / "repo", *ports, log_path=workdir / "server.log") as server:
+        task = progress.add_task("perf_analyzer", total=len(plan))
+        for setup, k, c in plan:
+            progress.update(task, description=f"{SETUPS[setup][0]} k={k} c={c}")
+            rows.append(measure_server(server, setup, k, c, prompts, args.max_tokens, workdir))
+            progress.advance(task)
+    server.stop()
+    with Progress() as progress:
+        checks = [(s, c) for s in ("sd", "psd") if s in setups for c in args.engine_concurrency]
+        task = progress.add_task("in-process engine", total=len(checks) + 1)
+        engine_rows = []
+        for setup, c in checks:
+            k = best(rows, setup, c)["num_draft_tokens"] if best(rows, setup, c) else args.draft_lengths[0]
+            engine_rows.append({"setup": setup, **in_process(setup, k, c, prompts, args.max_tokens, args.model_dir,
+                                                             args.max_num_seqs)})
+            progress.advance(task)
+        extras["engine"] = engine_rows
+        progress.update(task, description="HF assisted generation")
+        extras["hf_assisted"] = hf_assisted_generation(args.model_dir, prompts, args.max_tokens, args.hf_prompts)
+        progress.advance(task)
+    return {"machine": machine(), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                                           if k != "run"},
+            "rows": rows, **extras}
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def main_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--draft-lengths", type=int, nargs="+", default=[2, 4, 6, 8])
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--paper-concurrency", type=int, nargs="+", default=[1, 8, 32, 64],
+                        help="concurrencies at which the P1b set-up (sd_1core) is measured")
+    parser.add_argument("--engine-concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--hf-prompts", type=int, default=8)
+    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--out", type=Path, default=Path("docs"))
+
+
+def bench(args) -> int:
+    from .bench_report import write_report
+    results = run(args)
+    write_report(results, args.out)
+    print(f"wrote {args.out / 'benchmarks.md'}")
+    return 0
+

@@ -1,0 +1,166 @@
+"""Turn a `minedraft bench` result into docs/benchmarks.md, PNG plots and raw JSON."""
+import json
+from pathlib import Path
+
+from .bench import best
+
+GOALS = {"P1": 1.5, "P1b": 1.75, "P3": 2.0, "P4": 0.9, "P5": 0.8, "P6": 1.0}
+
+
+def write_report(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    figures = out / "bench"
+    figures.mkdir(exist_ok=True)
+    (figures / "raw.json").write_text(json.dumps(results, indent=2))
+    table = per_concurrency(results)
+    goals = goal_table(results, table)
+    plot(table, figures)
+    (out / "benchmarks.md").write_text(markdown(results, table, goals))
+
+
+def per_concurrency(results: dict) -> list[dict]:
+    rows = results["rows"]
+    table = []
+    for c in sorted({r["concurrency"] for r in rows}):
+        entry = {"concurrency": c}
+        for setup in ("ar", "sd", "psd", "sd_1core"):
+            entry[setup] = best(rows, setup, c)
+        table.append(entry)
+    return table
+
+
+def _ratio(a, b):
+    return round(a["tokens_per_s"] / b["tokens_per_s"], 3) if a and b and b["tokens_per_s"] else None
+
+
+def goal_table(results: dict, table: list[dict]) -> list[dict]:
+    goals = []
+    psd_rows = [t for t in table if t["psd"]]
+    if psd_rows:
+        peak = max(psd_rows, key=lambda t: t["psd"]["tokens_per_s"])
+        goals.append(("P1", f"PSD / best SD at PSD's best concurrency (c={peak['concurrency']}), same 2 cores",
+                      _ratio(peak["psd"], peak["sd"])))
+        paper = [t for t in psd_rows if t["sd_1core"]]
+        if paper:
+            top = max(paper, key=lambda t: t["psd"]["tokens_per_s"])
+            goals.append(("P1b", f"PSD (2 cores) / SD (1 core) at c={top['concurrency']}",
+                          _ratio(top["psd"], top["sd_1core"])))
+    first = table[0] if table and table[0]["concurrency"] == 1 else None
+    if first and first["ar"]:
+        best_mode = max(filter(None, [first["sd"], first["psd"]]), key=lambda r: r["tokens_per_s"], default=None)
+        goals.append(("P3", "best speculative mode / AR at concurrency 1", _ratio(best_mode, first["ar"])))
+        if results.get("hf_assisted") and best_mode:
+            goals.append(("P6", "best mode at concurrency 1 (server) / HF assisted generation (batch 1)",
+                          _ratio(best_mode, results["hf_assisted"])))
+    for engine_row in results.get("engine", []):
+        served = next((t[engine_row["setup"]] for t in table if t["concurrency"] == engine_row["concurrency"]), None)
+        goals.append(("P4", f"Triton {engine_row['setup']} / in-process engine at c={engine_row['concurrency']}",
+                      _ratio(served, engine_row)))
+        if engine_row["setup"] == "psd" and engine_row.get("ideal_tokens_per_s"):
+            goals.append(("P5", f"PSD / its ideal (drafting fully hidden), in-process, c={engine_row['concurrency']}",
+                          round(engine_row["tokens_per_s"] / engine_row["ideal_tokens_per_s"], 3)))
+    return [{"goal": g, "what": what, "measured": value, "target": GOALS[g],
+             "met": value is not None and value >= GOALS[g]} for g, what, value in goals]
+
+
+def plot(table: list[dict], figures: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = {"ar": "AR", "sd": "SD (best k, 2 cores)", "psd": "PSD (best k, 1+1 cores)",
+              "sd_1core": "SD (1 core, P1b)"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for setup, label in labels.items():
+        points = [(t["concurrency"], t[setup]["tokens_per_s"]) for t in table if t[setup]]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=label)
+    ax.set(xscale="log", xlabel="concurrency (requests in flight)", ylabel="output tokens/s",
+           title="Throughput through tritonserver (perf_analyzer, streaming)")
+    ax.set_xticks([t["concurrency"] for t in table], [str(t["concurrency"]) for t in table])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(figures / "throughput.png", dpi=110)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, (metric, title) in zip(axes, [("ttft_p50_ms", "TTFT p50"), ("itl_p50_ms", "inter-token p50"),
+                                          ("e2e_p99_ms", "end-to-end p99")]):
+        for setup, label in labels.items():
+            points = [(t["concurrency"], t[setup][metric]) for t in table if t[setup]]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=label)
+        ax.set(xscale="log", yscale="log", xlabel="concurrency", ylabel="ms", title=title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(figures / "latency.png", dpi=110)
+    plt.close("all")
+
+
+def _cell(row, key="tokens_per_s"):
+    return "–" if not row or row.get(key) is None else f"{row[key]}"
+
+
+def markdown(results: dict, table: list[dict], goals: list[dict]) -> str:
+    args = results["args"]
+    lines = [
+        "# Benchmarks: AR vs SD vs MineDraft PSD through tritonserver",
+        "",
+        "Generated by `minedraft bench` from the committed code; numbers are from **one run** on the machine",
+        "below. Absolute times on this shared 2-core CPU are noisy; read the **ratios**, measured side by side.",
+        "",
+        f"- Machine: {results['machine']}",
+        f"- Command: `minedraft bench --max-tokens {args['max_tokens']} --max-num-seqs {args['max_num_seqs']}"
+        f" --concurrency {' '.join(map(str, args['concurrency']))}`",
+        f"- Work per request: a held-out prompt ({args['num_prompts']} prompts cycled), `max_tokens` = "
+        f"{args['max_tokens']}, `ignore_eos`, greedy: equal work in every mode.",
+        f"- `max_num_seqs` = {args['max_num_seqs']} per internal batch: **PSD holds 2× as many requests in "
+        "flight** as SD and AR (as in the paper); beyond that, requests wait in Triton's queue.",
+        "- Cores: AR and SD use cores 0-1 (2 threads); PSD puts the target on core 0 and the drafter process on "
+        "core 1 (the same 2 cores: iso-hardware). P1b's SD runs target and draft on core 0 alone. "
+        "tritonserver's frontend and perf_analyzer share the same 2 cores in every case.",
+        f"- SD and PSD: best `num_draft_tokens` from {args['draft_lengths']} at each concurrency.",
+        "- Throughput: output tokens whose responses fall inside perf_analyzer's measurement windows, divided "
+        "by the windows' span (from `--profile-export-file`). Acceptance: the server's "
+        "`minedraft_accepted_tokens_total / minedraft_draft_tokens_total` over the run.",
+        "",
+        "## Goals",
+        "",
+        "| Goal | What | Measured | Target | Met |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {g['goal']} | {g['what']} | {g['measured']} | ≥ {g['target']} | {'yes' if g['met'] else '**no**'} |"
+              for g in goals]
+    lines += ["", "## Output-token throughput (tokens/s) and ratios", "",
+              "| c | AR | SD | SD k | PSD | PSD k | PSD/SD | PSD/AR | SD/AR | SD 1-core | PSD/SD 1-core |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for t in table:
+        lines.append(f"| {t['concurrency']} | {_cell(t['ar'])} | {_cell(t['sd'])} | {_cell(t['sd'], 'num_draft_tokens')}"
+                     f" | {_cell(t['psd'])} | {_cell(t['psd'], 'num_draft_tokens')} | {_ratio(t['psd'], t['sd'])}"
+                     f" | {_ratio(t['psd'], t['ar'])} | {_ratio(t['sd'], t['ar'])} | {_cell(t['sd_1core'])}"
+                     f" | {_ratio(t['psd'], t['sd_1core'])} |")
+    lines += ["", "## Latency (ms) and acceptance at each set-up's best k", "",
+              "| c | set-up | k | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 | e2e p99 | acceptance |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for t in table:
+        for setup in ("ar", "sd", "psd", "sd_1core"):
+            r = t[setup]
+            if r:
+                lines.append(f"| {t['concurrency']} | {setup} | {r['num_draft_tokens']} | {r['ttft_p50_ms']} | "
+                             f"{r['ttft_p99_ms']} | {r['itl_p50_ms']} | {r['itl_p99_ms']} | {r['e2e_p50_ms']} | "
+                             f"{r['e2e_p99_ms']} | {r['acceptance_rate']} |")
+    lines += ["", "## Every measurement (draft-length sweep included)", "",
+              "| set-up | k | c | tokens/s | acceptance | e2e p50 ms |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['setup']} | {r['num_draft_tokens']} | {r['concurrency']} | {r['tokens_per_s']} | "
+              f"{r['acceptance_rate']} | {r['e2e_p50_ms']} |" for r in results["rows"]]
+    lines += ["", "## Same run, without the server", ""]
+    for r in results.get("engine", []):
+        lines.append(f"- In-process engine, {r['setup']}, c={r['concurrency']}, k={r['num_draft_tokens']}: "
+                     f"{r['tokens_per_s']} tokens/s" + (f"; ideal (drafting hidden) {r['ideal_tokens_per_s']}"
+                                                         if r.get("ideal_tokens_per_s") else ""))
+    if results.get("hf_assisted"):
+        h = results["hf_assisted"]
+        lines.append(f"- HF transformers assisted generation (`generate(assistant_model=draft)`, batch 1, "
+                     f"{h['prompts']} prompts): {h['tokens_per_s']} tokens/s")
+    lines += ["", "![throughput](bench/throughput.png)", "", "![latency](bench/latency.png)", "",
+              "Raw results: [bench/raw.json](bench/raw.json).", ""]
+    return "\n".join(lines)

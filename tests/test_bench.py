@@ -1,0 +1,27 @@
+"""Smoke run of `minedraft bench`: two set-ups, two concurrencies, through the real server."""
+import json
+
+import pytest
+
+from minedraft.cli import main
+
+pytestmark = pytest.mark.server
+
+
+def test_bench_smoke_produces_a_well_formed_report(demo_pair, tmp_path):
+    out = tmp_path / "docs"
+    code = main(["bench", "--setups", "ar", "psd", "--concurrency", "1", "4", "--draft-lengths", "4",
+                 "--max-tokens", "12", "--max-num-seqs", "4", "--num-prompts", "8", "--hf-prompts", "1",
+                 "--engine-concurrency", "4", "--out", str(out)])
+    assert code == 0
+    report = (out / "benchmarks.md").read_text()
+    assert "## Goals" in report and "| P3 |" in report and "| P4 |" in report and "| P5 |" in report
+    raw = json.loads((out / "bench" / "raw.json").read_text())
+    assert {(r["setup"], r["concurrency"]) for r in raw["rows"]} == {("ar", 1), ("ar", 4), ("psd", 1), ("psd", 4)}
+    for row in raw["rows"]:
+        assert row["tokens_per_s"] > 0 and row["ttft_p50_ms"] > 0 and row["e2e_p99_ms"] >= row["e2e_p50_ms"]
+    psd = [r for r in raw["rows"] if r["setup"] == "psd"]
+    assert all(r["acceptance_rate"] is not None and 0 <= r["acceptance_rate"] <= 1 for r in psd)
+    assert raw["hf_assisted"]["tokens_per_s"] > 0
+    assert (out / "bench" / "throughput.png").stat().st_size > 1000
+    assert (out / "bench" / "latency.png").stat().st_size > 1000

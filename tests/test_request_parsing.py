@@ -1,0 +1,61 @@
+"""The Triton adapter's request parsing, alone and fuzzed: a request either parses or gets InvalidRequest."""
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from minedraft.request_parsing import parse_request
+from minedraft.sampling_params import InvalidRequest, SamplingParams
+
+KEYS = ["max_tokens", "min_tokens", "temperature", "top_k", "top_p", "seed", "stop", "ignore_eos",
+        "num_draft_tokens", "stream", "exclude_input_in_output", "bogus", ""]
+ODD_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70), st.floats(allow_nan=True),
+    st.text(max_size=20), st.lists(st.one_of(st.text(max_size=5), st.integers(), st.none()), max_size=4),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+SAMPLING_JSON = st.one_of(
+    st.dictionaries(st.sampled_from(KEYS), ODD_VALUES, max_size=6).map(lambda d: json.dumps(d, allow_nan=True)),
+    st.text(max_size=40), st.sampled_from(["", "[]", "null", "1e999", '{"max_tokens": 1e999}', "{" * 5000]))
+TEXT = st.one_of(st.text(max_size=200), st.binary(max_size=50), st.sampled_from(["", "x" * 100_000]))
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=TEXT, sampling=st.one_of(st.none(), SAMPLING_JSON), stream=st.one_of(st.none(), st.booleans()),
+       request_parameters=st.one_of(st.none(), SAMPLING_JSON))
+def test_any_request_parses_or_is_rejected_cleanly(text, sampling, stream, request_parameters):
+    try:
+        parsed = parse_request(text, stream, sampling, None, request_parameters)
+    except InvalidRequest as exc:
+        assert str(exc)
+        return
+    assert parsed.prompt
+    parsed.params.validate()
+    assert isinstance(parsed.stream, bool)
+
+
+def test_sampling_parameters_json_wins_over_request_parameters():
+    parsed = parse_request(b"def f():", None, '{"max_tokens": 5, "stream": true}', None, '{"max_tokens": 9}')
+    assert parsed.params.max_tokens == 5 and parsed.stream
+
+
+def test_generate_endpoint_parameters_are_the_fallback():
+    parsed = parse_request("def f():", None, None, None, '{"max_tokens": 9, "temperature": 0, "stop": "\\n"}')
+    assert parsed.params == SamplingParams(max_tokens=9, temperature=0.0, stop=("\n",))
+    assert not parsed.stream and not parsed.exclude_input_in_output
+
+
+@pytest.mark.parametrize("sampling,message", [
+    ("{oops", "JSON"), ("[1]", "object"), ('{"max_tokens": -1}', "max_tokens"), ('{"top_p": NaN}', "NaN"),
+    ('{"temperature": 1e999}', "finite"), ('{"bogus": 1}', "unknown"), ('{"stop": [1, 2]}', "stop"),
+    ('{"seed": 1.5}', "integer"), ('{"ignore_eos": "yes"}', "true or false"),
+])
+def test_invalid_sampling_parameters_name_the_problem(sampling, message):
+    with pytest.raises(InvalidRequest, match=message):
+        parse_request("def f():", None, sampling, None, None)
+
+
+def test_empty_or_undecodable_prompt_is_rejected():
+    with pytest.raises(InvalidRequest, match="empty"):
+        parse_request(b"", None, None, None, None)
+    with pytest.raises(InvalidRequest, match="UTF-8"):
+        parse_request(b"\xff\xfe", None, None, None, None)
