@@ -148,6 +148,8 @@ class Engine:
             return outputs
         draft_span = self._draft_for(plan)
         verify_started = time.monotonic()
+        # Snapshot the drafts being verified: a drafter failure below forgets every seq's drafts.
+        drafts = [seq.draft_ids for seq in plan.verify.seqs]
         accepted, next_tokens = self._verify(plan.verify)
         verify_span = (verify_started, time.monotonic())
         if plan.overlap is not None and self.drafter is not None:
@@ -156,7 +158,7 @@ class Engine:
             self.policy.name, plan.verify.slot, len(plan.verify), verify_span,
             plan.overlap.slot if plan.overlap else None, len(plan.overlap) if plan.overlap else 0,
             draft_span, plan.num_draft_tokens))
-        outputs += self._commit(plan.verify, accepted, next_tokens)
+        outputs += self._commit(plan.verify, drafts, accepted, next_tokens)
         return outputs
 
     def _draft_for(self, plan: StepPlan):
@@ -185,7 +187,7 @@ class Engine:
         return True
 
     def _draft_work(self, batch: Batch) -> DraftWork | None:
-        num_tokens = max(seq.num_draft_tokens for seq in batch.seqs)
+        num_tokens = max(seq.draft_budget(self.config.max_model_len) for seq in batch.seqs)
         if num_tokens == 0:
             return None
         rows = [DraftRow(cached_len=seq.draft_cached, feed=seq.token_ids[seq.draft_cached:],
@@ -205,8 +207,9 @@ class Engine:
             self._on_drafter_failure(exc)
             return None
         for row, seq in enumerate(batch.seqs):
-            seq.draft_ids = ids[row, :seq.num_draft_tokens].tolist()
-            seq.draft_probs = probs[row, :seq.num_draft_tokens]
+            budget = seq.draft_budget(self.config.max_model_len)
+            seq.draft_ids = ids[row, :budget].tolist()
+            seq.draft_probs = probs[row, :budget]
             seq.draft_cached = len(seq.token_ids)
             seq.draft_extent = work.num_tokens - 1
         batch.is_drafted = True
@@ -271,13 +274,14 @@ class Engine:
             eos_blocked=(generated[:, None] + torch.arange(num_positions)) < min_tokens[:, None],
             eos_token_id=self.eos_token_id)
 
-    def _commit(self, batch: Batch, accepted: torch.Tensor, next_tokens: torch.Tensor) -> list[RequestOutput]:
+    def _commit(self, batch: Batch, drafts: list[list[int]], accepted: torch.Tensor,
+                next_tokens: torch.Tensor) -> list[RequestOutput]:
         outputs = []
-        for seq, num_accepted, next_token in zip(batch.seqs, accepted.tolist(), next_tokens.tolist()):
+        for seq, drafted, num_accepted, next_token in zip(batch.seqs, drafts, accepted.tolist(), next_tokens.tolist()):
             try:
                 if self.fault_hook is not None:
                     self.fault_hook(seq)
-                appended = self._advance(seq, num_accepted, seq.draft_ids[:num_accepted] + [next_token])
+                appended = self._advance(seq, len(drafted), num_accepted, drafted[:num_accepted] + [next_token])
                 outputs.append(self._output(seq, appended))
             except Exception as exc:  # one request's failure must not take the batch down
                 log.exception("request %s failed", seq.request_id)
@@ -289,9 +293,9 @@ class Engine:
         batch.is_drafted = False
         return outputs
 
-    def _advance(self, seq: Sequence, num_accepted: int, new_tokens: list[int]) -> list[int]:
+    def _advance(self, seq: Sequence, num_drafted: int, num_accepted: int, new_tokens: list[int]) -> list[int]:
         """Book the verification's result; returns the tokens kept (up to a finishing one)."""
-        seq.num_drafted += len(seq.draft_ids)
+        seq.num_drafted += num_drafted
         seq.num_accepted += num_accepted
         seq.target_cached = len(seq.token_ids) + num_accepted
         seq.draft_cached += min(num_accepted, seq.draft_extent)

@@ -51,6 +51,12 @@ class Sequence:
     def num_generated(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
+    def draft_budget(self, max_model_len: int) -> int:
+        """Drafts worth proposing: verification always adds one token of its own, so no more
+        than the room left before max_tokens or the context limit, minus one."""
+        room = min(self.params.max_tokens - self.num_generated, max_model_len - len(self.token_ids))
+        return max(0, min(self.num_draft_tokens, room - 1))
+
     @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
