@@ -13,6 +13,8 @@ import ast
 import json
 import math
 import random
+import subprocess
+import sys
 import sysconfig
 import textwrap
 import time
@@ -287,6 +289,7 @@ def main():
     }
     report["flops_ratio"] = round(report["target"]["flops_per_token"] / report["draft"]["flops_per_token"], 2)
     (out / "training_report.json").write_text(json.dumps(report, indent=2))
+    subprocess.run([sys.executable, str(Path(__file__).with_name("write_model_card.py")), str(out)], check=True)
     print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2))
 
 

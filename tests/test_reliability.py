@@ -1,0 +1,354 @@
+"""Every request ends with exactly one FINAL response, whatever clients or faults do; nothing leaks.
+
+CI runs the short variants; `pytest -m slow tests/test_reliability.py` runs the heavy ones
+(2,000-request soak). Figures are printed (-s) and recorded in docs/reliability.md.
+"""
+import json
+import os
+import queue
+import random
+import signal
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import np_to_triton_dtype
+
+from minedraft import Engine, EngineConfig
+from minedraft.launcher import TritonServer, free_port
+from minedraft.repository import write_repository
+
+pytestmark = pytest.mark.server
+MAX_NUM_SEQS = 16
+FINAL_DEADLINE_S = 180
+
+
+def start_server(root: Path, models: dict, **config) -> TritonServer:
+    write_repository(root, models, **config)
+    server = TritonServer(root, *(free_port() for _ in range(3)), log_path=root / "server.log")
+    server.start()
+    server.wait_ready()
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(demo_pair, tmp_path_factory):
+    srv = start_server(tmp_path_factory.mktemp("reliability"), {"minedraft": {"max_num_seqs": MAX_NUM_SEQS}},
+                       max_batch_size=2 * MAX_NUM_SEQS)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def prompts(demo_pair):
+    with open(Path(demo_pair[0]).parent / "prompts.jsonl") as f:
+        return [json.loads(line)["prompt"] for line in f]
+
+
+def inputs(prompt: str, params: dict):
+    def tensor(name, array):
+        t = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        t.set_data_from_numpy(array)
+        return t
+    return [tensor("text_input", np.array([[prompt.encode()]], dtype=np.object_)),
+            tensor("stream", np.array([[True]])),
+            tensor("sampling_parameters", np.array([[json.dumps(params).encode()]], dtype=np.object_))]
+
+
+def metrics(server) -> dict:
+    text = urllib.request.urlopen(server.metrics_url).read().decode()
+    return {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("minedraft_") and "_bucket" not in line}
+
+
+def process_tree_rss_kb(root_pid: int) -> int:
+    total = 0
+    for pid in [root_pid] + descendants(root_pid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+def descendants(pid: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        children.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return children + [d for c in children for d in descendants(c)]
+
+
+def pids_with(marker: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+class StreamPool:
+    """Many requests multiplexed over one gRPC stream, `concurrency` in flight; records each
+    request's responses and whether exactly one FINAL arrived."""
+
+    def __init__(self, server, concurrency: int):
+        self.client = grpcclient.InferenceServerClient(server.grpc_url)
+        self.slots = threading.Semaphore(concurrency)
+        self.results: dict[str, dict] = {}
+        self.lock = threading.Lock()
+        self.client.start_stream(callback=self._on_response)
+
+    def _on_response(self, result, error):
+        if error is not None:  # a stream-level error carries no request id: count it against all
+            with self.lock:
+                for record in self.results.values():
+                    record.setdefault("stream_errors", []).append(str(error))
+            return
+        response = result.get_response()
+        with self.lock:
+            record = self.results[response.id]
+            if response.outputs:
+                record["text"] += result.as_numpy("text_output").reshape(-1)[0].decode()
+                record["finish"] = result.as_numpy("finish_reason").reshape(-1)[0].decode()
+            if response.parameters["triton_final_response"].bool_param:
+                record["finals"] += 1
+                record["done_at"] = time.monotonic()
+                self.slots.release()
+
+    def submit(self, request_id: str, prompt: str, params: dict) -> None:
+        self.slots.acquire()
+        with self.lock:
+            self.results[request_id] = {"text": "", "finals": 0, "sent_at": time.monotonic(), "params": params,
+                                        "prompt": prompt}
+        self.client.async_stream_infer("minedraft", inputs(prompt, params), request_id=request_id,
+                                       enable_empty_final_response=True)
+
+    def wait(self, deadline_s: float) -> None:
+        end = time.monotonic() + deadline_s
+        while time.monotonic() < end:
+            with self.lock:
+                if all(r["finals"] for r in self.results.values()):
+                    return
+            time.sleep(0.2)
+
+    def close(self):
+        self.client.stop_stream()
+        self.client.close()
+
+
+def soak(server, prompts, demo_pair, num_requests: int, concurrency: int = 64):
+    rng = random.Random(0)
+    pool = StreamPool(server, concurrency)
+    rss = []
+    started = time.monotonic()
+    for i in range(num_requests):
+        greedy = rng.random() < 0.6
+        params = {"max_tokens": rng.choice([4, 8, 16, 32, 48]), "temperature": 0 if greedy else 0.8}
+        if not greedy:
+            params.update(top_p=rng.choice([0.9, 1.0]), top_k=rng.choice([0, 20]), seed=i)
+        prompt = prompts[i % len(prompts)] * rng.choice([1, 1, 2])  # mixed prompt lengths
+        pool.submit(str(i), prompt, params)
+        if i in (num_requests // 2, num_requests - 1):
+            rss.append(process_tree_rss_kb(server.process.pid))
+    pool.wait(FINAL_DEADLINE_S)
+    elapsed = time.monotonic() - started
+    pool.close()
+    results = pool.results
+    lost = [rid for rid, r in results.items() if r["finals"] == 0]
+    duplicated = [rid for rid, r in results.items() if r["finals"] > 1]
+    latencies = sorted(r["done_at"] - r["sent_at"] for r in results.values() if r["finals"])
+    greedy_ids = [rid for rid, r in results.items() if r["params"]["temperature"] == 0][:40]
+    engine = Engine(EngineConfig(target_model=demo_pair[0], draft_model=demo_pair[1], mode="ar"))
+    expected = engine.generate([results[rid]["prompt"] for rid in greedy_ids],
+                               [results[rid]["params"] for rid in greedy_ids])
+    engine.close()
+    mismatched = [rid for rid, out in zip(greedy_ids, expected) if results[rid]["text"] != out.text_delta]
+    growth = (rss[1] - rss[0]) / rss[0]
+    report = {"requests": num_requests, "concurrency": concurrency, "lost_or_hung": len(lost),
+              "duplicate_finals": len(duplicated), "greedy_checked": len(greedy_ids), "greedy_mismatches": len(mismatched),
+              "p99_time_to_final_s": round(latencies[int(0.99 * (len(latencies) - 1))], 2),
+              "seconds": round(elapsed, 1), "rss_kb_half": rss[0], "rss_kb_end": rss[1],
+              "rss_growth": round(growth, 4)}
+    print("SOAK", json.dumps(report))
+    return report
+
+
+def test_soak_short(server, prompts, demo_pair):
+    report = soak(server, prompts, demo_pair, 300)
+    assert report["lost_or_hung"] == 0 and report["duplicate_finals"] == 0
+    assert report["greedy_mismatches"] == 0
+    assert report["rss_growth"] < 0.05
+
+
+@pytest.mark.slow
+def test_soak_2000(server, prompts, demo_pair):
+    report = soak(server, prompts, demo_pair, 2000)
+    assert report["lost_or_hung"] == 0 and report["duplicate_finals"] == 0
+    assert report["greedy_mismatches"] == 0
+    assert report["rss_growth"] < 0.05
+
+
+def one_stream(server, prompt, params, cancel_after_chunks=None):
+    """Returns ('final'|'cancelled'|'error', chunks)."""
+    responses = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    client.async_stream_infer("minedraft", inputs(prompt, params), enable_empty_final_response=True)
+    chunks, outcome = 0, "hung"
+    try:
+        while True:
+            result, error = responses.get(timeout=FINAL_DEADLINE_S)
+            if error is not None:
+                outcome = "error"
+                break
+            chunks += bool(result.get_response().outputs)
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                outcome = "final"
+                break
+            if cancel_after_chunks is not None and chunks >= cancel_after_chunks:
+                outcome = "cancelled"
+                break
+    except queue.Empty:
+        pass
+    finally:
+        client.stop_stream(cancel_requests=outcome == "cancelled")
+        client.close()
+    return outcome, chunks
+
+
+def test_cancellation_storm_leaves_nothing_behind(server, prompts):
+    rng = random.Random(1)
+    before = metrics(server)
+    plans = [(prompts[i % len(prompts)], rng.randint(1, 12) if rng.random() < 0.5 else None) for i in range(200)]
+    with ThreadPoolExecutor(24) as pool:
+        outcomes = list(pool.map(lambda p: one_stream(server, p[0], {"max_tokens": 40, "temperature": 0,
+                                                                    "ignore_eos": True}, p[1]), plans))
+    completed = [o for (o, _), (_, cut) in zip(outcomes, plans) if cut is None]
+    assert all(o == "final" for o in completed), outcomes
+    cancelled = sum(1 for o, _ in outcomes if o == "cancelled")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        m = metrics(server)
+        if m["minedraft_requests_in_flight"] == 0 and m["minedraft_batch_size_a"] == m["minedraft_batch_size_b"] == 0:
+            break
+        time.sleep(0.2)
+    print("STORM", json.dumps({"streams": 200, "cancelled_by_client": cancelled, "completed": len(completed),
+                               "server_cancelled": m["minedraft_requests_cancelled_total"]
+                               - before.get("minedraft_requests_cancelled_total", 0)}))
+    assert m["minedraft_requests_in_flight"] == 0
+    assert m["minedraft_batch_size_a"] == 0 and m["minedraft_batch_size_b"] == 0
+    assert one_stream(server, prompts[0], {"max_tokens": 8, "temperature": 0})[0] == "final"
+
+
+def test_killing_the_drafter_loses_no_request(server, prompts, demo_pair):
+    before = metrics(server).get("minedraft_drafter_failures_total", 0)
+    pool = StreamPool(server, 32)
+    for i in range(32):
+        pool.submit(f"k{i}", prompts[i], {"max_tokens": 48, "temperature": 0, "ignore_eos": True})
+    time.sleep(1.0)
+    drafters = [pid for pid in pids_with("minedraft.drafter_worker") if pid in descendants(server.process.pid)]
+    assert drafters
+    for pid in drafters:
+        os.kill(pid, signal.SIGKILL)
+    pool.wait(FINAL_DEADLINE_S)
+    pool.close()
+    assert all(r["finals"] == 1 and r["finish"] == "length" for r in pool.results.values())
+    engine = Engine(EngineConfig(target_model=demo_pair[0], draft_model=demo_pair[1], mode="ar"))
+    expected = engine.generate(prompts[:32], {"max_tokens": 48, "temperature": 0, "ignore_eos": True})
+    engine.close()
+    assert [pool.results[f"k{i}"]["text"] for i in range(32)] == [o.text_delta for o in expected]
+    assert metrics(server)["minedraft_drafter_failures_total"] > before
+    drafted_before = metrics(server)["minedraft_draft_tokens_total"]
+    assert one_stream(server, prompts[1], {"max_tokens": 16, "temperature": 0})[0] == "final"
+    assert metrics(server)["minedraft_draft_tokens_total"] > drafted_before  # speculating again
+
+
+def test_end_to_end_fuzz_never_takes_the_server_down(server, prompts):
+    from hypothesis import given, settings, strategies as st
+    from test_request_parsing import SAMPLING_JSON, TEXT
+
+    outcomes = []
+
+    @settings(max_examples=40, deadline=None, database=None)
+    @given(text=TEXT.filter(lambda t: len(t) < 5000), sampling=SAMPLING_JSON)
+    def fuzz(text, sampling):
+        prompt = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+        responses = queue.Queue()
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        tensors = inputs(prompt, {})
+        tensors[2].set_data_from_numpy(np.array([[sampling.encode("utf-8", "replace")]], dtype=np.object_))
+        client.async_stream_infer("minedraft", tensors, enable_empty_final_response=True)
+        try:
+            while True:
+                result, error = responses.get(timeout=FINAL_DEADLINE_S)
+                if error is not None:
+                    outcomes.append("rejected")
+                    return
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    outcomes.append("served")
+                    return
+        finally:
+            client.stop_stream(cancel_requests=True)
+            client.close()
+
+    fuzz()
+    assert urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready").status == 200
+    assert one_stream(server, prompts[0], {"max_tokens": 4, "temperature": 0})[0] == "final"
+    print("FUZZ", {"served": outcomes.count("served"), "rejected": outcomes.count("rejected")})
+
+
+def test_bounded_queue_rejects_past_its_limit(demo_pair, tmp_path, prompts):
+    server = start_server(tmp_path, {"minedraft": {"max_num_seqs": 2}}, max_batch_size=4, queue_size=4)
+    try:
+        with ThreadPoolExecutor(20) as pool:
+            outcomes = list(pool.map(lambda i: one_stream(server, prompts[i], {"max_tokens": 60, "temperature": 0,
+                                                                               "ignore_eos": True}), range(20)))
+    finally:
+        server.stop()
+    served = sum(o == "final" for o, _ in outcomes)
+    rejected = sum(o == "error" for o, _ in outcomes)
+    print("QUEUE", {"sent": 20, "served": served, "rejected": rejected})
+    assert served >= 4 and rejected >= 1 and served + rejected == 20
+
+
+def test_graceful_shutdown_finishes_in_flight_requests_and_leaves_no_orphans(demo_pair, tmp_path, prompts):
+    server = start_server(tmp_path, {"minedraft": {"max_num_seqs": 4}}, max_batch_size=8)
+    children = descendants(server.process.pid)
+    assert any(pid in pids_with("minedraft.drafter_worker") for pid in children)
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(one_stream, server, prompts[i], {"max_tokens": 64, "temperature": 0,
+                                                                 "ignore_eos": True}) for i in range(8)]
+        time.sleep(2.0)
+        code = server.stop(timeout=90)
+        outcomes = [f.result() for f in futures]
+    print("SHUTDOWN", {"in_flight": 8, "outcomes": [o for o, _ in outcomes], "exit_code": code})
+    assert all(o in ("final", "error") for o, _ in outcomes)
+    time.sleep(1.0)
+    alive = [pid for pid in children if os.path.exists(f"/proc/{pid}") and not _is_zombie(pid)]
+    assert not alive, alive
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
