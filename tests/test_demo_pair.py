@@ -1,7 +1,6 @@
 """The embedded demo pair: loads offline, round-trips code, decodes deterministically, agrees."""
 import json
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

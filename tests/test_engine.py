@@ -1,5 +1,4 @@
 """The engine without Triton: losslessness in every mode, overlap, request handling."""
-import random
 
 import pytest
 import torch

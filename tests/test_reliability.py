@@ -14,14 +14,13 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import np_to_triton_dtype
 
 from minedraft import Engine, EngineConfig
 from minedraft.launcher import TritonServer, free_port
 from minedraft.repository import write_repository
+from triton_helpers import scrape_metrics, stream_inputs
 
 pytestmark = pytest.mark.server
 MAX_NUM_SEQS = 16
@@ -48,22 +47,6 @@ def server(demo_pair, tmp_path_factory):
 def prompts(demo_pair):
     with open(Path(demo_pair[0]).parent / "prompts.jsonl") as f:
         return [json.loads(line)["prompt"] for line in f]
-
-
-def inputs(prompt: str, params: dict):
-    def tensor(name, array):
-        t = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        t.set_data_from_numpy(array)
-        return t
-    return [tensor("text_input", np.array([[prompt.encode()]], dtype=np.object_)),
-            tensor("stream", np.array([[True]])),
-            tensor("sampling_parameters", np.array([[json.dumps(params).encode()]], dtype=np.object_))]
-
-
-def metrics(server) -> dict:
-    text = urllib.request.urlopen(server.metrics_url).read().decode()
-    return {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith("minedraft_") and "_bucket" not in line}
 
 
 def process_tree_rss_kb(root_pid: int) -> int:
@@ -136,7 +119,7 @@ class StreamPool:
         with self.lock:
             self.results[request_id] = {"text": "", "finals": 0, "sent_at": time.monotonic(), "params": params,
                                         "prompt": prompt}
-        self.client.async_stream_infer("minedraft", inputs(prompt, params), request_id=request_id,
+        self.client.async_stream_infer("minedraft", stream_inputs(prompt, params), request_id=request_id,
                                        enable_empty_final_response=True)
 
     def wait(self, deadline_s: float) -> None:
@@ -209,7 +192,7 @@ def one_stream(server, prompt, params, cancel_after_chunks=None):
     responses = queue.Queue()
     client = grpcclient.InferenceServerClient(server.grpc_url)
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    client.async_stream_infer("minedraft", inputs(prompt, params), enable_empty_final_response=True)
+    client.async_stream_infer("minedraft", stream_inputs(prompt, params), enable_empty_final_response=True)
     chunks, outcome = 0, "hung"
     try:
         while True:
@@ -234,7 +217,7 @@ def one_stream(server, prompt, params, cancel_after_chunks=None):
 
 def test_cancellation_storm_leaves_nothing_behind(server, prompts):
     rng = random.Random(1)
-    before = metrics(server)
+    before = scrape_metrics(server)
     plans = [(prompts[i % len(prompts)], rng.randint(1, 12) if rng.random() < 0.5 else None) for i in range(200)]
     with ThreadPoolExecutor(24) as pool:
         outcomes = list(pool.map(lambda p: one_stream(server, p[0], {"max_tokens": 40, "temperature": 0,
@@ -244,7 +227,7 @@ def test_cancellation_storm_leaves_nothing_behind(server, prompts):
     cancelled = sum(1 for o, _ in outcomes if o == "cancelled")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        m = metrics(server)
+        m = scrape_metrics(server)
         if m["minedraft_requests_in_flight"] == 0 and m["minedraft_batch_size_a"] == m["minedraft_batch_size_b"] == 0:
             break
         time.sleep(0.2)
@@ -257,7 +240,7 @@ def test_cancellation_storm_leaves_nothing_behind(server, prompts):
 
 
 def test_killing_the_drafter_loses_no_request(server, prompts, demo_pair):
-    before = metrics(server).get("minedraft_drafter_failures_total", 0)
+    before = scrape_metrics(server).get("minedraft_drafter_failures_total", 0)
     pool = StreamPool(server, 32)
     for i in range(32):
         pool.submit(f"k{i}", prompts[i], {"max_tokens": 48, "temperature": 0, "ignore_eos": True})
@@ -273,14 +256,14 @@ def test_killing_the_drafter_loses_no_request(server, prompts, demo_pair):
     expected = engine.generate(prompts[:32], {"max_tokens": 48, "temperature": 0, "ignore_eos": True})
     engine.close()
     assert [pool.results[f"k{i}"]["text"] for i in range(32)] == [o.text_delta for o in expected]
-    assert metrics(server)["minedraft_drafter_failures_total"] > before
-    drafted_before = metrics(server)["minedraft_draft_tokens_total"]
+    assert scrape_metrics(server)["minedraft_drafter_failures_total"] > before
+    drafted_before = scrape_metrics(server)["minedraft_draft_tokens_total"]
     assert one_stream(server, prompts[1], {"max_tokens": 16, "temperature": 0})[0] == "final"
-    assert metrics(server)["minedraft_draft_tokens_total"] > drafted_before  # speculating again
+    assert scrape_metrics(server)["minedraft_draft_tokens_total"] > drafted_before  # speculating again
 
 
 def test_end_to_end_fuzz_never_takes_the_server_down(server, prompts):
-    from hypothesis import given, settings, strategies as st
+    from hypothesis import given, settings
     from test_request_parsing import SAMPLING_JSON, TEXT
 
     outcomes = []
@@ -292,9 +275,7 @@ def test_end_to_end_fuzz_never_takes_the_server_down(server, prompts):
         responses = queue.Queue()
         client = grpcclient.InferenceServerClient(server.grpc_url)
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
-        tensors = inputs(prompt, {})
-        tensors[2].set_data_from_numpy(np.array([[sampling.encode("utf-8", "replace")]], dtype=np.object_))
-        client.async_stream_infer("minedraft", tensors, enable_empty_final_response=True)
+        client.async_stream_infer("minedraft", stream_inputs(prompt, sampling), enable_empty_final_response=True)
         try:
             while True:
                 result, error = responses.get(timeout=FINAL_DEADLINE_S)

@@ -7,15 +7,15 @@ import time
 import urllib.error
 import urllib.request
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException
 
 from minedraft import Engine, EngineConfig
 from minedraft.launcher import TritonServer, free_port
 from minedraft.perf_analyzer import perf_analyzer_binary, perf_analyzer_env, write_input_data
 from minedraft.repository import write_repository
+from triton_helpers import scrape_metrics, stream_inputs
 
 pytestmark = pytest.mark.server
 PROMPTS = ["def add(a, b):\n    ", "class Stack:\n    def push(self, item):\n        ", "import os\n\ndef main():\n"]
@@ -45,25 +45,12 @@ def reference(demo_pair):
     return [o.text_delta for o in outs]
 
 
-def infer_inputs(prompt, params, stream=True):
-    def tensor(name, array):
-        t = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        t.set_data_from_numpy(array)
-        return t
-    inputs = [tensor("text_input", np.array([[prompt.encode()]], dtype=np.object_)),
-              tensor("stream", np.array([[stream]]))]
-    if params is not None:
-        raw = params if isinstance(params, str) else json.dumps(params)
-        inputs.append(tensor("sampling_parameters", np.array([[raw.encode()]], dtype=np.object_)))
-    return inputs
-
-
 def stream(server, prompt, params, cancel_after=None):
     """Returns (chunks, final outputs dict or None, error or None)."""
     results = queue.Queue()
     client = grpcclient.InferenceServerClient(server.grpc_url)
     client.start_stream(callback=lambda result, error: results.put((result, error)))
-    client.async_stream_infer("minedraft", infer_inputs(prompt, params), enable_empty_final_response=True)
+    client.async_stream_infer("minedraft", stream_inputs(prompt, params), enable_empty_final_response=True)
     chunks, final, error = [], None, None
     try:
         while True:
@@ -83,16 +70,6 @@ def stream(server, prompt, params, cancel_after=None):
         client.stop_stream(cancel_requests=cancel_after is not None)
         client.close()
     return chunks, final, error
-
-
-def metrics(server) -> dict:
-    text = urllib.request.urlopen(server.metrics_url).read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line.startswith("minedraft_") and "_bucket" not in line:
-            name, value = line.rsplit(" ", 1)
-            values[name.split("{")[0]] = float(value)
-    return values
 
 
 def post(server, path, body):
@@ -144,17 +121,17 @@ def test_sixteen_concurrent_streams_complete_and_batch(server, reference):
         t.join(timeout=300)
     for i, (chunks, final, error) in enumerate(results):
         assert error is None and "".join(chunks) == reference[i % 3]
-    assert metrics(server)["minedraft_max_verify_batch_size"] > 1
+    assert scrape_metrics(server)["minedraft_max_verify_batch_size"] > 1
 
 
 def test_cancelling_mid_stream_frees_the_slot(server, reference):
-    before = metrics(server).get("minedraft_requests_cancelled_total", 0)
+    before = scrape_metrics(server).get("minedraft_requests_cancelled_total", 0)
     chunks, _, _ = stream(server, PROMPTS[0], {"max_tokens": 900, "temperature": 0, "ignore_eos": True},
                           cancel_after=3)
     assert len(chunks) >= 3
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        m = metrics(server)
+        m = scrape_metrics(server)
         if m["minedraft_requests_cancelled_total"] > before and m["minedraft_requests_in_flight"] == 0:
             break
         time.sleep(0.2)
@@ -195,7 +172,7 @@ def test_server_is_the_tested_triton_release(server):
 
 
 def test_metrics_are_exposed(server):
-    m = metrics(server)
+    m = scrape_metrics(server)
     for name in ("minedraft_prompt_tokens_total", "minedraft_generation_tokens_total", "minedraft_draft_tokens_total",
                  "minedraft_accepted_tokens_total", "minedraft_time_to_first_token_seconds_count",
                  "minedraft_time_per_output_token_seconds_count", "minedraft_request_latency_seconds_count",

@@ -6,7 +6,6 @@ cancellation, so neither sits on the other's path. execute() blocks while the en
 full, which leaves queueing, queue policy and timeouts to Triton's dynamic batcher.
 """
 import json
-import logging
 import os
 import queue
 import threading
