@@ -41,6 +41,7 @@ class StepRecord:
     draft_size: int
     draft_span: tuple[float, float] | None
     num_draft_tokens: int
+    prefill_seconds: float  # target time spent on newcomers' prompts this step
 
 
 class Engine:
@@ -142,7 +143,9 @@ class Engine:
         outputs = self._apply_cancellations()
         with self._lock:
             admitted = self.scheduler.admit()
+        prefill_started = time.monotonic()
         self._prefill(admitted)
+        prefill_seconds = time.monotonic() - prefill_started
         plan = self.policy.plan(self.scheduler.batches)
         if plan is None:
             return outputs
@@ -157,7 +160,7 @@ class Engine:
         self.step_log.append(StepRecord(
             self.policy.name, plan.verify.slot, len(plan.verify), verify_span,
             plan.overlap.slot if plan.overlap else None, len(plan.overlap) if plan.overlap else 0,
-            draft_span, plan.num_draft_tokens))
+            draft_span, plan.num_draft_tokens, prefill_seconds))
         outputs += self._commit(plan.verify, drafts, accepted, next_tokens)
         return outputs
 
