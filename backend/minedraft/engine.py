@@ -10,6 +10,7 @@ Usable without Triton:
 """
 import logging
 import os
+import secrets
 import threading
 import time
 from collections import deque
@@ -61,7 +62,6 @@ class Engine:
         self.scheduler = Scheduler(batches)
         self._lock = threading.Lock()  # guards the waiting queue and cancellations, filled from other threads
         self._cancelled: set[str] = set()
-        self._seed_source = torch.Generator().manual_seed(torch.seed())
         self.step_log: deque[StepRecord] = deque(maxlen=4096)
         self.num_drafter_failures = 0
         self.fault_hook = None  # tests: called with each Sequence before its commit
@@ -105,7 +105,7 @@ class Engine:
         num_draft = self.policy.num_draft_tokens
         if params.num_draft_tokens is not None:
             num_draft = min(params.num_draft_tokens, num_draft)
-        seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seed_source))
+        seed = params.seed if params.seed is not None else secrets.randbits(62)
         seq = Sequence(request_id, prompt_ids, params, num_draft, torch.Generator().manual_seed(seed))
         with self._lock:
             if self.scheduler.find(request_id) is not None:

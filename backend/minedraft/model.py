@@ -18,6 +18,7 @@ from minedraft.config import EngineConfig
 from minedraft.engine import Engine
 from minedraft.request_parsing import parse_request
 from minedraft.sampling_params import InvalidRequest
+from minedraft.sequence import RequestOutput
 from minedraft.triton_metrics import EngineMetrics
 
 ENGINE_KEYS = ("target_model", "draft_model", "mode", "num_draft_tokens", "max_num_seqs", "max_model_len",
@@ -128,12 +129,12 @@ class TritonPythonModel:
             with self._lock:
                 self._work_ready.notify_all()  # slots may have freed up for a blocked execute()
 
-    def _fail_all(self, message: str):
+    def _fail_all(self, message: str) -> list[RequestOutput]:
         with self._lock:
             ids = list(self._in_flight)
         for request_id in ids:
             self.engine.cancel(request_id)
-        return [("error", request_id, message) for request_id in ids]
+        return [RequestOutput(request_id, [], "", True, "error", 0, 0, 0, 0, error=message) for request_id in ids]
 
     # -- responses out ----------------------------------------------------------------------------
     def _sender_loop(self) -> None:
@@ -146,10 +147,7 @@ class TritonPythonModel:
             if outputs is None:
                 return
             for output in outputs:
-                if isinstance(output, tuple):
-                    self._finish_with_error(output[1], output[2], pb_utils.TritonError.INTERNAL)
-                else:
-                    self._send(output)
+                self._send(output)
             self._poll_cancellations()
 
     def _send(self, output) -> None:
