@@ -77,7 +77,7 @@ class DraftModel:
         feeds = [r.feed[len(r.feed) - min(len(r.feed), 2):] for r in rows]
         logits = self.runner.forward(cache, slice(0, len(rows)), lens, feeds, last_only=True)
         lens = [n + len(f) for n, f in zip(lens, feeds)]
-        settings = self._settings(rows, k)
+        settings = _DraftSettings(rows, self.eos_token_id)
         uniforms = torch.tensor([r.uniforms[:k] for r in rows], dtype=torch.float32)
         ids, probs = [], []
         for j in range(k):
@@ -103,12 +103,11 @@ class DraftModel:
                 lens[i] += len(rows[i].feed) - 2
         return lens
 
-    def _settings(self, rows: list[DraftRow], k: int) -> "_DraftSettings":
-        return _DraftSettings(rows, k, self.eos_token_id)
-
 
 class _DraftSettings:
-    def __init__(self, rows: list[DraftRow], k: int, eos_token_id):
+    """The rows' sampling settings as tensors, built once per drafting call."""
+
+    def __init__(self, rows: list[DraftRow], eos_token_id):
         self.temperature = torch.tensor([r.temperature for r in rows], dtype=torch.float32)
         self.top_k = torch.tensor([r.top_k for r in rows])
         self.top_p = torch.tensor([r.top_p for r in rows], dtype=torch.float32)

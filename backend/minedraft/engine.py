@@ -62,6 +62,7 @@ class Engine:
         self.scheduler = Scheduler(batches)
         self._lock = threading.Lock()  # guards the waiting queue and cancellations, filled from other threads
         self._cancelled: set[str] = set()
+        self._in_flight: DraftWork | None = None  # the drafter's current work, between start and collect
         self.step_log: deque[StepRecord] = deque(maxlen=4096)
         self.num_drafter_failures = 0
         self.fault_hook = None  # tests: called with each Sequence before its commit
