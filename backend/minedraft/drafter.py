@@ -77,11 +77,11 @@ class DraftModel:
         feeds = [r.feed[len(r.feed) - min(len(r.feed), 2):] for r in rows]
         logits = self.runner.forward(cache, slice(0, len(rows)), lens, feeds, last_only=True)
         lens = [n + len(f) for n, f in zip(lens, feeds)]
-        settings = _DraftSettings(rows, self.eos_token_id)
+        sampling = sampler.RowSampling.for_rows(rows, [r.num_eos_blocked for r in rows], k, self.eos_token_id)
         uniforms = torch.tensor([r.uniforms[:k] for r in rows], dtype=torch.float32)
         ids, probs = [], []
         for j in range(k):
-            step_probs = sampler.processed_probs(logits[:, None].to("cpu"), settings.at(j))[:, 0]
+            step_probs = sampler.processed_probs(logits[:, None].to("cpu"), sampling.at(j))[:, 0]
             tokens = sampler.sample(step_probs, uniforms[:, j])
             ids.append(tokens)
             probs.append(step_probs)
@@ -102,21 +102,6 @@ class DraftModel:
             for i in long_rows:
                 lens[i] += len(rows[i].feed) - 2
         return lens
-
-
-class _DraftSettings:
-    """The rows' sampling settings as tensors, built once per drafting call."""
-
-    def __init__(self, rows: list[DraftRow], eos_token_id):
-        self.temperature = torch.tensor([r.temperature for r in rows], dtype=torch.float32)
-        self.top_k = torch.tensor([r.top_k for r in rows])
-        self.top_p = torch.tensor([r.top_p for r in rows], dtype=torch.float32)
-        self.blocked = torch.tensor([r.num_eos_blocked for r in rows])
-        self.eos_token_id = eos_token_id
-
-    def at(self, position: int) -> sampler.RowSampling:
-        return sampler.RowSampling(self.temperature, self.top_k, self.top_p,
-                                   (self.blocked > position)[:, None], self.eos_token_id)
 
 
 def build_draft_model(path: str, device: str, dtype: str, num_rows: int, capacity: int, eos_token_id):

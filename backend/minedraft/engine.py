@@ -269,14 +269,9 @@ class Engine:
         return sampler.verify(target_probs, draft_ids, draft_probs, num_drafts, accept_uniforms, resample_uniforms)
 
     def _row_sampling(self, seqs: list[Sequence], num_positions: int) -> sampler.RowSampling:
-        generated = torch.tensor([s.num_generated for s in seqs])
-        min_tokens = torch.tensor([s.params.min_tokens for s in seqs])
-        return sampler.RowSampling(
-            temperature=torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32),
-            top_k=torch.tensor([s.params.top_k for s in seqs]),
-            top_p=torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32),
-            eos_blocked=(generated[:, None] + torch.arange(num_positions)) < min_tokens[:, None],
-            eos_token_id=self.eos_token_id)
+        return sampler.RowSampling.for_rows([s.params for s in seqs],
+                                            [s.params.min_tokens - s.num_generated for s in seqs],
+                                            num_positions, self.eos_token_id)
 
     def _commit(self, batch: Batch, drafts: list[list[int]], accepted: torch.Tensor,
                 next_tokens: torch.Tensor) -> list[RequestOutput]:

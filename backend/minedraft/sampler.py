@@ -6,7 +6,7 @@ the draft's and the target's logits, so rejection sampling preserves the target'
 distribution is the one-hot argmax, which makes acceptance an exact token match and the
 residual the target's argmax, with no randomness involved.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -19,6 +19,21 @@ class RowSampling:
     top_p: torch.Tensor
     eos_blocked: torch.Tensor
     eos_token_id: int
+
+    @classmethod
+    def for_rows(cls, rows, num_eos_blocked: list[int], num_positions: int, eos_token_id) -> "RowSampling":
+        """`rows`: anything with temperature, top_k and top_p (SamplingParams, DraftRow). Row r masks
+        EOS at its first num_eos_blocked[r] positions (min_tokens)."""
+        blocked = torch.tensor(num_eos_blocked)
+        return cls(temperature=torch.tensor([r.temperature for r in rows], dtype=torch.float32),
+                   top_k=torch.tensor([r.top_k for r in rows]),
+                   top_p=torch.tensor([r.top_p for r in rows], dtype=torch.float32),
+                   eos_blocked=torch.arange(num_positions) < blocked[:, None],
+                   eos_token_id=eos_token_id)
+
+    def at(self, position: int) -> "RowSampling":
+        """The same settings for the single position `position`."""
+        return replace(self, eos_blocked=self.eos_blocked[:, position:position + 1])
 
 
 def processed_probs(logits: torch.Tensor, sampling: RowSampling) -> torch.Tensor:
