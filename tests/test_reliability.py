@@ -20,7 +20,8 @@ import tritonclient.grpc as grpcclient
 from minedraft import Engine, EngineConfig
 from minedraft.launcher import TritonServer, free_port
 from minedraft.repository import write_repository
-from triton_helpers import scrape_metrics, stream_inputs
+from minedraft.triton_metrics import read_metrics
+from triton_helpers import stream_inputs
 
 pytestmark = pytest.mark.server
 MAX_NUM_SEQS = 16
@@ -217,7 +218,7 @@ def one_stream(server, prompt, params, cancel_after_chunks=None):
 
 def test_cancellation_storm_leaves_nothing_behind(server, prompts):
     rng = random.Random(1)
-    before = scrape_metrics(server)
+    before = read_metrics(server.metrics_url)
     plans = [(prompts[i % len(prompts)], rng.randint(1, 12) if rng.random() < 0.5 else None) for i in range(200)]
     with ThreadPoolExecutor(24) as pool:
         outcomes = list(pool.map(lambda p: one_stream(server, p[0], {"max_tokens": 40, "temperature": 0,
@@ -227,7 +228,7 @@ def test_cancellation_storm_leaves_nothing_behind(server, prompts):
     cancelled = sum(1 for o, _ in outcomes if o == "cancelled")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        m = scrape_metrics(server)
+        m = read_metrics(server.metrics_url)
         if m["minedraft_requests_in_flight"] == 0 and m["minedraft_batch_size_a"] == m["minedraft_batch_size_b"] == 0:
             break
         time.sleep(0.2)
@@ -240,7 +241,7 @@ def test_cancellation_storm_leaves_nothing_behind(server, prompts):
 
 
 def test_killing_the_drafter_loses_no_request(server, prompts, demo_pair):
-    before = scrape_metrics(server).get("minedraft_drafter_failures_total", 0)
+    before = read_metrics(server.metrics_url).get("minedraft_drafter_failures_total", 0)
     pool = StreamPool(server, 32)
     for i in range(32):
         pool.submit(f"k{i}", prompts[i], {"max_tokens": 48, "temperature": 0, "ignore_eos": True})
@@ -256,10 +257,10 @@ def test_killing_the_drafter_loses_no_request(server, prompts, demo_pair):
     expected = engine.generate(prompts[:32], {"max_tokens": 48, "temperature": 0, "ignore_eos": True})
     engine.close()
     assert [pool.results[f"k{i}"]["text"] for i in range(32)] == [o.text_delta for o in expected]
-    assert scrape_metrics(server)["minedraft_drafter_failures_total"] > before
-    drafted_before = scrape_metrics(server)["minedraft_draft_tokens_total"]
+    assert read_metrics(server.metrics_url)["minedraft_drafter_failures_total"] > before
+    drafted_before = read_metrics(server.metrics_url)["minedraft_draft_tokens_total"]
     assert one_stream(server, prompts[1], {"max_tokens": 16, "temperature": 0})[0] == "final"
-    assert scrape_metrics(server)["minedraft_draft_tokens_total"] > drafted_before  # speculating again
+    assert read_metrics(server.metrics_url)["minedraft_draft_tokens_total"] > drafted_before  # speculating again
 
 
 def test_end_to_end_fuzz_never_takes_the_server_down(server, prompts):

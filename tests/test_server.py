@@ -15,7 +15,8 @@ from minedraft import Engine, EngineConfig
 from minedraft.launcher import TritonServer, free_port
 from minedraft.perf_analyzer import perf_analyzer_binary, perf_analyzer_env, write_input_data
 from minedraft.repository import write_repository
-from triton_helpers import scrape_metrics, stream_inputs
+from minedraft.triton_metrics import read_metrics
+from triton_helpers import stream_inputs
 
 pytestmark = pytest.mark.server
 PROMPTS = ["def add(a, b):\n    ", "class Stack:\n    def push(self, item):\n        ", "import os\n\ndef main():\n"]
@@ -121,17 +122,17 @@ def test_sixteen_concurrent_streams_complete_and_batch(server, reference):
         t.join(timeout=300)
     for i, (chunks, final, error) in enumerate(results):
         assert error is None and "".join(chunks) == reference[i % 3]
-    assert scrape_metrics(server)["minedraft_max_verify_batch_size"] > 1
+    assert read_metrics(server.metrics_url)["minedraft_max_verify_batch_size"] > 1
 
 
 def test_cancelling_mid_stream_frees_the_slot(server, reference):
-    before = scrape_metrics(server).get("minedraft_requests_cancelled_total", 0)
+    before = read_metrics(server.metrics_url).get("minedraft_requests_cancelled_total", 0)
     chunks, _, _ = stream(server, PROMPTS[0], {"max_tokens": 900, "temperature": 0, "ignore_eos": True},
                           cancel_after=3)
     assert len(chunks) >= 3
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        m = scrape_metrics(server)
+        m = read_metrics(server.metrics_url)
         if m["minedraft_requests_cancelled_total"] > before and m["minedraft_requests_in_flight"] == 0:
             break
         time.sleep(0.2)
@@ -172,7 +173,7 @@ def test_server_is_the_tested_triton_release(server):
 
 
 def test_metrics_are_exposed(server):
-    m = scrape_metrics(server)
+    m = read_metrics(server.metrics_url)
     for name in ("minedraft_prompt_tokens_total", "minedraft_generation_tokens_total", "minedraft_draft_tokens_total",
                  "minedraft_accepted_tokens_total", "minedraft_time_to_first_token_seconds_count",
                  "minedraft_time_per_output_token_seconds_count", "minedraft_request_latency_seconds_count",

@@ -1,6 +1,5 @@
 """Client-side helpers shared by the tests that talk to a real tritonserver."""
 import json
-import urllib.request
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -20,9 +19,3 @@ def stream_inputs(prompt: str, params, stream: bool = True) -> list:
         tensors.append(tensor("sampling_parameters", np.array([[raw.encode("utf-8", "replace")]], dtype=np.object_)))
     return tensors
 
-
-def scrape_metrics(server) -> dict:
-    """minedraft_* values from :8002/metrics (histogram buckets left out)."""
-    text = urllib.request.urlopen(server.metrics_url).read().decode()
-    return {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith("minedraft_") and "_bucket" not in line}

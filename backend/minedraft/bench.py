@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from .bench_engine import engine_for, load_prompts, measure
@@ -23,6 +22,7 @@ from .config import DEFAULT_MODEL_DIR
 from .launcher import TritonServer, free_port
 from .perf_analyzer import perf_analyzer_binary, perf_analyzer_env, write_input_data
 from .repository import write_repository
+from .triton_metrics import read_metrics
 
 # Set-ups: (model name, mode, parameters). Cores: 0 and 1 of the machine's first two.
 SETUPS = {
@@ -42,13 +42,6 @@ def build_repository(root: Path, setups: list[str], max_num_seqs: int, max_draft
     models = {SETUPS[s][0]: {**SETUPS[s][1], **weights, "max_num_seqs": max_num_seqs, "num_draft_tokens": max_draft}
               for s in setups}
     return write_repository(root, models, max_batch_size=2 * max_num_seqs, queue_size=1024)
-
-
-def scrape_counters(server: TritonServer, model: str) -> dict:
-    text = urllib.request.urlopen(server.metrics_url).read().decode()
-    label = f'model="{model}"'
-    return {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith("minedraft_") and label in line and "_total" in line}
 
 
 def run_perf_analyzer(server, model, data: Path, concurrency: int, export: Path, window_requests: int) -> None:
@@ -110,9 +103,9 @@ def measure_server(server, setup, k, concurrency, prompts, max_tokens, workdir: 
         params["num_draft_tokens"] = k
     data = write_input_data(workdir / f"input_k{k}.json", prompts, params)
     export = workdir / f"{model}_k{k}_c{concurrency}.json"
-    before = scrape_counters(server, model)
+    before = read_metrics(server.metrics_url, model)
     run_perf_analyzer(server, model, data, concurrency, export, window_requests=max(concurrency, 4))
-    after = scrape_counters(server, model)
+    after = read_metrics(server.metrics_url, model)
     drafted = after.get("minedraft_draft_tokens_total", 0) - before.get("minedraft_draft_tokens_total", 0)
     accepted = after.get("minedraft_accepted_tokens_total", 0) - before.get("minedraft_accepted_tokens_total", 0)
     row = {"setup": setup, "model": model, "num_draft_tokens": k,

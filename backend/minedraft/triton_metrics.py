@@ -1,4 +1,5 @@
-"""Prometheus metrics through Triton's pb_utils.MetricFamily (served on :8002/metrics)."""
+"""Prometheus metrics through Triton's pb_utils.MetricFamily (served on :8002/metrics), and a reader."""
+import urllib.request
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
 
@@ -70,3 +71,12 @@ class EngineMetrics:
 
     def observe_aborted(self, cancelled: bool) -> None:
         (self.requests_cancelled if cancelled else self.requests_aborted).increment(1)
+
+
+def read_metrics(metrics_url: str, model: str | None = None) -> dict[str, float]:
+    """minedraft_* values from a server's metrics page, histogram buckets left out; only
+    `model`'s series when given (one server may serve several minedraft models)."""
+    text = urllib.request.urlopen(metrics_url).read().decode()
+    label = f'model="{model}"' if model else ""
+    return {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("minedraft_") and "_bucket" not in line and label in line}
