@@ -43,6 +43,10 @@ def main(argv=None) -> int:
     from .bench import bench, main_args
     main_args(b)
     b.set_defaults(run=bench)
+    s = commands.add_parser("simulate", help="predict AR/SD/PSD/flex throughput and latency from step costs")
+    from .simulate import main_args as simulate_args, simulate
+    simulate_args(s)
+    s.set_defaults(run=simulate)
     args = parser.parse_args(argv)
     return args.run(args)
 

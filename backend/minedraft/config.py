@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .model_runner import DTYPES
 
-MODES = ("ar", "sd", "psd")
+MODES = ("ar", "sd", "psd", "flex")
 DRAFTER_KINDS = ("auto", "inline", "process")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "model_repository" / "minedraft" / "1"
 
@@ -19,8 +19,11 @@ class EngineConfig:
     target_model: str = str(DEFAULT_MODEL_DIR / "target")
     draft_model: str = str(DEFAULT_MODEL_DIR / "draft")
     mode: str = "psd"
-    num_draft_tokens: int = 4
-    max_num_seqs: int = 16  # per internal batch: psd holds twice this many in flight
+    num_draft_tokens: int = 4  # flex: the longest draft it may choose
+    # FlexDraft's cut: a row stops drafting once the product of the draft's top-1 probabilities
+    # falls below this (0: never). Any value is lossless; it only trades draft and verify work.
+    draft_confidence_threshold: float = 0.0
+    max_num_seqs: int = 16  # per internal batch: psd and flex hold twice this many in flight
     max_model_len: int = 1024
     target_device: str = "cpu"
     draft_device: str = "cpu"
@@ -54,6 +57,10 @@ class EngineConfig:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not 0 <= self.num_draft_tokens <= 16:
             raise ConfigError(f"num_draft_tokens must be in [0, 16], got {self.num_draft_tokens}")
+        if self.mode == "flex" and self.num_draft_tokens == 0:
+            raise ConfigError("mode flex needs num_draft_tokens >= 1: it is the longest draft flex may choose")
+        if not 0 <= self.draft_confidence_threshold < 1:
+            raise ConfigError(f"draft_confidence_threshold must be in [0, 1), got {self.draft_confidence_threshold}")
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_model_len < 2:
@@ -74,13 +81,13 @@ class EngineConfig:
 
     @property
     def num_batches(self) -> int:
-        return 2 if self.mode == "psd" else 1
+        return 2 if self.mode in ("psd", "flex") else 1
 
     @property
     def drafter_kind(self) -> str:
         if self.drafter != "auto":
             return self.drafter
-        overlaps_on_cpu = self.mode == "psd" and self.draft_device == "cpu"
+        overlaps_on_cpu = self.mode in ("psd", "flex") and self.draft_device == "cpu"
         return "process" if overlaps_on_cpu else "inline"
 
     def cpu_split(self) -> tuple[set[int], set[int]]:

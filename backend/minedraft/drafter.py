@@ -27,6 +27,11 @@ from . import sampler
 from .model_runner import ModelRunner, load_model
 
 NUM_BATCH_SLOTS = 2
+# Both sides poll the pipe this long before blocking on it. A blocked virtual CPU halts, and
+# waking it costs more than latency: measured here, an SD step whose two sides blocked in
+# turn ran its verify 26 % and its drafts 48 % slower (cold caches after the halt). Beyond
+# this, an idle server's drafter sleeps.
+SPIN_SECONDS = 0.05
 
 
 class DrafterError(RuntimeError):
@@ -42,6 +47,7 @@ class DraftRow:
     top_p: float
     num_eos_blocked: int  # leading draft positions where EOS is masked (min_tokens)
     uniforms: list[float]  # one per drafted position; drawn by the engine from the request's RNG
+    max_tokens: int  # this row's draft length cap
 
 
 @dataclass
@@ -49,7 +55,16 @@ class DraftWork:
     batch_slot: int
     moves: list[tuple[int, int, int]]  # (src row, dst row, length) applied to the cache first
     rows: list[DraftRow]
-    num_tokens: int
+    num_tokens: int  # the longest row cap: draft steps at most
+    confidence_threshold: float = 0.0  # FlexDraft's cut: 0 drafts every row to its cap
+
+
+@dataclass
+class Drafts:
+    ids: torch.Tensor  # [b, steps]; the draft cache holds the first steps - 1 of them
+    probs: torch.Tensor  # [b, steps, V]
+    lengths: list[int]  # tokens proposed per row (<= steps); the rest of the row is unused
+    catch_up_seconds: float  # of the run, spent feeding rows' long backlogs (newcomers, after AR steps)
 
 
 class DraftModel:
@@ -61,35 +76,53 @@ class DraftModel:
         self.caches = [runner.new_cache() for _ in range(NUM_BATCH_SLOTS)]
         self.last_span = (0.0, 0.0)  # monotonic start and end of the last run (shared clock across processes)
 
-    def run(self, work: DraftWork) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns draft ids [b, k] and probabilities [b, k, V]; `last_span` times it."""
+    def run(self, work: DraftWork) -> Drafts:
+        """Drafts every row up to its cap, or until its confidence runs out; `last_span` times it."""
         started = time.monotonic()
-        ids, probs = self._draft(work)
+        drafts = self._draft(work)
         self.last_span = (started, time.monotonic())
-        return ids, probs
+        return drafts
 
-    def _draft(self, work: DraftWork) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draft(self, work: DraftWork) -> Drafts:
         cache = self.caches[work.batch_slot]
         for src, dst, length in work.moves:
             cache.move_row(src, dst, length)
         rows, k = work.rows, work.num_tokens
+        catch_up_started = time.monotonic()
         lens = self._prefill_long_feeds(cache, rows)
+        catch_up_seconds = time.monotonic() - catch_up_started
         feeds = [r.feed[len(r.feed) - min(len(r.feed), 2):] for r in rows]
         logits = self.runner.forward(cache, slice(0, len(rows)), lens, feeds, last_only=True)
         lens = [n + len(f) for n, f in zip(lens, feeds)]
         sampling = sampler.RowSampling.for_rows(rows, [r.num_eos_blocked for r in rows], k, self.eos_token_id)
         uniforms = torch.tensor([r.uniforms[:k] for r in rows], dtype=torch.float32)
+        caps = torch.tensor([r.max_tokens for r in rows])
+        lengths = torch.zeros(len(rows), dtype=torch.long)
+        confidence = torch.ones(len(rows))
+        drafting = caps > 0
         ids, probs = [], []
         for j in range(k):
-            step_probs = sampler.processed_probs(logits[:, None].to("cpu"), sampling.at(j))[:, 0]
+            logits = logits.to("cpu")
+            step_probs = sampler.processed_probs(logits[:, None], sampling.at(j))[:, 0]
             tokens = sampler.sample(step_probs, uniforms[:, j])
             ids.append(tokens)
             probs.append(step_probs)
-            if j + 1 < k:  # the last draft never needs to be fed: its successor is the target's
-                logits = self.runner.forward(cache, slice(0, len(rows)), lens, [[t] for t in tokens.tolist()],
-                                             last_only=True)
-                lens = [n + 1 for n in lens]
-        return torch.stack(ids, 1), torch.stack(probs, 1)
+            # FlexDraft's cut on the draft's own (untempered) top-1 probabilities, so that greedy
+            # rows, whose processed distribution is one-hot, are cut alike. Every row keeps its first
+            # token: the step that drew it is paid for. Any cut is lossless: it depends on the
+            # draft alone, and the target then samples the next token itself.
+            confidence *= logits.softmax(-1).amax(-1)
+            drafting &= (confidence >= work.confidence_threshold) | (j == 0)
+            lengths[drafting] = j + 1
+            drafting &= caps > j + 1
+            if not drafting.any():  # the last draft never needs to be fed: its successor is the target's
+                break
+            logits = self.runner.forward(cache, slice(0, len(rows)), lens, [[t] for t in tokens.tolist()],
+                                         last_only=True)
+            lens = [n + 1 for n in lens]
+        steps = int(lengths.max())  # a token drawn after every row stopped is no one's draft
+        return Drafts(torch.stack(ids, 1)[:, :steps], torch.stack(probs, 1)[:, :steps], lengths.tolist(),
+                      catch_up_seconds)
 
     def _prefill_long_feeds(self, cache, rows: list[DraftRow]) -> list[int]:
         """Rows that just joined feed their whole context: run it as a sub-batch so that the
@@ -122,15 +155,15 @@ class InlineDrafter:
     def start(self, work: DraftWork) -> None:
         self._pending = self._executor.submit(self._run, work)
 
-    def _run(self, work: DraftWork):
+    def _run(self, work: DraftWork) -> Drafts:
         if self._stream is None:
             return self.draft_model.run(work)
         with torch.cuda.stream(self._stream):
-            ids, probs = self.draft_model.run(work)
+            drafts = self.draft_model.run(work)
         self._stream.synchronize()
-        return ids, probs
+        return drafts
 
-    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def finish(self) -> Drafts:
         pending, self._pending = self._pending, None
         try:
             result = pending.result()
@@ -181,14 +214,15 @@ class ProcessDrafter:
         except (BrokenPipeError, OSError) as exc:
             raise DrafterError(f"drafter process is gone: {exc}") from exc
 
-    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def finish(self) -> Drafts:
         work, self._work = self._work, None
-        self.last_span = self._expect_reply("drafting")
-        b, k = len(work.rows), work.num_tokens
-        return self.ids[work.batch_slot, :b, :k], self.probs[work.batch_slot, :b, :k]
+        self.last_span, lengths, catch_up_seconds = self._expect_reply("drafting")
+        b, steps = len(work.rows), max(lengths)
+        return Drafts(self.ids[work.batch_slot, :b, :steps], self.probs[work.batch_slot, :b, :steps], lengths,
+                      catch_up_seconds)
 
     def _expect_reply(self, what: str):
-        while not self._conn.poll(0.5):
+        while not wait_readable(self._conn, 0.5):
             if self.process.poll() is not None:
                 raise DrafterError(f"drafter process died while {what} (exit code {self.process.returncode})")
         try:
@@ -221,6 +255,16 @@ class ProcessDrafter:
         for shm in (self._ids_shm, self._probs_shm):
             shm.close()
             shm.unlink()
+
+
+def wait_readable(conn: Connection, timeout: float) -> bool:
+    """conn.poll(timeout), busy for the first SPIN_SECONDS (yielding to any other runnable thread)."""
+    deadline = time.monotonic() + SPIN_SECONDS
+    while time.monotonic() < deadline:
+        if conn.poll(0):
+            return True
+        os.sched_yield()
+    return conn.poll(timeout)
 
 
 def python_executable() -> str:

@@ -9,7 +9,7 @@ from multiprocessing.shared_memory import SharedMemory
 
 import torch
 
-from .drafter import build_draft_model
+from .drafter import build_draft_model, wait_readable
 
 
 def _attach(name: str) -> SharedMemory:
@@ -37,17 +37,19 @@ def _worker_main(spec: dict) -> None:
         return
     while True:
         try:
+            while not wait_readable(conn, None):
+                pass
             work = conn.recv()
         except EOFError:
             break
         if work is None:
             break
         try:
-            draft_ids, draft_probs = draft_model.run(work)
-            b, k = draft_ids.shape
-            ids[work.batch_slot, :b, :k] = draft_ids
-            probs[work.batch_slot, :b, :k] = draft_probs
-            conn.send(("ok", draft_model.last_span))
+            drafts = draft_model.run(work)
+            b, steps = drafts.ids.shape
+            ids[work.batch_slot, :b, :steps] = drafts.ids
+            probs[work.batch_slot, :b, :steps] = drafts.probs
+            conn.send(("ok", (draft_model.last_span, drafts.lengths, drafts.catch_up_seconds)))
         except Exception:
             conn.send(("error", traceback.format_exc()))
     del ids, probs

@@ -21,9 +21,12 @@ from transformers import AutoConfig, AutoTokenizer
 
 from . import sampler
 from .config import ConfigError, EngineConfig
+from .calibration import measure_step_costs
+from .cost_model import Choice
 from .drafter import DraftRow, DraftWork, DrafterError, InlineDrafter, ProcessDrafter, build_draft_model
+from .flex import FlexPolicy
 from .model_runner import ModelRunner, load_model
-from .policy import StepPlan, make_policy
+from .policy import Policy, StepPlan
 from .sampling_params import InvalidRequest, SamplingParams
 from .scheduler import Batch, Scheduler
 from .sequence import RequestOutput, Sequence
@@ -33,38 +36,45 @@ log = logging.getLogger("minedraft")
 
 @dataclass
 class StepRecord:
-    """Timing of one step, kept for metrics and for the overlap test."""
-    policy: str
+    """Timing of one step, kept for metrics, for flex's cost estimates and for the overlap test."""
+    mode: str  # what the step did: "ar", "sd" or "psd"
     verify_slot: int
     verify_size: int
     verify_span: tuple[float, float]
-    draft_slot: int | None
+    verified_drafts: int  # the longest row's drafts in the verification (its forward's width - 1)
+    draft_slot: int | None  # the batch drafted alongside the verification (PSD)
     draft_size: int
     draft_span: tuple[float, float] | None
-    num_draft_tokens: int
+    num_draft_tokens: int  # the step's cap on drafts per row
     prefill_seconds: float  # target time spent on newcomers' prompts this step
+    commit_seconds: float  # booking, detokenising and output building for the verified rows
+    # Every drafting this step: (rows, steps, seconds less catch-up, whether it ran beside verification).
+    draft_runs: list[tuple[int, int, float, bool]]
 
 
 class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.policy = make_policy(config.mode, config.num_draft_tokens)
         self.tokenizer = AutoTokenizer.from_pretrained(config.target_model)
         self.eos_token_id = self.tokenizer.eos_token_id
         target_cpus, draft_cpus = config.cpu_split() if config.target_device == "cpu" else (set(), set())
         capacity = config.max_model_len + config.num_draft_tokens + 2
-        self.drafter = self._start_drafter(capacity, draft_cpus) if self.policy.num_draft_tokens else None
+        drafts = config.mode != "ar" and config.num_draft_tokens > 0
+        self.drafter = self._start_drafter(capacity, draft_cpus) if drafts else None
         self._pin_target(target_cpus)
         target = load_model(config.target_model, config.target_device, config.dtype)
         _check_context(target.config, config)
         self.target = ModelRunner(target, config.max_num_seqs, capacity)
         batches = [Batch(slot, self.target.new_cache(), config.max_num_seqs) for slot in range(config.num_batches)]
         self.scheduler = Scheduler(batches)
+        self.policy = self._make_policy()
         self._lock = threading.Lock()  # guards the waiting queue and cancellations, filled from other threads
         self._cancelled: set[str] = set()
-        self._in_flight: DraftWork | None = None  # the drafter's current work, between start and collect
         self.step_log: deque[StepRecord] = deque(maxlen=4096)
         self.num_drafter_failures = 0
+        self.steps_by_mode = {"ar": 0, "sd": 0, "psd": 0}
+        self.acceptance_prior = 0.5  # a newcomer's alpha before its first verification: the running mean
+        self._draft_runs: list[tuple[int, int, float, bool]] = []
         self.fault_hook = None  # tests: called with each Sequence before its commit
 
     # -- set-up -------------------------------------------------------------------------------
@@ -80,6 +90,16 @@ class Engine:
         model = build_draft_model(cfg.draft_model, cfg.draft_device, cfg.dtype, cfg.max_num_seqs, capacity,
                                   self.eos_token_id)
         return InlineDrafter(model)
+
+    def _make_policy(self) -> Policy:
+        cfg = self.config
+        if cfg.mode != "flex":
+            return Policy(Choice(cfg.mode, cfg.num_draft_tokens if cfg.mode != "ar" else 0))
+        batch = self.scheduler.batches[0]
+        costs = measure_step_costs(self.target, batch.target_cache, self.drafter, cfg.num_draft_tokens,
+                                   cfg.max_num_seqs, self.eos_token_id)
+        log.info("flex calibration: %s", costs.to_json())
+        return FlexPolicy(cfg.num_draft_tokens, costs, cfg.max_num_seqs)
 
     def _pin_target(self, cpus: set[int]) -> None:
         """Size the target's thread pool to its share of cores. The affinity is only set when
@@ -103,11 +123,12 @@ class Engine:
         prompt_ids = self._encode(prompt)
         if len(prompt_ids) >= self.config.max_model_len:
             raise InvalidRequest(f"prompt has {len(prompt_ids)} tokens; max_model_len is {self.config.max_model_len}")
-        num_draft = self.policy.num_draft_tokens
+        num_draft = self.policy.max_draft_tokens
         if params.num_draft_tokens is not None:
             num_draft = min(params.num_draft_tokens, num_draft)
         seed = params.seed if params.seed is not None else secrets.randbits(62)
-        seq = Sequence(request_id, prompt_ids, params, num_draft, torch.Generator().manual_seed(seed))
+        seq = Sequence(request_id, prompt_ids, params, num_draft, torch.Generator().manual_seed(seed),
+                       self.acceptance_prior)
         with self._lock:
             if self.scheduler.find(request_id) is not None:
                 raise InvalidRequest(f"request id {request_id!r} is already in flight")
@@ -143,26 +164,33 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         outputs = self._apply_cancellations()
         with self._lock:
-            admitted = self.scheduler.admit()
+            admitted = self.scheduler.admit(split=self.policy.splits_batches)
         prefill_started = time.monotonic()
         self._prefill(admitted)
         prefill_seconds = time.monotonic() - prefill_started
         plan = self.policy.plan(self.scheduler.batches)
         if plan is None:
             return outputs
+        self._draft_runs = []
         draft_span = self._draft_for(plan)
         verify_started = time.monotonic()
         # Snapshot the drafts being verified: a drafter failure below forgets every seq's drafts.
         drafts = [seq.draft_ids for seq in plan.verify.seqs]
+        verified_drafts = max(map(len, drafts))
         accepted, next_tokens = self._verify(plan.verify)
         verify_span = (verify_started, time.monotonic())
         if plan.overlap is not None and self.drafter is not None:
-            draft_span = self._collect_drafts(plan.overlap) or draft_span
-        self.step_log.append(StepRecord(
-            self.policy.name, plan.verify.slot, len(plan.verify), verify_span,
-            plan.overlap.slot if plan.overlap else None, len(plan.overlap) if plan.overlap else 0,
-            draft_span, plan.num_draft_tokens, prefill_seconds))
+            draft_span = self._collect_drafts(plan.overlap, overlapped=True) or draft_span
+        verify_size = len(plan.verify)
+        commit_started = time.monotonic()
         outputs += self._commit(plan.verify, drafts, accepted, next_tokens)
+        record = StepRecord(
+            plan.mode, plan.verify.slot, verify_size, verify_span, verified_drafts,
+            plan.overlap.slot if plan.overlap else None, len(plan.overlap) if plan.overlap else 0,
+            draft_span, plan.num_draft_tokens, prefill_seconds, time.monotonic() - commit_started, self._draft_runs)
+        self.step_log.append(record)
+        self.steps_by_mode[plan.mode] += 1
+        self.policy.observe(record)
         return outputs
 
     def _draft_for(self, plan: StepPlan):
@@ -172,14 +200,14 @@ class Engine:
             return None
         span = None
         if not plan.verify.is_drafted:
-            if self._start_draft(plan.verify):
+            if self._start_draft(plan.verify, plan.num_draft_tokens):
                 span = self._collect_drafts(plan.verify)
-        if plan.overlap is not None and not self._start_draft(plan.overlap):
+        if plan.overlap is not None and not self._start_draft(plan.overlap, plan.num_draft_tokens):
             plan.overlap = None
         return span
 
-    def _start_draft(self, batch: Batch) -> bool:
-        work = self._draft_work(batch)
+    def _start_draft(self, batch: Batch, step_cap: int) -> bool:
+        work = self._draft_work(batch, step_cap)
         if work is None:
             return False
         try:
@@ -187,36 +215,37 @@ class Engine:
         except DrafterError as exc:
             self._on_drafter_failure(exc)
             return False
-        self._in_flight = work
         return True
 
-    def _draft_work(self, batch: Batch) -> DraftWork | None:
-        num_tokens = max(seq.draft_budget(self.config.max_model_len) for seq in batch.seqs)
+    def _draft_work(self, batch: Batch, step_cap: int) -> DraftWork | None:
+        caps = [seq.draft_budget(self.config.max_model_len, step_cap) for seq in batch.seqs]
+        num_tokens = max(caps)
         if num_tokens == 0:
             return None
         rows = [DraftRow(cached_len=seq.draft_cached, feed=seq.token_ids[seq.draft_cached:],
                          temperature=seq.params.temperature, top_k=seq.params.top_k, top_p=seq.params.top_p,
                          num_eos_blocked=max(0, seq.params.min_tokens - seq.num_generated),
-                         uniforms=seq.uniforms(num_tokens).tolist())
-                for seq in batch.seqs]
-        work = DraftWork(batch.slot, list(batch.draft_moves), rows, num_tokens)
+                         uniforms=seq.uniforms(num_tokens).tolist(), max_tokens=cap)
+                for seq, cap in zip(batch.seqs, caps)]
+        work = DraftWork(batch.slot, list(batch.draft_moves), rows, num_tokens, self.config.draft_confidence_threshold)
         batch.draft_moves.clear()
         return work
 
-    def _collect_drafts(self, batch: Batch):
-        work, self._in_flight = self._in_flight, None
+    def _collect_drafts(self, batch: Batch, overlapped: bool = False):
         try:
-            ids, probs = self.drafter.finish()
+            drafts = self.drafter.finish()
         except DrafterError as exc:
             self._on_drafter_failure(exc)
             return None
-        for row, seq in enumerate(batch.seqs):
-            budget = seq.draft_budget(self.config.max_model_len)
-            seq.draft_ids = ids[row, :budget].tolist()
-            seq.draft_probs = probs[row, :budget]
+        steps = drafts.ids.size(1)
+        for row, (seq, length) in enumerate(zip(batch.seqs, drafts.lengths)):
+            seq.draft_ids = drafts.ids[row, :length].tolist()
+            seq.draft_probs = drafts.probs[row, :length]
             seq.draft_cached = len(seq.token_ids)
-            seq.draft_extent = work.num_tokens - 1
+            seq.draft_extent = steps - 1
         batch.is_drafted = True
+        started, ended = self.drafter.last_span
+        self._draft_runs.append((len(batch), steps, ended - started - drafts.catch_up_seconds, overlapped))
         return self.drafter.last_span
 
     def _on_drafter_failure(self, exc: Exception) -> None:
@@ -296,6 +325,9 @@ class Engine:
         """Book the verification's result; returns the tokens kept (up to a finishing one)."""
         seq.num_drafted += num_drafted
         seq.num_accepted += num_accepted
+        seq.acceptance.update(num_drafted, num_accepted)
+        if num_drafted:
+            self.acceptance_prior += 0.2 * (seq.acceptance.value - self.acceptance_prior)
         seq.target_cached = len(seq.token_ids) + num_accepted
         seq.draft_cached += min(num_accepted, seq.draft_extent)
         seq.draft_ids, seq.draft_probs, seq.draft_extent = [], None, 0

@@ -1,27 +1,41 @@
 """Decoding policies over the one step loop: each step verifies one batch, and may draft
-another batch at the same time. AR, SD and MineDraft's PSD differ only in these choices."""
+another batch at the same time. AR, SD and MineDraft's PSD differ only in these choices;
+flex (flex.py) makes the choice anew every step."""
 from dataclasses import dataclass
 
+from .cost_model import Choice
 from .scheduler import Batch
 
 
 @dataclass
 class StepPlan:
+    mode: str  # "ar", "sd" or "psd": what this step does
     verify: Batch
     num_draft_tokens: int  # the server's cap for this step; 0: target only
     overlap: Batch | None  # drafted while `verify` is verified
 
 
 class Policy:
-    """`num_batches` 1 and k 0 is AR; 1 and k > 0 is SD; 2 with overlap is PSD."""
+    """A fixed choice: AR (k = 0), SD(k), or PSD(k) over two batches."""
 
-    def __init__(self, name: str, num_draft_tokens: int, num_batches: int):
-        self.name = name
-        self.num_draft_tokens = num_draft_tokens
-        self.num_batches = num_batches
+    def __init__(self, choice: Choice):
+        self.name = choice.mode
+        self.choice = choice
+        self.max_draft_tokens = choice.k
         self._last_verified = -1
 
+    @property
+    def splits_batches(self) -> bool:
+        """Whether newcomers should balance the two batches (PSD) or fill the first one."""
+        return self.choice.mode == "psd"
+
     def plan(self, batches: list[Batch]) -> StepPlan | None:
+        return self.plan_choice(batches, self.choice)
+
+    def observe(self, record) -> None:
+        """A fixed policy learns nothing from the step just run."""
+
+    def plan_choice(self, batches: list[Batch], choice: Choice) -> StepPlan | None:
         live = [b for b in batches if b.seqs]
         if not live:
             return None
@@ -31,13 +45,5 @@ class Policy:
         self._last_verified = verify.slot
         # PSD: draft the other batch meanwhile. With one live batch it falls back to sequential.
         other = next((b for b in live if b is not verify and not b.is_drafted), None)
-        overlap = other if self.num_batches > 1 and self.num_draft_tokens > 0 else None
-        return StepPlan(verify, self.num_draft_tokens, overlap)
-
-
-def make_policy(mode: str, num_draft_tokens: int) -> Policy:
-    if mode == "ar":
-        return Policy("ar", 0, 1)
-    if mode == "sd":
-        return Policy("sd", num_draft_tokens, 1)
-    return Policy("psd", num_draft_tokens, 2)
+        overlap = other if choice.mode == "psd" and choice.k > 0 else None
+        return StepPlan(choice.mode, verify, choice.k, overlap)

@@ -46,13 +46,16 @@ class Scheduler:
     def capacity(self) -> int:
         return sum(b.capacity for b in self.batches)
 
-    def admit(self) -> list[tuple[Sequence, Batch]]:
-        """Move waiting requests into the smaller batch while there is room."""
+    def admit(self, split: bool = True) -> list[tuple[Sequence, Batch]]:
+        """Move waiting requests into the smaller batch (`split`, PSD's layout) or into the first
+        batch with room (one big batch for SD and AR), while there is room. Flex changes the
+        layout only through admission: requests never move between batches' caches."""
         admitted = []
         while self.waiting:
-            batch = min(self.batches, key=len)
-            if len(batch) >= batch.capacity:
+            open_batches = [b for b in self.batches if len(b) < b.capacity]
+            if not open_batches:
                 break
+            batch = min(open_batches, key=len) if split else open_batches[0]
             seq = self.waiting.popleft()
             batch.add(seq)
             admitted.append((seq, batch))

@@ -22,9 +22,34 @@ class RequestOutput:
     error: str | None = None
 
 
+class AcceptanceEstimate:
+    """A request's per-draft-token acceptance rate alpha, as a moving average.
+
+    Under the usual geometric model a verification of n drafts with a accepted saw a
+    successes in a + 1 trials (a trials when all n passed). Successes and trials are decayed
+    sums, started with `prior_trials` pseudo-trials at the engine's running mean: a newcomer's
+    few verifications are noisy, and goodput is convex in alpha, so unshrunk estimates
+    would over-reward long drafts."""
+
+    def __init__(self, prior: float, prior_trials: float = 4.0, decay: float = 0.8):
+        self.successes = prior * prior_trials
+        self.trials = prior_trials
+        self.decay = decay
+
+    def update(self, num_drafted: int, num_accepted: int) -> None:
+        if num_drafted == 0:
+            return
+        self.successes = self.decay * self.successes + num_accepted
+        self.trials = self.decay * self.trials + num_accepted + (num_accepted < num_drafted)
+
+    @property
+    def value(self) -> float:
+        return self.successes / self.trials
+
+
 class Sequence:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, num_draft_tokens: int,
-                 generator: torch.Generator):
+                 generator: torch.Generator, acceptance_prior: float = 0.5):
         self.request_id = request_id
         self.params = params
         self.token_ids = list(prompt_ids)
@@ -41,6 +66,7 @@ class Sequence:
         self.draft_extent = 0  # drafted tokens the draft cache holds beyond token_ids
         self.num_drafted = 0
         self.num_accepted = 0
+        self.acceptance = AcceptanceEstimate(acceptance_prior)
         self.finish_reason: str | None = None
         self.text = ""
         self.num_text_sent = 0
@@ -51,11 +77,11 @@ class Sequence:
     def num_generated(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
-    def draft_budget(self, max_model_len: int) -> int:
-        """Drafts worth proposing: verification always adds one token of its own, so no more
-        than the room left before max_tokens or the context limit, minus one."""
+    def draft_budget(self, max_model_len: int, step_cap: int) -> int:
+        """Drafts worth proposing this step: verification always adds one token of its own, so no
+        more than the room left before max_tokens or the context limit, minus one."""
         room = min(self.params.max_tokens - self.num_generated, max_model_len - len(self.token_ids))
-        return max(0, min(self.num_draft_tokens, room - 1))
+        return max(0, min(self.num_draft_tokens, step_cap, room - 1))
 
     @property
     def output_ids(self) -> list[int]:

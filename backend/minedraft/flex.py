@@ -1,0 +1,105 @@
+"""Flex: every step, pick AR, SD(k) or PSD(k), whichever the cost model expects to yield the
+most tokens per second for the requests now running.
+
+Costs start from the engine's start-up calibration (calibration.py) and follow what the
+steps actually take: per batch-size bucket, a moving average of measured over calibrated
+time corrects the calibrated table. Acceptance is each request's own moving average
+(sequence.AcceptanceEstimate). Switching needs a clear gain (hysteresis), and while AR is
+chosen an occasional SD step keeps the acceptance estimates alive.
+"""
+from .cost_model import Choice, StepCosts, rank
+from .policy import Policy, StepPlan
+from .scheduler import Batch
+
+
+Ratio = dict[tuple[int, bool], float]  # (batch-size bucket, overlapped) -> measured / calibrated
+
+
+class OnlineCosts:
+    """The calibrated StepCosts, scaled per batch-size bucket by measured/calibrated ratios,
+    kept apart for overlapped (PSD) steps, where both sides contend for memory bandwidth."""
+
+    def __init__(self, table: StepCosts, weight: float = 0.1):
+        self.table = table
+        self.weight = weight
+        self.verify_ratio: Ratio = {}
+        self.draft_ratio: Ratio = {}
+        self.overhead_per_row = table.overhead_per_row
+
+    def bucket(self, batch_size: float) -> int:
+        """The calibrated batch size that a batch of this size is measured against."""
+        return next((b for b in self.table.batch_sizes if batch_size <= b), self.table.batch_sizes[-1])
+
+    def verify_seconds(self, batch_size: float, k: int, overlapped: bool = False) -> float:
+        return self.table.verify_seconds(batch_size, k) * self._ratio(self.verify_ratio, batch_size, overlapped)
+
+    def draft_seconds(self, batch_size: float, k: int, overlapped: bool = False) -> float:
+        return self.table.draft_seconds(batch_size, k) * self._ratio(self.draft_ratio, batch_size, overlapped)
+
+    def _ratio(self, ratios: Ratio, batch_size: float, overlapped: bool) -> float:
+        # A bucket not seen yet borrows the mean correction of those seen the same way: the
+        # calibration's bias (bare forwards on a synthetic context) is mostly common to all sizes.
+        key = (self.bucket(batch_size), overlapped)
+        if key in ratios:
+            return ratios[key]
+        seen = [r for (_, o), r in ratios.items() if o == overlapped] or list(ratios.values()) or [1.0]
+        return sum(seen) / len(seen)
+
+    def observe_verify(self, batch_size: int, k: int, overlapped: bool, seconds: float) -> None:
+        self._update(self.verify_ratio, batch_size, overlapped, seconds / self.table.verify_seconds(batch_size, k))
+
+    def observe_draft(self, batch_size: int, steps: int, overlapped: bool, seconds: float) -> None:
+        self._update(self.draft_ratio, batch_size, overlapped, seconds / self.table.draft_seconds(batch_size, steps))
+
+    def observe_overhead(self, batch_size: int, seconds: float) -> None:
+        self.overhead_per_row += self.weight * (seconds / batch_size - self.overhead_per_row)
+
+    def _update(self, ratios: Ratio, batch_size: int, overlapped: bool, ratio: float) -> None:
+        key = (self.bucket(batch_size), overlapped)
+        ratios[key] = ratios[key] + self.weight * (ratio - ratios[key]) if key in ratios else ratio
+
+
+class FlexPolicy(Policy):
+    def __init__(self, max_draft_tokens: int, costs: StepCosts, batch_capacity: int, hysteresis: float = 0.1,
+                 probe_interval: int = 8):
+        super().__init__(Choice("sd", max_draft_tokens))
+        self.name = "flex"
+        self.costs = OnlineCosts(costs)
+        self.batch_capacity = batch_capacity
+        self.hysteresis = hysteresis
+        self.probe_interval = probe_interval
+        self.choice: Choice | None = None
+        self.steps_since_draft = 0
+        self.last_ranking: dict[Choice, float] = {}
+
+    @property
+    def splits_batches(self) -> bool:
+        return self.choice is None or self.choice.mode == "psd"
+
+    def choose(self, alphas: list[float]) -> Choice:
+        """The best expected goodput; the current choice stays unless another beats it clearly."""
+        ranking = rank(alphas, self.costs, self.max_draft_tokens, self.batch_capacity)
+        best = max(ranking, key=ranking.get)
+        if self.choice not in ranking or ranking[best] > (1 + self.hysteresis) * ranking[self.choice]:
+            self.choice = best
+        self.last_ranking = ranking
+        if self.choice.mode == "ar" and self.steps_since_draft >= self.probe_interval:
+            # AR learns nothing about acceptance: one SD step now and then lets it come back.
+            return max((c for c in ranking if c.mode == "sd"), key=ranking.get)
+        return self.choice
+
+    def plan(self, batches: list[Batch]) -> StepPlan | None:
+        alphas = [seq.acceptance.value for batch in batches for seq in batch.seqs]
+        if not alphas:
+            return None
+        return self.plan_choice(batches, self.choose(alphas))
+
+    def observe(self, record) -> None:
+        costs = self.costs
+        overlapped = record.draft_slot is not None
+        costs.observe_verify(record.verify_size, record.verified_drafts, overlapped,
+                             record.verify_span[1] - record.verify_span[0])
+        for rows, steps, seconds, alongside in record.draft_runs:
+            costs.observe_draft(rows, steps, alongside, seconds)
+        self.steps_since_draft = 0 if record.draft_runs else self.steps_since_draft + 1
+        costs.observe_overhead(record.verify_size, record.commit_seconds)
