@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO / "model_repository" / "minedraft" / "1"
@@ -65,3 +65,22 @@ def demo_pair():
     if not (DEMO_DIR / "target" / "config.json").exists():
         pytest.skip("the demo pair is not trained yet")
     return str(DEMO_DIR / "target"), str(DEMO_DIR / "draft")
+
+
+@pytest.fixture(scope="session")
+def target_model(tiny_pair):
+    return AutoModelForCausalLM.from_pretrained(tiny_pair[0]).eval(), AutoTokenizer.from_pretrained(tiny_pair[0])
+
+
+@pytest.fixture(scope="session")
+def noisy_draft(tiny_pair, tmp_path_factory):
+    """The target's weights plus noise: a draft that agrees often but not always."""
+    path = tmp_path_factory.mktemp("noisy")
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair[0])
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.15 * p.std())
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_pair[0]).save_pretrained(path)
+    return str(path)

@@ -3,36 +3,11 @@
 import pytest
 import torch
 from scipy.stats import chisquare
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from minedraft import ConfigError, Engine, EngineConfig, InvalidRequest
+from engine_helpers import PROMPTS, binned, exact_two_token_law, make_engine, reference_greedy, run_staggered
+from minedraft import ConfigError, EngineConfig, InvalidRequest
 
 MODES = [("ar", "auto"), ("sd", "inline"), ("psd", "process"), ("psd", "inline")]
-PROMPTS = [
-    "def add(a, b):", "class Point:\n", "for i in", "import os", "x", "print(i * i)  # squares", "def",
-    "sys.exit(main())\n", "if __name__ == '__main__':\n    ", "    def __init__(self, x, y):\n",
-    "return a + b\n" * 3, "self.x = x\nself.y = y\n", "数字 ✓ ünïcødé", "import sys\n\n", "for", "class",
-    "print(", "def add(a, b):\n    return a + b\n" * 4, "i * i", "(10):", "main())", "  ", "\n\n", "os.path",
-    "self", "ünï", "Point(1, 2)", "range(10)", "squares = [", "if x:", "while True:\n", "a = b = c",
-]
-
-
-def make_engine(target, draft, mode="psd", drafter="auto", **kwargs):
-    kwargs.setdefault("max_num_seqs", 6)
-    kwargs.setdefault("max_model_len", 256)
-    kwargs.setdefault("num_draft_tokens", 3)
-    return Engine(EngineConfig(target_model=target, draft_model=draft, mode=mode, drafter=drafter, **kwargs))
-
-
-@pytest.fixture(scope="module")
-def target_model(tiny_pair):
-    return AutoModelForCausalLM.from_pretrained(tiny_pair[0]).eval(), AutoTokenizer.from_pretrained(tiny_pair[0])
-
-
-def reference_greedy(model, tokenizer, prompt, max_tokens):
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False)
-    return ids[0].tolist(), out[0, ids.size(1):].tolist()
 
 
 def top2_gap(model, context):
@@ -40,24 +15,6 @@ def top2_gap(model, context):
         logits = model(torch.tensor([context])).logits[0, -1]
     top = logits.topk(2).values
     return float(top[0] - top[1])
-
-
-def run_staggered(engine, prompts, params):
-    """Submit a third of the prompts at a time, a few steps apart, so requests join mid-flight."""
-    results, pending = {}, list(enumerate(prompts))
-    step = 0
-    while pending or engine.has_work():
-        if pending and step % 3 == 0:
-            for i, prompt in pending[:len(prompts) // 3 + 1]:
-                engine.submit(str(i), prompt, params)
-            pending = pending[len(prompts) // 3 + 1:]
-        for out in engine.step():
-            tokens, text = results.get(out.request_id, ([], ""))
-            results[out.request_id] = (tokens + out.new_token_ids, text + out.text_delta)
-            if out.finished:
-                results[out.request_id + "/final"] = out
-        step += 1
-    return results
 
 
 @pytest.mark.parametrize("mode,drafter", MODES)
@@ -105,49 +62,6 @@ def test_sampled_tokens_follow_the_targets_distribution(tiny_pair, noisy_draft, 
         counts[pair] = counts.get(pair, 0) + 1
     observed, expected = binned(counts, law, draws)
     assert chisquare(observed, expected).pvalue > 0.01
-
-
-def exact_two_token_law(model, tokenizer, prompt, params):
-    from minedraft import sampler
-    ids = tokenizer(prompt).input_ids
-
-    def processed(logits):
-        b = logits.size(0)
-        rows = sampler.RowSampling(torch.full((b,), params["temperature"]), torch.full((b,), params["top_k"]),
-                                   torch.full((b,), params["top_p"]), torch.zeros(b, 1, dtype=torch.bool), None)
-        return sampler.processed_probs(logits[:, None].float(), rows)[:, 0]
-
-    with torch.no_grad():
-        first = processed(model(torch.tensor([ids])).logits[:, -1])[0]
-        support = first.nonzero().flatten().tolist()
-        contexts = torch.tensor([ids + [t] for t in support])
-        second = processed(model(contexts).logits[:, -1])
-    return {(t1, t2): float(first[t1] * second[i, t2])
-            for i, t1 in enumerate(support) for t2 in second[i].nonzero().flatten().tolist()}
-
-
-def binned(counts, law, total):
-    """Cells with expected count >= 5 stand alone; the rest share one cell."""
-    big = [pair for pair, p in law.items() if p * total >= 5]
-    observed = [counts.get(pair, 0) for pair in big]
-    expected = [law[pair] * total for pair in big]
-    observed.append(total - sum(observed))
-    expected.append(total - sum(expected))
-    return observed, expected
-
-
-@pytest.fixture(scope="module")
-def noisy_draft(tiny_pair, tmp_path_factory):
-    """The target's weights plus noise: a draft that agrees often but not always."""
-    path = tmp_path_factory.mktemp("noisy")
-    model = AutoModelForCausalLM.from_pretrained(tiny_pair[0])
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.15 * p.std())
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_pair[0]).save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

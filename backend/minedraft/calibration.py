@@ -28,7 +28,7 @@ def measure_step_costs(target, cache, drafter, max_k: int, max_batch: int, eos_t
     prefill_per_token = _prefill_context(target, cache, max_batch)
     verify = [[_median_seconds(lambda: _verify_once(target, cache, b, k, eos_token_id), repeats)
                for k in range(max_k + 1)] for b in sizes]
-    draft = [_draft_step_seconds(drafter, b, max_k, repeats) for b in sizes]
+    draft = [draft_step_seconds(drafter, b, max_k, repeats) for b in sizes]
     return StepCosts(sizes, verify, draft, overhead_per_row=0.0, prefill_per_token=prefill_per_token)
 
 
@@ -50,7 +50,7 @@ def _verify_once(target, cache, rows: int, k: int, eos_token_id) -> None:
     sampler.verify(probs, draft_ids, probs[:, :k], torch.full((rows,), k), torch.rand(rows, k), torch.rand(rows))
 
 
-def _draft_step_seconds(drafter, rows: int, steps: int, repeats: int) -> float:
+def draft_step_seconds(drafter, rows: int, steps: int, repeats: int = 3) -> float:
     """Seconds per draft step at this batch size, from runs of `steps` steps on a filled context."""
     def work(cached_len, feed):
         row = DraftRow(cached_len, feed, 0.0, 0, 1.0, 0, [0.5] * steps, steps)

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from . import sampler
 from .config import ConfigError, EngineConfig
-from .calibration import measure_step_costs
+from .calibration import draft_step_seconds, measure_step_costs
 from .cost_model import Choice
 from .drafter import DraftRow, DraftWork, DrafterError, InlineDrafter, ProcessDrafter, build_draft_model
 from .flex import FlexPolicy
@@ -62,6 +62,13 @@ class Engine:
         drafts = config.mode != "ar" and config.num_draft_tokens > 0
         self.drafter = self._start_drafter(capacity, draft_cpus) if drafts else None
         self._pin_target(target_cpus)
+        # Flex's sequential (SD) steps draft in-process, on the target's cores: with nothing to
+        # overlap, a round trip to the worker process costs more than it hides.
+        self.sequential_drafter = self.drafter
+        if config.mode == "flex" and isinstance(self.drafter, ProcessDrafter):
+            self.sequential_drafter = InlineDrafter(build_draft_model(
+                config.draft_model, config.draft_device, config.dtype, config.max_num_seqs, capacity,
+                self.eos_token_id))
         target = load_model(config.target_model, config.target_device, config.dtype)
         _check_context(target.config, config)
         self.target = ModelRunner(target, config.max_num_seqs, capacity)
@@ -96,10 +103,16 @@ class Engine:
         if cfg.mode != "flex":
             return Policy(Choice(cfg.mode, cfg.num_draft_tokens if cfg.mode != "ar" else 0))
         batch = self.scheduler.batches[0]
-        costs = measure_step_costs(self.target, batch.target_cache, self.drafter, cfg.num_draft_tokens,
+        costs = measure_step_costs(self.target, batch.target_cache, self.sequential_drafter, cfg.num_draft_tokens,
                                    cfg.max_num_seqs, self.eos_token_id)
         log.info("flex calibration: %s", costs.to_json())
-        return FlexPolicy(cfg.num_draft_tokens, costs, cfg.max_num_seqs)
+        policy = FlexPolicy(cfg.num_draft_tokens, costs, cfg.max_num_seqs)
+        if self.drafter is not self.sequential_drafter:
+            # PSD's drafts run in the worker: start its estimates from the worker's own timings.
+            for size, inline_seconds in zip(costs.batch_sizes, costs.draft):
+                worker_seconds = draft_step_seconds(self.drafter, size, cfg.num_draft_tokens)
+                policy.costs.draft_ratio[(size, True)] = worker_seconds / inline_seconds
+        return policy
 
     def _pin_target(self, cpus: set[int]) -> None:
         """Size the target's thread pool to its share of cores. The affinity is only set when
@@ -111,9 +124,9 @@ class Engine:
             os.sched_setaffinity(0, cpus)
 
     def close(self) -> None:
-        if self.drafter is not None:
-            self.drafter.close()
-            self.drafter = None
+        for drafter in {self.drafter, self.sequential_drafter} - {None}:
+            drafter.close()
+        self.drafter = self.sequential_drafter = None
 
     # -- requests -----------------------------------------------------------------------------
     def submit(self, request_id: str, prompt: str | list[int], params: SamplingParams | dict | None = None) -> None:
@@ -165,6 +178,7 @@ class Engine:
         outputs = self._apply_cancellations()
         with self._lock:
             admitted = self.scheduler.admit(split=self.policy.splits_batches)
+        self._arrange_batches()
         prefill_started = time.monotonic()
         self._prefill(admitted)
         prefill_seconds = time.monotonic() - prefill_started
@@ -180,7 +194,7 @@ class Engine:
         accepted, next_tokens = self._verify(plan.verify)
         verify_span = (verify_started, time.monotonic())
         if plan.overlap is not None and self.drafter is not None:
-            draft_span = self._collect_drafts(plan.overlap, overlapped=True) or draft_span
+            draft_span = self._collect_drafts(plan.overlap, self.drafter) or draft_span
         verify_size = len(plan.verify)
         commit_started = time.monotonic()
         outputs += self._commit(plan.verify, drafts, accepted, next_tokens)
@@ -200,28 +214,34 @@ class Engine:
             return None
         span = None
         if not plan.verify.is_drafted:
-            if self._start_draft(plan.verify, plan.num_draft_tokens):
-                span = self._collect_drafts(plan.verify)
-        if plan.overlap is not None and not self._start_draft(plan.overlap, plan.num_draft_tokens):
+            if self._start_draft(plan.verify, plan.num_draft_tokens, self.sequential_drafter):
+                span = self._collect_drafts(plan.verify, self.sequential_drafter)
+        if plan.overlap is not None and not self._start_draft(plan.overlap, plan.num_draft_tokens, self.drafter):
             plan.overlap = None
         return span
 
-    def _start_draft(self, batch: Batch, step_cap: int) -> bool:
-        work = self._draft_work(batch, step_cap)
+    def _start_draft(self, batch: Batch, step_cap: int, drafter) -> bool:
+        work = self._draft_work(batch, step_cap, drafter)
         if work is None:
             return False
         try:
-            self.drafter.start(work)
+            drafter.start(work)
         except DrafterError as exc:
-            self._on_drafter_failure(exc)
+            self._on_drafter_failure(exc, drafter)
             return False
         return True
 
-    def _draft_work(self, batch: Batch, step_cap: int) -> DraftWork | None:
+    def _draft_work(self, batch: Batch, step_cap: int, drafter) -> DraftWork | None:
         caps = [seq.draft_budget(self.config.max_model_len, step_cap) for seq in batch.seqs]
         num_tokens = max(caps)
         if num_tokens == 0:
             return None
+        if batch.drafter is not drafter:
+            # The other drafter's cache holds nothing of this batch: every row starts over there.
+            for seq in batch.seqs:
+                seq.draft_cached = seq.draft_extent = 0
+            batch.draft_moves.clear()
+            batch.drafter = drafter
         rows = [DraftRow(cached_len=seq.draft_cached, feed=seq.token_ids[seq.draft_cached:],
                          temperature=seq.params.temperature, top_k=seq.params.top_k, top_p=seq.params.top_p,
                          num_eos_blocked=max(0, seq.params.min_tokens - seq.num_generated),
@@ -231,11 +251,11 @@ class Engine:
         batch.draft_moves.clear()
         return work
 
-    def _collect_drafts(self, batch: Batch, overlapped: bool = False):
+    def _collect_drafts(self, batch: Batch, drafter):
         try:
-            drafts = self.drafter.finish()
+            drafts = drafter.finish()
         except DrafterError as exc:
-            self._on_drafter_failure(exc)
+            self._on_drafter_failure(exc, drafter)
             return None
         steps = drafts.ids.size(1)
         for row, (seq, length) in enumerate(zip(batch.seqs, drafts.lengths)):
@@ -244,11 +264,12 @@ class Engine:
             seq.draft_cached = len(seq.token_ids)
             seq.draft_extent = steps - 1
         batch.is_drafted = True
-        started, ended = self.drafter.last_span
+        started, ended = drafter.last_span
+        overlapped = drafter is self.drafter and drafter is not self.sequential_drafter
         self._draft_runs.append((len(batch), steps, ended - started - drafts.catch_up_seconds, overlapped))
-        return self.drafter.last_span
+        return drafter.last_span
 
-    def _on_drafter_failure(self, exc: Exception) -> None:
+    def _on_drafter_failure(self, exc: Exception, drafter) -> None:
         """Lossless fallback: forget all drafts (the target decodes alone meanwhile) and restart."""
         self.num_drafter_failures += 1
         log.error("drafter failure %d: %s; restarting it, target-only steps meanwhile",
@@ -258,7 +279,18 @@ class Engine:
             batch.draft_moves.clear()
             for seq in batch.seqs:
                 seq.draft_ids, seq.draft_probs, seq.draft_cached, seq.draft_extent = [], None, 0, 0
-        self.drafter.restart()
+        drafter.restart()
+
+    def _arrange_batches(self) -> None:
+        """Move running requests between the batches when the policy's layout changed (flex).
+        Only between verifications: pending drafts belong to their batch's rows."""
+        if any(b.is_drafted for b in self.scheduler.batches):
+            return
+        for seq, source, target in self.scheduler.layout_moves(self.policy.splits_batches):
+            target.target_cache.copy_row_from(source.target_cache, len(source) - 1, len(target), seq.target_cached)
+            source.remove(seq)
+            target.add(seq)
+            seq.draft_cached = seq.draft_extent = 0  # the target batch's draft cache has no row for it yet
 
     def _prefill(self, admitted: list[tuple[Sequence, Batch]]) -> None:
         """Fill the target cache with all but the last prompt token, which stays pending."""

@@ -61,14 +61,16 @@ class OnlineCosts:
 
 class FlexPolicy(Policy):
     def __init__(self, max_draft_tokens: int, costs: StepCosts, batch_capacity: int, hysteresis: float = 0.1,
-                 probe_interval: int = 8):
+                 min_dwell: int = 8, probe_interval: int = 8):
         super().__init__(Choice("sd", max_draft_tokens))
         self.name = "flex"
         self.costs = OnlineCosts(costs)
         self.batch_capacity = batch_capacity
         self.hysteresis = hysteresis
+        self.min_dwell = min_dwell
         self.probe_interval = probe_interval
         self.choice: Choice | None = None
+        self.steps_since_switch = 0
         self.steps_since_draft = 0
         self.last_ranking: dict[Choice, float] = {}
 
@@ -77,11 +79,16 @@ class FlexPolicy(Policy):
         return self.choice is None or self.choice.mode == "psd"
 
     def choose(self, alphas: list[float]) -> Choice:
-        """The best expected goodput; the current choice stays unless another beats it clearly."""
+        """The best expected goodput. The current choice stays for min_dwell steps, and after that
+        until another beats it clearly: a switch costs more than the step (the new layout
+        fills only through admission; a drafter change refeeds its cache)."""
         ranking = rank(alphas, self.costs, self.max_draft_tokens, self.batch_capacity)
         best = max(ranking, key=ranking.get)
-        if self.choice not in ranking or ranking[best] > (1 + self.hysteresis) * ranking[self.choice]:
+        self.steps_since_switch += 1
+        if self.choice not in ranking or (self.steps_since_switch >= self.min_dwell
+                                          and ranking[best] > (1 + self.hysteresis) * ranking[self.choice]):
             self.choice = best
+            self.steps_since_switch = 0
         self.last_ranking = ranking
         if self.choice.mode == "ar" and self.steps_since_draft >= self.probe_interval:
             # AR learns nothing about acceptance: one SD step now and then lets it come back.

@@ -49,6 +49,15 @@ class RowKVCache:
         self.values.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
 
     @torch.inference_mode()
+    def copy_row_from(self, other: "RowKVCache", src: int, dst: int, length: int) -> None:
+        """Copy `other`'s row `src` (its first `length` positions) into this cache's row `dst`."""
+        for layer, (keys, values) in enumerate(zip(other.keys, other.values)):
+            if layer == len(self.keys):
+                self._allocate(keys)  # same [rows, heads, positions, dim] layout as a forward's keys
+            self.keys[layer][dst, :, :length].copy_(keys[src, :, :length])
+            self.values[layer][dst, :, :length].copy_(values[src, :, :length])
+
+    @torch.inference_mode()
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy row `src`'s first `length` positions over row `dst`: keeps live rows contiguous."""
         for keys, values in zip(self.keys, self.values):

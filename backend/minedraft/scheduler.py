@@ -16,6 +16,7 @@ class Batch:
         self.seqs: list[Sequence] = []
         self.draft_moves: list[tuple[int, int, int]] = []
         self.is_drafted = False  # drafts for every row are waiting for verification
+        self.drafter = None  # the drafter whose cache holds this batch's rows (flex has two)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -60,6 +61,27 @@ class Scheduler:
             batch.add(seq)
             admitted.append((seq, batch))
         return admitted
+
+    def layout_moves(self, split: bool) -> list[tuple[Sequence, Batch, Batch]]:
+        """(request, from, to) moves that bring the running requests into the wanted layout:
+        two balanced batches (split) or as many as fit in the first. Each move takes the source's
+        last row, so no other row shifts."""
+        if len(self.batches) != 2:
+            return []
+        first, second = self.batches
+        sizes = [len(first), len(second)]
+        moves = []
+        while True:
+            if split and abs(sizes[0] - sizes[1]) > 1:
+                src = 0 if sizes[0] > sizes[1] else 1
+            elif not split and sizes[1] and sizes[0] < first.capacity:
+                src = 1
+            else:
+                return moves
+            source, target = self.batches[src], self.batches[1 - src]
+            moves.append((source.seqs[sizes[src] - 1], source, target))
+            sizes[src] -= 1
+            sizes[1 - src] += 1
 
     def find(self, request_id: str) -> tuple[Sequence, Batch | None] | None:
         for seq in self.waiting:

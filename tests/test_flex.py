@@ -1,0 +1,212 @@
+"""Flex: its choices under synthetic costs, confidence-truncated drafts, and losslessness
+whatever it chooses."""
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from minedraft.cost_model import Choice, StepCosts, expected_tokens, rank
+from minedraft.drafter import DraftRow, DraftWork, build_draft_model
+from minedraft.flex import FlexPolicy, OnlineCosts
+from minedraft.scheduler import Batch
+from minedraft.sequence import AcceptanceEstimate
+from engine_helpers import PROMPTS, binned, exact_two_token_law, make_engine, reference_greedy, run_staggered
+
+SIZES = [1, 2, 4, 8, 16, 32]
+
+
+def costs(draft_step: float, verify_fixed: float = 0.010, per_token: float = 0.0002, max_k: int = 8) -> StepCosts:
+    """Verification: a fixed cost plus a little per scored token (rows x (1 + k)), as on a GPU."""
+    verify = [[verify_fixed + per_token * b * (1 + k) for k in range(max_k + 1)] for b in SIZES]
+    return StepCosts(SIZES, verify, [draft_step] * len(SIZES))
+
+
+class FakeSeq:
+    def __init__(self, alpha: float):
+        self.acceptance = AcceptanceEstimate(alpha, prior_trials=1e9)  # pinned at alpha
+
+
+def batches_with(num_requests: int, alpha: float) -> list[Batch]:
+    batches = [Batch(0, None, 64), Batch(1, None, 64)]
+    for i in range(num_requests):
+        batches[i % 2].add(FakeSeq(alpha))
+    return batches
+
+
+def pick(step_costs: StepCosts, num_requests: int, alpha: float) -> Choice:
+    policy = FlexPolicy(8, step_costs, batch_capacity=64)
+    return policy.plan(batches_with(num_requests, alpha)) and policy.choice
+
+
+def test_one_request_with_a_cheap_draft_gets_sd():
+    choice = pick(costs(draft_step=0.0005), 1, alpha=0.8)
+    assert choice.mode == "sd" and choice.k >= 3
+
+
+def test_many_requests_whose_drafting_costs_a_fair_share_get_psd():
+    # 32 rows: verifying half of them is clearly cheaper than all, and drafting k tokens costs a
+    # fair share of a verification, which SD pays and PSD hides.
+    choice = pick(costs(draft_step=0.002, verify_fixed=0.004, per_token=0.0001), 32, alpha=0.9)
+    assert choice.mode == "psd"
+
+
+def test_a_low_acceptance_gets_ar():
+    assert pick(costs(draft_step=0.0005), 16, alpha=0.05).mode == "ar"
+
+
+def test_a_draft_nearly_as_costly_as_the_target_gets_ar():
+    # Each draft step costs 90 % of a whole verification; overlap cannot hide k of them.
+    assert pick(costs(draft_step=0.009), 1, alpha=0.7).mode == "ar"
+    assert pick(costs(draft_step=0.009), 16, alpha=0.7).mode == "ar"
+
+
+def test_expected_tokens():
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+
+
+def test_hysteresis_and_dwell_keep_a_choice_against_small_gains():
+    policy = FlexPolicy(8, costs(draft_step=0.0005), batch_capacity=64, hysteresis=0.1, min_dwell=4)
+    batches = batches_with(1, alpha=0.8)
+    assert policy.plan(batches).mode == "sd"
+    # A runner-up within the 10 % margin, once chosen, is kept.
+    ranking = rank([0.8], policy.costs, 8, 64)
+    best = max(ranking, key=ranking.get)
+    runner_up = max((c for c in ranking if c != best), key=ranking.get)
+    assert ranking[runner_up] * 1.1 >= ranking[best]
+    policy.choice, policy.steps_since_switch = runner_up, 100
+    assert policy.plan(batches) and policy.choice == runner_up
+    # Acceptance collapses: AR is now far better, but the choice holds for the dwell first.
+    policy.steps_since_switch = 0
+    batches[0].seqs[0].acceptance = AcceptanceEstimate(0.01, prior_trials=1e9)
+    modes = [policy.plan(batches).mode for _ in range(5)]
+    assert modes == ["sd"] * 3 + ["ar"] * 2
+
+
+def test_ar_probes_with_an_sd_step_now_and_then():
+    policy = FlexPolicy(8, costs(draft_step=0.0005), batch_capacity=64, probe_interval=5)
+    batches = batches_with(4, alpha=0.02)
+    assert policy.plan(batches).mode == "ar"
+    policy.steps_since_draft = 5
+    probe = policy.plan(batches)
+    assert probe.mode == "sd" and policy.choice.mode == "ar"
+
+
+def test_online_costs_follow_measurements_per_bucket():
+    online = OnlineCosts(costs(draft_step=0.001), weight=0.5)
+    base = online.verify_seconds(8, 2)
+    online.observe_verify(8, 2, False, 2 * base)
+    assert online.verify_seconds(8, 2) == pytest.approx(2 * base)
+    assert online.verify_seconds(5, 3) == pytest.approx(2 * online.table.verify_seconds(5, 3))  # same bucket
+    # An unseen bucket borrows the mean correction; overlapped steps are kept apart.
+    assert online.verify_seconds(32, 1) == pytest.approx(2 * online.table.verify_seconds(32, 1))
+    online.observe_verify(8, 2, True, 3 * base)
+    assert online.verify_seconds(8, 2, overlapped=True) == pytest.approx(3 * base)
+    assert online.verify_seconds(8, 2) == pytest.approx(2 * base)
+
+
+def test_acceptance_estimate_converges_to_the_geometric_rate():
+    generator = torch.Generator().manual_seed(0)
+    estimate = AcceptanceEstimate(prior=0.5, decay=0.995)  # ~200 verifications of memory
+    for _ in range(2000):
+        passes = (torch.rand(4, generator=generator) < 0.7).long()
+        estimate.update(4, int(passes.cumprod(0).sum()))
+    assert estimate.value == pytest.approx(0.7, abs=0.05)
+
+
+# -- confidence-truncated drafts ------------------------------------------------------------------
+def draft_rows(prompts_ids, caps):
+    # Temperature 1 without filtering: the processed distribution is the draft's softmax, so
+    # the test can recompute the confidence from the returned probabilities.
+    return [DraftRow(0, ids, 1.0, 0, 1.0, 0, [0.5] * max(caps), cap) for ids, cap in zip(prompts_ids, caps)]
+
+
+def test_truncation_cuts_each_row_where_its_cumulative_confidence_falls_below_tau(tiny_pair):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair[1])
+    ids = [tokenizer(p).input_ids for p in PROMPTS[:6]]
+    caps = [6, 6, 3, 6, 1, 6]
+    model = build_draft_model(tiny_pair[1], "cpu", "float32", 8, 128, tokenizer.eos_token_id)
+    full = model.run(DraftWork(0, [], draft_rows(ids, caps), 6, 0.0))
+    assert full.lengths == caps  # tau 0: every row drafts to its cap
+    confidence = full.probs.amax(-1).cumprod(-1)
+    for tau in (0.3, 0.6, 0.9):
+        cut = model.run(DraftWork(0, [], draft_rows(ids, caps), 6, tau))
+        for row, cap in enumerate(caps):
+            confident = int((confidence[row, :cap] >= tau).long().cumprod(0).sum())
+            assert cut.lengths[row] == max(1, confident), (tau, row)
+            # The same draws: truncation only shortens a row's draft.
+            assert cut.ids[row, :cut.lengths[row]].tolist() == full.ids[row, :cut.lengths[row]].tolist()
+        assert cut.ids.size(1) == max(cut.lengths)
+    assert cut.lengths != caps  # the thresholds above did cut something
+
+
+# -- losslessness whatever flex chooses -------------------------------------------------------------
+CHOICES = [Choice("psd", 3), Choice("sd", 2), Choice("ar", 0), Choice("psd", 1), Choice("sd", 3), Choice("psd", 2)]
+
+
+def scripted_choices(engine, every: int = 3):
+    """Replace flex's judgement with a rotation through every mode and several k, switching every
+    few steps: the layout moves, drafter changes and ragged drafts all get exercised."""
+    rotation = itertools.cycle(CHOICES)
+    state = {"choice": next(rotation), "steps": 0}
+
+    def choose(alphas):
+        state["steps"] += 1
+        if state["steps"] % every == 0:
+            state["choice"] = next(rotation)
+        engine.policy.choice = state["choice"]
+        return state["choice"]
+
+    engine.policy.choose = choose
+
+
+@pytest.mark.parametrize("tau,scripted", [(0.0, False), (0.3, False), (0.0, True), (0.3, True)])
+def test_flex_greedy_output_is_token_identical_to_the_target(tiny_pair, target_model, tau, scripted):
+    model, tokenizer = target_model
+    engine = make_engine(*tiny_pair, mode="flex", drafter="process", draft_confidence_threshold=tau)
+    if scripted:
+        scripted_choices(engine)
+    try:
+        results = run_staggered(engine, PROMPTS, {"max_tokens": 24, "temperature": 0})
+        modes = {mode for mode, n in engine.steps_by_mode.items() if n}
+    finally:
+        engine.close()
+    mismatches = [p for i, p in enumerate(PROMPTS) if results[str(i)][0] != reference_greedy(model, tokenizer, p, 24)[1]]
+    print(f"flex tau={tau} scripted={scripted}: modes {engine.steps_by_mode}, mismatches {mismatches}")
+    assert not mismatches
+    if scripted:
+        assert modes == {"ar", "sd", "psd"}
+
+
+def test_truncation_drafts_less_and_keeps_the_output(tiny_pair):
+    params = {"max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    outputs = {}
+    for tau in (0.0, 0.3):
+        engine = make_engine(*tiny_pair, mode="sd", drafter="inline", draft_confidence_threshold=tau)
+        outputs[tau] = engine.generate(PROMPTS[:12], params)
+        engine.close()
+    drafted = {tau: sum(o.num_drafted_tokens for o in outs) for tau, outs in outputs.items()}
+    print(f"drafted tokens: {drafted}")
+    assert 0 < drafted[0.3] < drafted[0.0]
+    assert [o.new_token_ids for o in outputs[0.3]] == [o.new_token_ids for o in outputs[0.0]]
+
+
+def test_flex_sampling_follows_the_targets_distribution(tiny_pair, noisy_draft, target_model):
+    """Scripted flex with truncation: the first two sampled tokens against the exact joint law."""
+    model, tokenizer = target_model
+    prompt, draws = "def add(a, b):", 3000
+    params = {"max_tokens": 2, "temperature": 1.3, "top_k": 40, "top_p": 0.95, "ignore_eos": True}
+    engine = make_engine(tiny_pair[0], noisy_draft, mode="flex", drafter="process", max_num_seqs=32,
+                         draft_confidence_threshold=0.3)
+    scripted_choices(engine, every=2)
+    outs = engine.generate([prompt] * draws, params)
+    engine.close()
+    assert sum(o.num_accepted_tokens for o in outs) > 0.1 * sum(o.num_drafted_tokens for o in outs)
+    counts = {}
+    for o in outs:
+        counts[tuple(o.new_token_ids)] = counts.get(tuple(o.new_token_ids), 0) + 1
+    observed, expected = binned(counts, exact_two_token_law(model, tokenizer, prompt, params), draws)
+    assert chisquare(observed, expected).pvalue > 0.01
