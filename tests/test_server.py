@@ -26,7 +26,9 @@ MAX_NUM_SEQS = 4
 @pytest.fixture(scope="module")
 def server(demo_pair, tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
-    write_repository(root, {"minedraft": {"max_num_seqs": MAX_NUM_SEQS}}, max_batch_size=2 * MAX_NUM_SEQS)
+    write_repository(root, {"minedraft": {"max_num_seqs": MAX_NUM_SEQS},
+                            "minedraft_flex": {"mode": "flex", "max_num_seqs": MAX_NUM_SEQS}},
+                     max_batch_size=2 * MAX_NUM_SEQS)
     ports = [free_port() for _ in range(3)]
     srv = TritonServer(root, *ports, log_path=root / "server.log")
     srv.start()
@@ -46,12 +48,12 @@ def reference(demo_pair):
     return [o.text_delta for o in outs]
 
 
-def stream(server, prompt, params, cancel_after=None):
+def stream(server, prompt, params, cancel_after=None, model="minedraft"):
     """Returns (chunks, final outputs dict or None, error or None)."""
     results = queue.Queue()
     client = grpcclient.InferenceServerClient(server.grpc_url)
     client.start_stream(callback=lambda result, error: results.put((result, error)))
-    client.async_stream_infer("minedraft", stream_inputs(prompt, params), enable_empty_final_response=True)
+    client.async_stream_infer(model, stream_inputs(prompt, params), enable_empty_final_response=True)
     chunks, final, error = [], None, None
     try:
         while True:
@@ -181,6 +183,18 @@ def test_metrics_are_exposed(server):
         assert name in m, name
     assert m["minedraft_accepted_tokens_total"] > 0
     assert m["minedraft_accepted_tokens_total"] <= m["minedraft_draft_tokens_total"]
+
+
+def test_flex_streams_the_targets_output_and_reports_its_choices(server, reference):
+    for prompt, expected in zip(PROMPTS, reference):
+        chunks, final, error = stream(server, prompt, {"max_tokens": 32, "temperature": 0}, model="minedraft_flex")
+        assert error is None
+        assert "".join(chunks) == expected
+    m = read_metrics(server.metrics_url, "minedraft_flex")
+    steps = {mode: m[f"minedraft_policy_steps_total/{mode}"] for mode in ("ar", "sd", "psd")}
+    print(f"flex steps by mode: {steps}, last k {m['minedraft_draft_length']}")
+    assert sum(steps.values()) == m["minedraft_steps_total"]
+    assert sum(m[f"minedraft_policy_mode/{mode}"] for mode in steps) == 1  # the last step's mode
 
 
 def test_perf_analyzer_streaming_smoke(server, tmp_path):

@@ -1,4 +1,5 @@
 """Prometheus metrics through Triton's pb_utils.MetricFamily (served on :8002/metrics), and a reader."""
+import re
 import urllib.request
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
@@ -13,6 +14,10 @@ class EngineMetrics:
         def family(name, description, kind, **kwargs):
             self._families.append(M(name=name, description=description, kind=kind))
             return self._families[-1].Metric(labels=labels, **kwargs)
+
+        def per_mode(name, description, kind):
+            self._families.append(M(name=name, description=description, kind=kind))
+            return {mode: self._families[-1].Metric(labels={**labels, "mode": mode}) for mode in ("ar", "sd", "psd")}
 
         def histogram(name, description):
             return family(name, description, M.HISTOGRAM, buckets=LATENCY_BUCKETS)
@@ -31,11 +36,16 @@ class EngineMetrics:
         self.batch_a = family("minedraft_batch_size_a", "Requests in internal batch A", M.GAUGE)
         self.batch_b = family("minedraft_batch_size_b", "Requests in internal batch B", M.GAUGE)
         self.max_verify_batch = family("minedraft_max_verify_batch_size", "Largest verified batch so far", M.GAUGE)
+        # What each step did: fixed for ar/sd/psd, chosen step by step under flex.
+        self.policy_steps = per_mode("minedraft_policy_steps_total", "Engine steps run as AR, SD or PSD", M.COUNTER)
+        self.policy_mode = per_mode("minedraft_policy_mode", "1 for the mode of the last step, else 0", M.GAUGE)
+        self.draft_length = family("minedraft_draft_length", "Draft length cap k of the last step", M.GAUGE)
         self.ttft = histogram("minedraft_time_to_first_token_seconds", "Time to first token")
         self.tpot = histogram("minedraft_time_per_output_token_seconds", "Mean time per output token after the first")
         self.e2e = histogram("minedraft_request_latency_seconds", "End-to-end request latency")
         self._max_verify = 0
         self._failures_seen = 0
+        self._steps_seen = {"ar": 0, "sd": 0, "psd": 0}
 
     def close(self) -> None:
         """Drop every Metric before its MetricFamily; the stub crashes at exit otherwise."""
@@ -51,8 +61,16 @@ class EngineMetrics:
         self.batch_a.set(sizes[0])
         self.batch_b.set(sizes[1])
         if engine.step_log:
-            self._max_verify = max(self._max_verify, engine.step_log[-1].verify_size)
+            last = engine.step_log[-1]
+            self._max_verify = max(self._max_verify, last.verify_size)
             self.max_verify_batch.set(self._max_verify)
+            self.draft_length.set(last.num_draft_tokens)
+            for mode, gauge in self.policy_mode.items():
+                gauge.set(int(mode == last.mode))
+        for mode, count in engine.steps_by_mode.items():
+            if count > self._steps_seen[mode]:
+                self.policy_steps[mode].increment(count - self._steps_seen[mode])
+                self._steps_seen[mode] = count
         if engine.num_drafter_failures > self._failures_seen:
             self.drafter_failures.increment(engine.num_drafter_failures - self._failures_seen)
             self._failures_seen = engine.num_drafter_failures
@@ -75,8 +93,13 @@ class EngineMetrics:
 
 def read_metrics(metrics_url: str, model: str | None = None) -> dict[str, float]:
     """minedraft_* values from a server's metrics page, histogram buckets left out; only
-    `model`'s series when given (one server may serve several minedraft models)."""
+    `model`'s series when given (one server may serve several minedraft models). Series per
+    mode are keyed name/mode, e.g. minedraft_policy_steps_total/psd."""
     text = urllib.request.urlopen(metrics_url).read().decode()
     label = f'model="{model}"' if model else ""
-    return {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith("minedraft_") and "_bucket" not in line and label in line}
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("minedraft_") and "_bucket" not in line and label in line:
+            mode = re.search(r'mode="(\w+)"', line)
+            values[line.split("{")[0] + (f"/{mode.group(1)}" if mode else "")] = float(line.rsplit(" ", 1)[1])
+    return values
