@@ -10,14 +10,18 @@ pytestmark = pytest.mark.server
 
 def test_bench_smoke_produces_a_well_formed_report(demo_pair, tmp_path):
     out = tmp_path / "docs"
-    code = main(["bench", "--setups", "ar", "psd", "--concurrency", "1", "4", "--draft-lengths", "4",
+    code = main(["bench", "--setups", "ar", "psd", "flex", "--concurrency", "1", "4", "--draft-lengths", "4",
                  "--max-tokens", "12", "--max-num-seqs", "4", "--num-prompts", "8", "--hf-prompts", "1",
                  "--engine-concurrency", "4", "--out", str(out)])
     assert code == 0
     report = (out / "benchmarks.md").read_text()
     assert "## Goals" in report and "| P3 |" in report and "| P4 |" in report and "| P5 |" in report
+    assert report.count("| P2 | flex / best fixed set-up") == 2
     raw = json.loads((out / "bench" / "raw.json").read_text())
-    assert {(r["setup"], r["concurrency"]) for r in raw["rows"]} == {("ar", 1), ("ar", 4), ("psd", 1), ("psd", 4)}
+    assert {(r["setup"], r["concurrency"]) for r in raw["rows"]} == {
+        (s, c) for s in ("ar", "psd", "flex") for c in (1, 4)}
+    flex = [r for r in raw["rows"] if r["setup"] == "flex"]
+    assert all(sum(r["steps_by_mode"].values()) > 0 for r in flex)
     for row in raw["rows"]:
         assert row["tokens_per_s"] > 0 and row["ttft_p50_ms"] > 0 and row["e2e_p99_ms"] >= row["e2e_p50_ms"]
     psd = [r for r in raw["rows"] if r["setup"] == "psd"]
@@ -25,3 +29,6 @@ def test_bench_smoke_produces_a_well_formed_report(demo_pair, tmp_path):
     assert raw["hf_assisted"]["tokens_per_s"] > 0
     assert (out / "bench" / "throughput.png").stat().st_size > 1000
     assert (out / "bench" / "latency.png").stat().st_size > 1000
+    # The step costs flex measured feed the simulator, which predicts the measured rows.
+    assert main(["simulate", "--costs", str(out / "bench" / "costs.json"), "--compare",
+                 str(out / "bench" / "raw.json"), "--json"]) == 0

@@ -33,7 +33,13 @@ SETUPS = {
     # It is also SD's one-thread tuning on the 2-core machine, and ar_1core AR's.
     "sd_1core": ("minedraft_sd_1core", {"mode": "sd", "target_cpus": "0", "drafter": "inline"}),
     "ar_1core": ("minedraft_ar_1core", {"mode": "ar", "target_cpus": "0"}),
+    # Flex on PSD's cores: it picks AR, SD (drafting in-process on core 0) or PSD every step.
+    "flex": ("minedraft_flex", {"mode": "flex", "target_cpus": "0", "draft_cpus": "1", "drafter": "process"}),
+    # The same with FlexDraft's confidence cut, to choose draft_confidence_threshold's default.
+    "flex_tau": ("minedraft_flex_tau", {"mode": "flex", "target_cpus": "0", "draft_cpus": "1", "drafter": "process",
+                                        "draft_confidence_threshold": 0.1}),
 }
+FIXED_SETUPS = ("ar", "ar_1core", "sd", "sd_1core", "psd")
 SD_SETUPS = ("sd", "sd_1core")
 
 
@@ -106,12 +112,14 @@ def measure_server(server, setup, k, concurrency, prompts, max_tokens, workdir: 
     before = read_metrics(server.metrics_url, model)
     run_perf_analyzer(server, model, data, concurrency, export, window_requests=max(concurrency, 4))
     after = read_metrics(server.metrics_url, model)
-    drafted = after.get("minedraft_draft_tokens_total", 0) - before.get("minedraft_draft_tokens_total", 0)
-    accepted = after.get("minedraft_accepted_tokens_total", 0) - before.get("minedraft_accepted_tokens_total", 0)
-    row = {"setup": setup, "model": model, "num_draft_tokens": k,
-           "concurrency": concurrency, **summarise_profile(export),
-           "acceptance_rate": round(accepted / drafted, 4) if drafted else None}
-    return row
+    def delta(name):
+        return after.get(name, 0) - before.get(name, 0)
+
+    drafted, accepted = delta("minedraft_draft_tokens_total"), delta("minedraft_accepted_tokens_total")
+    steps = {mode: delta(f"minedraft_policy_steps_total/{mode}") for mode in ("ar", "sd", "psd")}
+    return {"setup": setup, "model": model, "num_draft_tokens": k, "concurrency": concurrency,
+            **summarise_profile(export), "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
+            "steps_by_mode": steps}
 
 
 def hf_assisted_generation(model_dir: Path, prompts, max_tokens: int, num_prompts: int) -> dict:
@@ -140,11 +148,14 @@ def hf_assisted_generation(model_dir: Path, prompts, max_tokens: int, num_prompt
     return max(runs, key=lambda r: r["tokens_per_s"])
 
 
-def in_process(setup, k, concurrency, prompts, max_tokens, model_dir, max_num_seqs) -> dict:
-    """The engine without Triton, same cores and parameters; for PSD also its ideal."""
+def in_process(setup, k, concurrency, prompts, max_tokens, model_dir, max_num_seqs, costs_path=None) -> dict:
+    """The engine without Triton, same cores and parameters; for PSD also its ideal. For flex,
+    its step costs (start-up calibration, per-row overhead as learnt in the run) are saved to
+    costs_path for `minedraft simulate`."""
     params = dict(SETUPS[setup][1])
     mode = params.pop("mode")
-    engine = engine_for(mode, 2 * max_num_seqs if mode == "psd" else max_num_seqs, max(k, 1), model_dir, **params)
+    engine = engine_for(mode, 2 * max_num_seqs if mode in ("psd", "flex") else max_num_seqs, max(k, 1), model_dir,
+                        **params)
     try:
         measure(engine, prompts, 2, k, 8, 2)  # warm-up
         engine.step_log.clear()
@@ -152,6 +163,10 @@ def in_process(setup, k, concurrency, prompts, max_tokens, model_dir, max_num_se
         target_seconds = sum(r.verify_span[1] - r.verify_span[0] + r.prefill_seconds for r in engine.step_log)
         # Ideal: the run costs only the target's own work, verification and prefill (drafting fully hidden).
         row["ideal_tokens_per_s"] = round(row["output_tokens"] / target_seconds, 2) if target_seconds else None
+        if mode == "flex" and costs_path is not None:
+            costs = engine.policy.costs
+            costs.table.overhead_per_row = costs.overhead_per_row
+            Path(costs_path).write_text(costs.table.to_json())
     finally:
         engine.close()
     return row
@@ -160,6 +175,8 @@ def in_process(setup, k, concurrency, prompts, max_tokens, model_dir, max_num_se
 def draft_sweep(setup: str, args) -> list[int]:
     if setup.startswith("ar"):
         return [0]
+    if setup.startswith("flex"):
+        return [max(args.draft_lengths)]  # a cap: flex picks k (and AR, SD or PSD) itself
     return args.sd_draft_lengths or args.draft_lengths if setup in SD_SETUPS else args.draft_lengths
 
 
@@ -186,13 +203,15 @@ def run(args) -> dict:
             progress.advance(task)
     server.stop()
     with Progress() as progress:
-        checks = [(s, c) for s in ("sd_1core", "psd") if s in setups for c in args.engine_concurrency]
+        checks = [(s, c) for s in ("sd_1core", "psd", "flex") if s in setups for c in args.engine_concurrency]
         task = progress.add_task("in-process engine", total=len(checks) + 1)
         engine_rows = []
         for setup, c in checks:
             k = best(rows, setup, c)["num_draft_tokens"] if best(rows, setup, c) else args.draft_lengths[0]
+            costs_path = args.out / "bench" / "costs.json" if setup == "flex" else None
+            (args.out / "bench").mkdir(parents=True, exist_ok=True)
             engine_rows.append({"setup": setup, **in_process(setup, k, c, prompts, args.max_tokens, args.model_dir,
-                                                             args.max_num_seqs)})
+                                                             args.max_num_seqs, costs_path)})
             progress.advance(task)
         extras["engine"] = engine_rows
         progress.update(task, description="HF assisted generation")

@@ -46,7 +46,7 @@ def measure(engine: Engine, prompts: list[str], concurrency: int, num_draft_toke
 
 
 def engine_for(mode: str, max_concurrency: int, max_draft: int, model_dir: Path, **overrides) -> Engine:
-    per_batch = math.ceil(max_concurrency / 2) if mode == "psd" else max_concurrency
+    per_batch = math.ceil(max_concurrency / 2) if mode in ("psd", "flex") else max_concurrency
     return Engine(EngineConfig(target_model=str(model_dir / "target"), draft_model=str(model_dir / "draft"),
                                mode=mode, num_draft_tokens=max_draft if mode != "ar" else 0,
                                max_num_seqs=per_batch, **overrides))

@@ -2,10 +2,10 @@
 import json
 from pathlib import Path
 
-from .bench import best
+from .bench import FIXED_SETUPS, SETUPS, best
 
-GOALS = {"P1": 1.5, "P1b": 1.75, "P3": 2.0, "P4": 0.9, "P5": 0.8, "P6": 1.0}
-SETUP_ORDER = ("ar", "ar_1core", "sd", "sd_1core", "psd")
+GOALS = {"P1": 1.5, "P1b": 1.75, "P2": 0.95, "P3": 2.0, "P4": 0.9, "P5": 0.8, "P6": 1.0}
+SETUP_ORDER = (*FIXED_SETUPS, "flex", "flex_tau")
 
 
 def write_report(results: dict, out: Path) -> None:
@@ -29,6 +29,7 @@ def per_concurrency(results: dict) -> list[dict]:
         # Best-tuned on the 2 cores: each mode at its better thread setting (1 or 2 threads).
         entry["ar_best"] = _faster(entry["ar"], entry["ar_1core"])
         entry["sd_best"] = _faster(entry["sd"], entry["sd_1core"])
+        entry["fixed_best"] = _faster(*(entry[s] for s in FIXED_SETUPS))
         table.append(entry)
     return table
 
@@ -52,6 +53,10 @@ def goal_table(results: dict, table: list[dict]) -> list[dict]:
         if peak["sd_1core"]:
             goals.append(("P1b", f"PSD (2 cores) / SD (target and draft on 1 core) at c={peak['concurrency']}",
                           _ratio(peak["psd"], peak["sd_1core"])))
+    for t in table:
+        if t["flex"] and t["fixed_best"]:
+            goals.append(("P2", f"flex / best fixed set-up ({t['fixed_best']['setup']}) at c={t['concurrency']}",
+                          _ratio(t["flex"], t["fixed_best"])))
     first = table[0] if table and table[0]["concurrency"] == 1 else None
     if first and first["ar_best"]:
         best_mode = _faster(first["sd_best"], first["psd"])
@@ -76,7 +81,7 @@ def plot(table: list[dict], figures: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     labels = {"ar": "AR (2 threads)", "ar_1core": "AR (1 thread)", "sd": "SD (best k, 2 threads)",
-              "sd_1core": "SD (best k, 1 core)", "psd": "PSD (best k, 1+1 cores)"}
+              "sd_1core": "SD (best k, 1 core)", "psd": "PSD (best k, 1+1 cores)", "flex": "flex (1+1 cores)"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for setup, label in labels.items():
         points = [(t["concurrency"], t[setup]["tokens_per_s"]) for t in table if t[setup]]
@@ -151,6 +156,21 @@ def markdown(results: dict, table: list[dict], goals: list[dict]) -> str:
                      f"({_cell(t['psd'], 'num_draft_tokens')}) | {_ratio(t['psd'], t['sd_best'])} | "
                      f"{_ratio(t['psd'], t['sd'])} | {_ratio(t['psd'], t['ar_best'])} | "
                      f"{_ratio(t['sd_best'], t['ar_best'])} |")
+    tau = SETUPS["flex_tau"][1]["draft_confidence_threshold"]
+    lines += ["", "## Flex against the fixed modes", "",
+              "Flex serves on PSD's cores and picks AR, SD(k) or PSD(k) every step (k <= "
+              f"{max(args['draft_lengths'])}). Steps by mode are the server's `minedraft_policy_steps_total`. "
+              f"*flex τ* adds FlexDraft's confidence cut at draft_confidence_threshold = {tau}.", "",
+              "| c | flex | best fixed (set-up, k) | flex / best fixed (P2) | flex / PSD | flex steps ar/sd/psd | "
+              "flex τ | flex τ / best fixed |", "|---|---|---|---|---|---|---|---|"]
+    for t in table:
+        if t["flex"]:
+            steps = t["flex"].get("steps_by_mode") or {}
+            lines.append(f"| {t['concurrency']} | {_cell(t['flex'])} | {_cell(t['fixed_best'])} "
+                         f"({t['fixed_best']['setup']}, {t['fixed_best']['num_draft_tokens']}) | "
+                         f"{_ratio(t['flex'], t['fixed_best'])} | {_ratio(t['flex'], t['psd'])} | "
+                         f"{'/'.join(str(int(steps.get(m, 0))) for m in ('ar', 'sd', 'psd'))} | "
+                         f"{_cell(t['flex_tau'])} | {_ratio(t['flex_tau'], t['fixed_best'])} |")
     lines += ["", "## Latency (ms) and acceptance at each set-up's best k", "",
               "| c | set-up | k | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 | e2e p99 | acceptance |",
               "|---|---|---|---|---|---|---|---|---|---|"]

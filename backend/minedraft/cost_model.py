@@ -55,10 +55,11 @@ class StepCosts:
             if batch_size <= sizes[i]:
                 weight = (batch_size - sizes[i - 1]) / (sizes[i] - sizes[i - 1])
                 return values[i - 1] + weight * (values[i] - values[i - 1])
-        # Beyond the table: extend the last segment's slope (work grows with rows).
+        # Beyond the table: extend the last segment's slope (work grows with rows; a noisy
+        # table's falling last segment must not make large batches cheaper).
         if len(sizes) == 1:
             return values[0] * batch_size / sizes[0]
-        slope = (values[-1] - values[-2]) / (sizes[-1] - sizes[-2])
+        slope = max(0.0, (values[-1] - values[-2]) / (sizes[-1] - sizes[-2]))
         return values[-1] + slope * (batch_size - sizes[-1])
 
     def to_json(self) -> str:
@@ -69,8 +70,9 @@ class StepCosts:
         data = json.loads(text)
         costs = cls(**data)
         if costs.batch_sizes != sorted(costs.batch_sizes) or len(costs.verify) != len(costs.batch_sizes) \
-                or len(costs.draft) != len(costs.batch_sizes):
-            raise ValueError("step costs: batch_sizes must ascend and verify/draft need one entry per batch size")
+                or len(costs.draft) != len(costs.batch_sizes) or len({len(row) for row in costs.verify}) != 1:
+            raise ValueError("step costs: batch_sizes must ascend, verify/draft need one entry per batch size, "
+                             "and every verify row the same k = 0..max_k")
         return costs
 
     @classmethod

@@ -29,7 +29,7 @@ DEFAULT_PROMPT_TOKENS = 64  # about the bench prompts' mean (63 tokens)
 
 
 def predict_choice(costs: StepCosts, choice: Choice, alpha: float, concurrency: int, rows: int,
-                   max_tokens: int, prompt_tokens: float) -> dict:
+                   max_tokens: int, prompt_tokens: float, batch_capacity: int | None = None) -> dict:
     """Steady state of `concurrency` requests of which `rows` are in the engine (the rest queue).
 
     Every row decodes E(k) tokens per verification; a PSD row is verified every other step.
@@ -38,7 +38,7 @@ def predict_choice(costs: StepCosts, choice: Choice, alpha: float, concurrency: 
     (max_tokens * batch seconds per token + one prefill). End-to-end latency follows from
     Little's law; it includes the wait for a row when concurrency exceeds the row cap. TTFT is
     that wait, the request's prefill and one step; ITL is decoding only (no other prefills)."""
-    step = estimate(choice, rows * expected_tokens(alpha, choice.k), rows, costs)
+    step = estimate(choice, rows * expected_tokens(alpha, choice.k), rows, costs, batch_capacity)
     prefill = prompt_tokens * costs.prefill_per_token
     seconds_per_token = step.step_seconds / step.tokens_per_step  # batch-wide, decoding only
     tokens_per_s = max_tokens / (max_tokens * seconds_per_token + prefill)
@@ -69,7 +69,7 @@ def predict(costs: StepCosts, alpha: float, concurrency: int, max_tokens: int, p
     one, two = _rows(concurrency, max_num_seqs, 1), _rows(concurrency, max_num_seqs, 2)
 
     def run(choice, rows):
-        return predict_choice(costs, choice, alpha, concurrency, rows, max_tokens, prompt_tokens)
+        return predict_choice(costs, choice, alpha, concurrency, rows, max_tokens, prompt_tokens, max_num_seqs)
 
     results = [run(Choice("ar", 0), one)] + [run(Choice("sd", k), one) for k in k_values]
     for k in k_values:
@@ -79,7 +79,7 @@ def predict(costs: StepCosts, alpha: float, concurrency: int, max_tokens: int, p
             results.append({**run(Choice("sd", k), one), "mode": "psd", "choice": str(Choice("psd", k)),
                             "note": "concurrency 1: PSD runs as sequential SD"})
     if k_values:
-        goodputs = rank([alpha] * two, costs, k_values[-1])
+        goodputs = rank([alpha] * two, costs, k_values[-1], max_num_seqs)
         pick = max(goodputs, key=goodputs.get)
         results.append({**run(pick, two), "mode": "flex", "choice": str(pick)})
     return results
