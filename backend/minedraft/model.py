@@ -10,6 +10,7 @@ import os
 import queue
 import threading
 import time
+from dataclasses import fields
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -21,8 +22,7 @@ from minedraft.sampling_params import InvalidRequest
 from minedraft.sequence import RequestOutput
 from minedraft.triton_metrics import EngineMetrics
 
-ENGINE_KEYS = ("target_model", "draft_model", "mode", "num_draft_tokens", "max_num_seqs", "max_model_len",
-               "target_device", "draft_device", "dtype", "drafter", "target_cpus", "draft_cpus")
+ENGINE_KEYS = tuple(f.name for f in fields(EngineConfig))
 ADAPTER_KEYS = ("report_metrics",)
 CANCEL_POLL_SECONDS = 0.05
 INPUTS = [("text_input", "TYPE_STRING", False), ("stream", "TYPE_BOOL", True),
