@@ -1,12 +1,13 @@
 """Flex: its choices under synthetic costs, confidence-truncated drafts, and losslessness
 whatever it chooses."""
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
 from scipy.stats import chisquare
 
-from minedraft.cost_model import Choice, StepCosts, expected_tokens, rank
+from minedraft.cost_model import Choice, StepCosts, expected_tokens
 from minedraft.drafter import DraftRow, DraftWork, build_draft_model
 from minedraft.flex import FlexPolicy, OnlineCosts
 from minedraft.scheduler import Batch
@@ -68,16 +69,17 @@ def test_expected_tokens():
 
 
 def test_hysteresis_and_dwell_keep_a_choice_against_small_gains():
-    policy = FlexPolicy(8, costs(draft_step=0.0005), batch_capacity=64, hysteresis=0.1, min_dwell=4)
-    batches = batches_with(1, alpha=0.8)
-    assert policy.plan(batches).mode == "sd"
-    # A runner-up within the 10 % margin, once chosen, is kept.
-    ranking = rank([0.8], policy.costs, 8, 64)
-    best = max(ranking, key=ranking.get)
-    runner_up = max((c for c in ranking if c != best), key=ranking.get)
-    assert ranking[runner_up] * 1.1 >= ranking[best]
-    policy.choice, policy.steps_since_switch = runner_up, 100
-    assert policy.plan(batches) and policy.choice == runner_up
+    # alpha 0.4, draft step 2 ms: SD(1) is best, AR 13 % behind it, SD(2) 5.4 % behind.
+    policy = FlexPolicy(8, costs(draft_step=0.002), batch_capacity=64, hysteresis=0.2, k_hysteresis=0.05,
+                        min_dwell=4)
+    batches = batches_with(1, alpha=0.4)
+    assert policy.plan(batches) and policy.choice == Choice("sd", 1)
+    # Another mode within the 20 % margin, once chosen, is kept ...
+    policy.choice, policy.steps_since_switch = Choice("ar", 0), 100
+    assert policy.plan(batches) and policy.choice == Choice("ar", 0)
+    # ... while another k of the same mode needs only 5 %.
+    policy.choice = Choice("sd", 2)
+    assert policy.plan(batches) and policy.choice == Choice("sd", 1)
     # Acceptance collapses: AR is now far better, but the choice holds for the dwell first.
     policy.steps_since_switch = 0
     batches[0].seqs[0].acceptance = AcceptanceEstimate(0.01, prior_trials=1e9)
@@ -91,7 +93,24 @@ def test_ar_probes_with_an_sd_step_now_and_then():
     assert policy.plan(batches).mode == "ar"
     policy.steps_since_draft = 5
     probe = policy.plan(batches)
-    assert probe.mode == "sd" and policy.choice.mode == "ar"
+    assert probe.mode == "sd" and probe.probe and policy.choice.mode == "ar"
+
+
+def test_realised_goodput_corrects_a_modes_estimate():
+    """A mode that achieves half of what the model predicts is ranked at half from then on."""
+    policy = FlexPolicy(8, costs(draft_step=0.0005), batch_capacity=64, probe_interval=1000)
+    batches = batches_with(1, alpha=0.8)
+    plan = policy.plan(batches)
+    chosen, predicted = policy.choice, policy.last_ranking[policy.choice]
+    verify = policy.costs.verify_seconds(1, chosen.k)  # as calibrated: the cost estimates stay put
+    seconds = 0.050  # longer than the verification, as a whole step is
+    record = SimpleNamespace(verify_size=1, verified_drafts=plan.num_draft_tokens, draft_slot=None,
+                             verify_span=(0.0, verify), draft_runs=[], commit_seconds=0.0, seconds=seconds,
+                             catch_up_seconds=0.0, num_tokens=predicted * seconds / 2)
+    policy.observe(record)
+    assert policy.realised_ratio[(chosen.mode, 1)] == pytest.approx(0.5)
+    policy.plan(batches)
+    assert policy.last_ranking[chosen] == pytest.approx(predicted / 2)
 
 
 def test_online_costs_follow_measurements_per_bucket():
@@ -158,7 +177,7 @@ def scripted_choices(engine, every: int = 3):
         if state["steps"] % every == 0:
             state["choice"] = next(rotation)
         engine.policy.choice = state["choice"]
-        return state["choice"]
+        return state["choice"], False
 
     engine.policy.choose = choose
 

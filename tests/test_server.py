@@ -27,7 +27,8 @@ MAX_NUM_SEQS = 4
 def server(demo_pair, tmp_path_factory):
     root = tmp_path_factory.mktemp("repo")
     write_repository(root, {"minedraft": {"max_num_seqs": MAX_NUM_SEQS},
-                            "minedraft_flex": {"mode": "flex", "max_num_seqs": MAX_NUM_SEQS}},
+                            "minedraft_flex": {"mode": "flex", "max_num_seqs": MAX_NUM_SEQS,
+                                               "draft_confidence_threshold": 0.05}},
                      max_batch_size=2 * MAX_NUM_SEQS)
     ports = [free_port() for _ in range(3)]
     srv = TritonServer(root, *ports, log_path=root / "server.log")

@@ -16,7 +16,31 @@ def write_report(results: dict, out: Path) -> None:
     table = per_concurrency(results)
     goals = goal_table(results, table)
     plot(table, figures)
-    (out / "benchmarks.md").write_text(markdown(results, table, goals))
+    text = markdown(results, table, goals)
+    if (figures / "costs.json").exists():
+        text += simulator_check(results, figures / "costs.json")
+    (out / "benchmarks.md").write_text(text)
+
+
+def simulator_check(results: dict, costs_path: Path) -> str:
+    """`minedraft simulate --compare` on this run: the cost model's predictions against the rows."""
+    from .cost_model import StepCosts
+    from .simulate import compare, mean_prompt_tokens
+    args = results["args"]
+    check = compare(StepCosts.load(costs_path), results,
+                    mean_prompt_tokens(Path(args["model_dir"]), args["num_prompts"]))
+    lines = ["", "## The simulator against this run", "",
+             f"`minedraft simulate --costs {costs_path.parent.name}/costs.json --compare "
+             f"{costs_path.parent.name}/raw.json`: the step costs the flex engine measured (start-up calibration, "
+             "per-row overhead learnt in its in-process run) fed to the cost model, with each row's alpha fitted to "
+             f"its measured acceptance; prompts {check['prompt_tokens']} tokens on average. Error = "
+             "(predicted − measured) / measured.", "",
+             "Mean absolute error per mode: " + ", ".join(f"{mode} {100 * e:.1f} %"
+                                                          for mode, e in check["mean_abs_error"].items()) + ".", "",
+             "| set-up | k | c | predicted as | predicted tok/s | measured tok/s | error |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['setup']} | {r['k']} | {r['concurrency']} | {r['choice']} | {r['predicted_tokens_per_s']} | "
+              f"{r['measured_tokens_per_s']} | {100 * r['error']:+.1f} % |" for r in check["rows"]]
+    return "\n".join(lines) + "\n"
 
 
 def per_concurrency(results: dict) -> list[dict]:

@@ -50,6 +50,9 @@ class StepRecord:
     commit_seconds: float  # booking, detokenising and output building for the verified rows
     # Every drafting this step: (rows, steps, seconds less catch-up, whether it ran beside verification).
     draft_runs: list[tuple[int, int, float, bool]]
+    seconds: float  # the whole step after prefill: drafting, verification, waits, commit
+    catch_up_seconds: float  # of which drafters spent refeeding backlogs (newcomers, moved rows, after AR)
+    num_tokens: int  # tokens the step committed
 
 
 class Engine:
@@ -82,6 +85,7 @@ class Engine:
         self.steps_by_mode = {"ar": 0, "sd": 0, "psd": 0}
         self.acceptance_prior = 0.5  # a newcomer's alpha before its first verification: the running mean
         self._draft_runs: list[tuple[int, int, float, bool]] = []
+        self._catch_up_seconds = 0.0
         self.fault_hook = None  # tests: called with each Sequence before its commit
 
     # -- set-up -------------------------------------------------------------------------------
@@ -185,7 +189,7 @@ class Engine:
         plan = self.policy.plan(self.scheduler.batches)
         if plan is None:
             return outputs
-        self._draft_runs = []
+        self._draft_runs, self._catch_up_seconds = [], 0.0
         draft_span = self._draft_for(plan)
         verify_started = time.monotonic()
         # Snapshot the drafts being verified: a drafter failure below forgets every seq's drafts.
@@ -197,11 +201,15 @@ class Engine:
             draft_span = self._collect_drafts(plan.overlap, self.drafter) or draft_span
         verify_size = len(plan.verify)
         commit_started = time.monotonic()
-        outputs += self._commit(plan.verify, drafts, accepted, next_tokens)
+        committed = self._commit(plan.verify, drafts, accepted, next_tokens)
+        outputs += committed
+        ended = time.monotonic()
         record = StepRecord(
             plan.mode, plan.verify.slot, verify_size, verify_span, verified_drafts,
             plan.overlap.slot if plan.overlap else None, len(plan.overlap) if plan.overlap else 0,
-            draft_span, plan.num_draft_tokens, prefill_seconds, time.monotonic() - commit_started, self._draft_runs)
+            draft_span, plan.num_draft_tokens, prefill_seconds, ended - commit_started, self._draft_runs,
+            ended - prefill_started - prefill_seconds, self._catch_up_seconds,
+            sum(len(out.new_token_ids) for out in committed))
         self.step_log.append(record)
         self.steps_by_mode[plan.mode] += 1
         self.policy.observe(record)
@@ -214,8 +222,10 @@ class Engine:
             return None
         span = None
         if not plan.verify.is_drafted:
-            if self._start_draft(plan.verify, plan.num_draft_tokens, self.sequential_drafter):
-                span = self._collect_drafts(plan.verify, self.sequential_drafter)
+            # A probe drafts where the batch's rows already are: moving them costs a full refeed.
+            drafter = plan.verify.drafter if plan.probe and plan.verify.drafter else self.sequential_drafter
+            if self._start_draft(plan.verify, plan.num_draft_tokens, drafter):
+                span = self._collect_drafts(plan.verify, drafter)
         if plan.overlap is not None and not self._start_draft(plan.overlap, plan.num_draft_tokens, self.drafter):
             plan.overlap = None
         return span
@@ -267,6 +277,7 @@ class Engine:
         started, ended = drafter.last_span
         overlapped = drafter is self.drafter and drafter is not self.sequential_drafter
         self._draft_runs.append((len(batch), steps, ended - started - drafts.catch_up_seconds, overlapped))
+        self._catch_up_seconds += drafts.catch_up_seconds
         return drafter.last_span
 
     def _on_drafter_failure(self, exc: Exception, drafter) -> None:

@@ -60,46 +60,64 @@ class OnlineCosts:
 
 
 class FlexPolicy(Policy):
-    def __init__(self, max_draft_tokens: int, costs: StepCosts, batch_capacity: int, hysteresis: float = 0.1,
-                 min_dwell: int = 8, probe_interval: int = 8):
+    """Ranks the choices with the cost model, then scales each mode's estimate by what that mode
+    actually achieved at this load: a moving average of realised / predicted goodput over whole
+    steps, per (mode, batch-size bucket). That catches what the component costs miss (the
+    server's response sending, the GIL, pipe round trips), so the model proposes and the
+    measurements dispose."""
+
+    def __init__(self, max_draft_tokens: int, costs: StepCosts, batch_capacity: int, hysteresis: float = 0.2,
+                 k_hysteresis: float = 0.05, min_dwell: int = 8, probe_interval: int = 8):
         super().__init__(Choice("sd", max_draft_tokens))
         self.name = "flex"
         self.costs = OnlineCosts(costs)
         self.batch_capacity = batch_capacity
-        self.hysteresis = hysteresis
+        self.hysteresis = hysteresis  # for a change of mode, which moves requests and refeeds drafters
+        self.k_hysteresis = k_hysteresis  # for a new k in the same mode, which costs nothing
         self.min_dwell = min_dwell
         self.probe_interval = probe_interval
         self.choice: Choice | None = None
         self.steps_since_switch = 0
         self.steps_since_draft = 0
         self.last_ranking: dict[Choice, float] = {}
+        self.realised_ratio: dict[tuple[str, int], float] = {}  # (mode, bucket of running rows)
+        self._planned: tuple[Choice, int, float] | None = None  # choice, rows, predicted goodput
 
     @property
     def splits_batches(self) -> bool:
         return self.choice is None or self.choice.mode == "psd"
 
-    def choose(self, alphas: list[float]) -> Choice:
+    def choose(self, alphas: list[float]) -> tuple[Choice, bool]:
         """The best expected goodput. The current choice stays for min_dwell steps, and after that
-        until another beats it clearly: a switch costs more than the step (the new layout
-        fills only through admission; a drafter change refeeds its cache)."""
-        ranking = rank(alphas, self.costs, self.max_draft_tokens, self.batch_capacity)
+        until another beats it clearly: a switch costs more than the step (requests move between
+        the batches, and a drafter change refeeds that drafter's cache). Also says whether the
+        step is a probe."""
+        predicted = rank(alphas, self.costs, self.max_draft_tokens, self.batch_capacity)
+        bucket = self.costs.bucket(len(alphas))
+        ranking = {c: g * self.realised_ratio.get((c.mode, bucket), 1.0) for c, g in predicted.items()}
         best = max(ranking, key=ranking.get)
         self.steps_since_switch += 1
+        margin = self.k_hysteresis if self.choice is not None and best.mode == self.choice.mode else self.hysteresis
         if self.choice not in ranking or (self.steps_since_switch >= self.min_dwell
-                                          and ranking[best] > (1 + self.hysteresis) * ranking[self.choice]):
+                                          and ranking[best] > (1 + margin) * ranking[self.choice]):
             self.choice = best
             self.steps_since_switch = 0
         self.last_ranking = ranking
+        choice, probe = self.choice, False
         if self.choice.mode == "ar" and self.steps_since_draft >= self.probe_interval:
             # AR learns nothing about acceptance: one SD step now and then lets it come back.
-            return max((c for c in ranking if c.mode == "sd"), key=ranking.get)
-        return self.choice
+            choice, probe = max((c for c in ranking if c.mode == "sd"), key=ranking.get), True
+        self._planned = (choice, len(alphas), predicted[choice])
+        return choice, probe
 
     def plan(self, batches: list[Batch]) -> StepPlan | None:
         alphas = [seq.acceptance.value for batch in batches for seq in batch.seqs]
         if not alphas:
             return None
-        return self.plan_choice(batches, self.choose(alphas))
+        choice, probe = self.choose(alphas)
+        plan = self.plan_choice(batches, choice)
+        plan.probe = probe
+        return plan
 
     def observe(self, record) -> None:
         costs = self.costs
@@ -110,3 +128,12 @@ class FlexPolicy(Policy):
             costs.observe_draft(rows, steps, alongside, seconds)
         self.steps_since_draft = 0 if record.draft_runs else self.steps_since_draft + 1
         costs.observe_overhead(record.verify_size, record.commit_seconds)
+        # A backlog refeed is a one-off of the switch or the arrival, not this mode's steady cost.
+        seconds = max(record.seconds - record.catch_up_seconds, record.verify_span[1] - record.verify_span[0])
+        if self._planned is not None and seconds > 0:
+            choice, rows, predicted = self._planned
+            key = (choice.mode, costs.bucket(rows))
+            ratio = record.num_tokens / seconds / predicted
+            old = self.realised_ratio.get(key)
+            self.realised_ratio[key] = ratio if old is None else old + costs.weight * (ratio - old)
+            self._planned = None
