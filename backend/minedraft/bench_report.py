@@ -27,8 +27,11 @@ def simulator_check(results: dict, costs_path: Path) -> str:
     from .cost_model import StepCosts
     from .simulate import compare, mean_prompt_tokens
     args = results["args"]
-    check = compare(StepCosts.load(costs_path), results,
-                    mean_prompt_tokens(Path(args["model_dir"]), args["num_prompts"]))
+    costs = StepCosts.load(costs_path)
+    prompt_tokens = mean_prompt_tokens(Path(args["model_dir"]), args["num_prompts"])
+    check = compare(costs, results, prompt_tokens)
+    # The costs are the engine's own: its in-process runs show the model without the server's share.
+    engine = compare(costs, {"args": args, "rows": results.get("engine", [])}, prompt_tokens)
     lines = ["", "## The simulator against this run", "",
              f"`minedraft simulate --costs {costs_path.parent.name}/costs.json --compare "
              f"{costs_path.parent.name}/raw.json`: the step costs the flex engine measured (start-up calibration, "
@@ -40,6 +43,12 @@ def simulator_check(results: dict, costs_path: Path) -> str:
              "| set-up | k | c | predicted as | predicted tok/s | measured tok/s | error |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['setup']} | {r['k']} | {r['concurrency']} | {r['choice']} | {r['predicted_tokens_per_s']} | "
               f"{r['measured_tokens_per_s']} | {100 * r['error']:+.1f} % |" for r in check["rows"]]
+    lines += ["", "Against the same run's in-process engine measurements (no server on the cores): mean absolute "
+              "error " + ", ".join(f"{mode} {100 * e:.1f} %" for mode, e in engine["mean_abs_error"].items()) + ".",
+              "", "| set-up | k | c | predicted as | predicted tok/s | measured tok/s (in-process) | error |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['setup']} | {r['k']} | {r['concurrency']} | {r['choice']} | {r['predicted_tokens_per_s']} | "
+              f"{r['measured_tokens_per_s']} | {100 * r['error']:+.1f} % |" for r in engine["rows"]]
     return "\n".join(lines) + "\n"
 
 

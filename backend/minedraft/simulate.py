@@ -144,7 +144,7 @@ def compare(costs: StepCosts, raw: dict, prompt_tokens: float) -> dict:
                      "alpha": None if mode == "ar" else round(alpha, 4), "choice": predicted["choice"],
                      "predicted_tokens_per_s": round(predicted["tokens_per_s"], 2), "measured_tokens_per_s": measured,
                      "error": round((predicted["tokens_per_s"] - measured) / measured, 4),
-                     "predicted_e2e_ms": round(predicted["e2e_ms"], 1), "measured_e2e_p50_ms": row["e2e_p50_ms"]})
+                     "predicted_e2e_ms": round(predicted["e2e_ms"], 1), "measured_e2e_p50_ms": row.get("e2e_p50_ms")})
     errors = {}
     for r in rows:
         errors.setdefault(r["mode"], []).append(abs(r["error"]))
