@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .bench_engine import engine_for, load_prompts, measure
 from .config import DEFAULT_MODEL_DIR
+from .cost_model import MODES
 from .launcher import TritonServer, free_port
 from .perf_analyzer import perf_analyzer_binary, perf_analyzer_env, write_input_data
 from .repository import write_repository
@@ -116,7 +117,7 @@ def measure_server(server, setup, k, concurrency, prompts, max_tokens, workdir: 
         return after.get(name, 0) - before.get(name, 0)
 
     drafted, accepted = delta("minedraft_draft_tokens_total"), delta("minedraft_accepted_tokens_total")
-    steps = {mode: delta(f"minedraft_policy_steps_total/{mode}") for mode in ("ar", "sd", "psd")}
+    steps = {mode: delta(f"minedraft_policy_steps_total/{mode}") for mode in MODES}
     return {"setup": setup, "model": model, "num_draft_tokens": k, "concurrency": concurrency,
             **summarise_profile(export), "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
             "steps_by_mode": steps}

@@ -27,10 +27,10 @@ from . import sampler
 from .model_runner import ModelRunner, load_model
 
 NUM_BATCH_SLOTS = 2
-# Both sides poll the pipe this long before blocking on it. A blocked virtual CPU halts, and
-# waking it costs more than latency: measured here, an SD step whose two sides blocked in
-# turn ran its verify 26 % and its drafts 48 % slower (cold caches after the halt). Beyond
-# this, an idle server's drafter sleeps.
+# Both sides poll the pipe this long before blocking on it: a blocked virtual CPU halts, and
+# waking it is slow. In one profiling run here, SD steps through the worker with both sides
+# blocking ran their verifications 26 % and their drafts 48 % slower than the same steps in one
+# process; polling first recovered much of that (noisy). Beyond this, an idle drafter sleeps.
 SPIN_SECONDS = 0.05
 
 

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoTokenizer
 from . import sampler
 from .config import ConfigError, EngineConfig
 from .calibration import draft_step_seconds, measure_step_costs
-from .cost_model import Choice
+from .cost_model import MODES, Choice
 from .drafter import DraftRow, DraftWork, DrafterError, InlineDrafter, ProcessDrafter, build_draft_model
 from .flex import FlexPolicy
 from .model_runner import ModelRunner, load_model
@@ -82,7 +82,7 @@ class Engine:
         self._cancelled: set[str] = set()
         self.step_log: deque[StepRecord] = deque(maxlen=4096)
         self.num_drafter_failures = 0
-        self.steps_by_mode = {"ar": 0, "sd": 0, "psd": 0}
+        self.steps_by_mode = dict.fromkeys(MODES, 0)
         self.acceptance_prior = 0.5  # a newcomer's alpha before its first verification: the running mean
         self._draft_runs: list[tuple[int, int, float, bool]] = []
         self._catch_up_seconds = 0.0

@@ -2,6 +2,8 @@
 import re
 import urllib.request
 
+from .cost_model import MODES
+
 LATENCY_BUCKETS = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
 
 
@@ -17,7 +19,7 @@ class EngineMetrics:
 
         def per_mode(name, description, kind):
             self._families.append(M(name=name, description=description, kind=kind))
-            return {mode: self._families[-1].Metric(labels={**labels, "mode": mode}) for mode in ("ar", "sd", "psd")}
+            return {mode: self._families[-1].Metric(labels={**labels, "mode": mode}) for mode in MODES}
 
         def histogram(name, description):
             return family(name, description, M.HISTOGRAM, buckets=LATENCY_BUCKETS)
@@ -45,7 +47,7 @@ class EngineMetrics:
         self.e2e = histogram("minedraft_request_latency_seconds", "End-to-end request latency")
         self._max_verify = 0
         self._failures_seen = 0
-        self._steps_seen = {"ar": 0, "sd": 0, "psd": 0}
+        self._steps_seen = dict.fromkeys(MODES, 0)
 
     def close(self) -> None:
         """Drop every Metric before its MetricFamily; the stub crashes at exit otherwise."""
