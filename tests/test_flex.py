@@ -100,6 +100,9 @@ def test_realised_goodput_corrects_a_modes_estimate():
     """A mode that achieves half of what the model predicts is ranked at half from then on."""
     policy = FlexPolicy(8, costs(draft_step=0.0005), batch_capacity=64, probe_interval=1000)
     batches = batches_with(1, alpha=0.8)
+    policy.plan(batches)
+    assert policy._planned is None  # a switch's first steps are not judged: the layout is still moving
+    policy.steps_since_switch = policy.min_dwell
     plan = policy.plan(batches)
     chosen, predicted = policy.choice, policy.last_ranking[policy.choice]
     verify = policy.costs.verify_seconds(1, chosen.k)  # as calibrated: the cost estimates stay put

@@ -107,7 +107,10 @@ class FlexPolicy(Policy):
         if self.choice.mode == "ar" and self.steps_since_draft >= self.probe_interval:
             # AR learns nothing about acceptance: one SD step now and then lets it come back.
             choice, probe = max((c for c in ranking if c.mode == "sd"), key=ranking.get), True
-        self._planned = (choice, len(alphas), predicted[choice])
+        # What a mode achieves is judged on its settled steps: right after a switch the layout and
+        # the drafters' caches are still moving, and a probe is one SD step in an AR layout.
+        settled = not probe and self.steps_since_switch >= self.min_dwell
+        self._planned = (choice, len(alphas), predicted[choice]) if settled else None
         return choice, probe
 
     def plan(self, batches: list[Batch]) -> StepPlan | None:
