@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .bench_engine import engine_for, load_prompts, measure
@@ -166,8 +167,7 @@ def in_process(setup, k, concurrency, prompts, max_tokens, model_dir, max_num_se
         row["ideal_tokens_per_s"] = round(row["output_tokens"] / target_seconds, 2) if target_seconds else None
         if mode == "flex" and costs_path is not None:
             costs = engine.policy.costs
-            costs.table.overhead_per_row = costs.overhead_per_row
-            Path(costs_path).write_text(costs.table.to_json())
+            Path(costs_path).write_text(replace(costs.table, overhead_per_row=costs.overhead_per_row).to_json())
     finally:
         engine.close()
     return row
@@ -207,10 +207,10 @@ def run(args) -> dict:
         checks = [(s, c) for s in ("sd_1core", "psd", "flex") if s in setups for c in args.engine_concurrency]
         task = progress.add_task("in-process engine", total=len(checks) + 1)
         engine_rows = []
+        (args.out / "bench").mkdir(parents=True, exist_ok=True)
         for setup, c in checks:
             k = best(rows, setup, c)["num_draft_tokens"] if best(rows, setup, c) else args.draft_lengths[0]
             costs_path = args.out / "bench" / "costs.json" if setup == "flex" else None
-            (args.out / "bench").mkdir(parents=True, exist_ok=True)
             engine_rows.append({"setup": setup, **in_process(setup, k, c, prompts, args.max_tokens, args.model_dir,
                                                              args.max_num_seqs, costs_path)})
             progress.advance(task)

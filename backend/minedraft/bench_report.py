@@ -37,19 +37,20 @@ def simulator_check(results: dict, costs_path: Path) -> str:
              f"{costs_path.parent.name}/raw.json`: the step costs the flex engine measured (start-up calibration, "
              "per-row overhead learnt in its in-process run) fed to the cost model, with each row's alpha fitted to "
              f"its measured acceptance; prompts {check['prompt_tokens']} tokens on average. Error = "
-             "(predicted − measured) / measured.", "",
-             "Mean absolute error per mode: " + ", ".join(f"{mode} {100 * e:.1f} %"
-                                                          for mode, e in check["mean_abs_error"].items()) + ".", "",
-             "| set-up | k | c | predicted as | predicted tok/s | measured tok/s | error |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['setup']} | {r['k']} | {r['concurrency']} | {r['choice']} | {r['predicted_tokens_per_s']} | "
-              f"{r['measured_tokens_per_s']} | {100 * r['error']:+.1f} % |" for r in check["rows"]]
-    lines += ["", "Against the same run's in-process engine measurements (no server on the cores): mean absolute "
-              "error " + ", ".join(f"{mode} {100 * e:.1f} %" for mode, e in engine["mean_abs_error"].items()) + ".",
-              "", "| set-up | k | c | predicted as | predicted tok/s | measured tok/s (in-process) | error |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['setup']} | {r['k']} | {r['concurrency']} | {r['choice']} | {r['predicted_tokens_per_s']} | "
-              f"{r['measured_tokens_per_s']} | {100 * r['error']:+.1f} % |" for r in engine["rows"]]
+             "(predicted − measured) / measured.", ""]
+    lines += _comparison("Mean absolute error per mode", check, "measured tok/s")
+    lines += [""] + _comparison("Against the same run's in-process engine measurements (no server on the cores): "
+                                "mean absolute error", engine, "measured tok/s (in-process)")
     return "\n".join(lines) + "\n"
+
+
+def _comparison(title: str, check: dict, measured: str) -> list[str]:
+    """One simulate.compare result: its mean errors, then a row per measurement."""
+    errors = ", ".join(f"{mode} {100 * e:.1f} %" for mode, e in check["mean_abs_error"].items())
+    return [f"{title}: {errors}.", "",
+            f"| set-up | k | c | predicted as | predicted tok/s | {measured} | error |", "|---|---|---|---|---|---|---|",
+            *(f"| {r['setup']} | {r['k']} | {r['concurrency']} | {r['choice']} | {r['predicted_tokens_per_s']} | "
+              f"{r['measured_tokens_per_s']} | {100 * r['error']:+.1f} % |" for r in check["rows"])]
 
 
 def per_concurrency(results: dict) -> list[dict]:

@@ -198,7 +198,7 @@ class Engine:
         accepted, next_tokens = self._verify(plan.verify)
         verify_span = (verify_started, time.monotonic())
         if plan.overlap is not None and self.drafter is not None:
-            draft_span = self._collect_drafts(plan.overlap, self.drafter) or draft_span
+            draft_span = self._collect_drafts(plan.overlap, self.drafter, overlapped=True) or draft_span
         verify_size = len(plan.verify)
         commit_started = time.monotonic()
         committed = self._commit(plan.verify, drafts, accepted, next_tokens)
@@ -261,7 +261,7 @@ class Engine:
         batch.draft_moves.clear()
         return work
 
-    def _collect_drafts(self, batch: Batch, drafter):
+    def _collect_drafts(self, batch: Batch, drafter, overlapped: bool = False):
         try:
             drafts = drafter.finish()
         except DrafterError as exc:
@@ -275,7 +275,6 @@ class Engine:
             seq.draft_extent = steps - 1
         batch.is_drafted = True
         started, ended = drafter.last_span
-        overlapped = drafter is self.drafter and drafter is not self.sequential_drafter
         self._draft_runs.append((len(batch), steps, ended - started - drafts.catch_up_seconds, overlapped))
         self._catch_up_seconds += drafts.catch_up_seconds
         return drafter.last_span

@@ -49,8 +49,8 @@ class Scheduler:
 
     def admit(self, split: bool = True) -> list[tuple[Sequence, Batch]]:
         """Move waiting requests into the smaller batch (`split`, PSD's layout) or into the first
-        batch with room (one big batch for SD and AR), while there is room. Flex changes the
-        layout only through admission: requests never move between batches' caches."""
+        batch with room (one big batch for SD and AR), while there is room. Running requests
+        follow a changed layout through layout_moves."""
         admitted = []
         while self.waiting:
             open_batches = [b for b in self.batches if len(b) < b.capacity]
