@@ -20,10 +20,18 @@ def make_engine(target, draft, mode="psd", drafter="auto", **kwargs):
     return Engine(EngineConfig(target_model=target, draft_model=draft, mode=mode, drafter=drafter, **kwargs))
 
 
-def reference_greedy(model, tokenizer, prompt, max_tokens):
+def reference_greedy(model, tokenizer, prompt, max_tokens, ignore_eos=False):
+    """HF's greedy decoding of the target alone; with `ignore_eos`, EOS is emitted and decoding
+    goes on (the engine's ignore_eos), which generate() does not offer."""
     ids = tokenizer(prompt, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False)
-    return ids[0].tolist(), out[0, ids.size(1):].tolist()
+    if not ignore_eos:
+        out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False)
+        return ids[0].tolist(), out[0, ids.size(1):].tolist()
+    tokens = ids[0].tolist()
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
+    return ids[0].tolist(), tokens[ids.size(1):]
 
 
 def run_staggered(engine, prompts, params):
@@ -51,7 +59,7 @@ def exact_two_token_law(model, tokenizer, prompt, params):
     def processed(logits):
         b = logits.size(0)
         rows = sampler.RowSampling(torch.full((b,), params["temperature"]), torch.full((b,), params["top_k"]),
-                                   torch.full((b,), params["top_p"]), torch.zeros(b, 1, dtype=torch.bool), None)
+                                   torch.full((b,), params["top_p"]), torch.zeros(b, 1, dtype=torch.bool), ())
         return sampler.processed_probs(logits[:, None].float(), rows)[:, 0]
 
     with torch.no_grad():

@@ -5,14 +5,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from minedraft.cost_model import Choice, StepCosts, expected_tokens
 from minedraft.drafter import DraftRow, DraftWork, build_draft_model
 from minedraft.flex import FlexPolicy, OnlineCosts
 from minedraft.scheduler import Batch
 from minedraft.sequence import AcceptanceEstimate
-from engine_helpers import PROMPTS, binned, exact_two_token_law, make_engine, reference_greedy, run_staggered
+from engine_helpers import PROMPTS, make_engine, reference_greedy, run_staggered
 
 SIZES = [1, 2, 4, 8, 16, 32]
 
@@ -150,7 +149,7 @@ def test_truncation_cuts_each_row_where_its_cumulative_confidence_falls_below_ta
     tokenizer = AutoTokenizer.from_pretrained(tiny_pair[1])
     ids = [tokenizer(p).input_ids for p in PROMPTS[:6]]
     caps = [6, 6, 3, 6, 1, 6]
-    model = build_draft_model(tiny_pair[1], "cpu", "float32", 8, 128, tokenizer.eos_token_id)
+    model = build_draft_model(tiny_pair[1], "cpu", "float32", 8, 128, (tokenizer.eos_token_id,), len(tokenizer))
     full = model.run(DraftWork(0, [], draft_rows(ids, caps), 6, 0.0))
     assert full.lengths == caps  # tau 0: every row drafts to its cap
     confidence = full.probs.amax(-1).cumprod(-1)
@@ -214,21 +213,3 @@ def test_truncation_drafts_less_and_keeps_the_output(tiny_pair):
     print(f"drafted tokens: {drafted}")
     assert 0 < drafted[0.3] < drafted[0.0]
     assert [o.new_token_ids for o in outputs[0.3]] == [o.new_token_ids for o in outputs[0.0]]
-
-
-def test_flex_sampling_follows_the_targets_distribution(tiny_pair, noisy_draft, target_model):
-    """Scripted flex with truncation: the first two sampled tokens against the exact joint law."""
-    model, tokenizer = target_model
-    prompt, draws = "def add(a, b):", 3000
-    params = {"max_tokens": 2, "temperature": 1.3, "top_k": 40, "top_p": 0.95, "ignore_eos": True}
-    engine = make_engine(tiny_pair[0], noisy_draft, mode="flex", drafter="process", max_num_seqs=32,
-                         draft_confidence_threshold=0.3)
-    scripted_choices(engine, every=2)
-    outs = engine.generate([prompt] * draws, params)
-    engine.close()
-    assert sum(o.num_accepted_tokens for o in outs) > 0.1 * sum(o.num_drafted_tokens for o in outs)
-    counts = {}
-    for o in outs:
-        counts[tuple(o.new_token_ids)] = counts.get(tuple(o.new_token_ids), 0) + 1
-    observed, expected = binned(counts, exact_two_token_law(model, tokenizer, prompt, params), draws)
-    assert chisquare(observed, expected).pvalue > 0.01

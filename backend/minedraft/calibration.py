@@ -23,10 +23,10 @@ def batch_ladder(max_batch: int) -> list[int]:
     return sorted(set(sizes + [max_batch]))
 
 
-def measure_step_costs(target, cache, drafter, max_k: int, max_batch: int, eos_token_id, repeats: int = 3) -> StepCosts:
+def measure_step_costs(target, cache, drafter, max_k: int, max_batch: int, eos_token_ids, repeats: int = 3) -> StepCosts:
     sizes = batch_ladder(max_batch)
     prefill_per_token = _prefill_context(target, cache, max_batch)
-    verify = [[_median_seconds(lambda: _verify_once(target, cache, b, k, eos_token_id), repeats)
+    verify = [[_median_seconds(lambda: _verify_once(target, cache, b, k, eos_token_ids), repeats)
                for k in range(max_k + 1)] for b in sizes]
     draft = [draft_step_seconds(drafter, b, max_k, repeats) for b in sizes]
     return StepCosts(sizes, verify, draft, overhead_per_row=0.0, prefill_per_token=prefill_per_token)
@@ -41,11 +41,11 @@ def _prefill_context(target, cache, rows: int) -> float:
     return (time.perf_counter() - started) / CONTEXT_LEN
 
 
-def _verify_once(target, cache, rows: int, k: int, eos_token_id) -> None:
+def _verify_once(target, cache, rows: int, k: int, eos_token_ids) -> None:
     """What a verification does: the forward over 1 + k tokens per row, then the acceptance rule."""
     logits = target.forward(cache, slice(0, rows), [CONTEXT_LEN] * rows, [_tokens(k + 1)] * rows).cpu()
     greedy = [DraftRow(0, [], 0.0, 0, 1.0, 0, [], k)] * rows
-    probs = sampler.processed_probs(logits, sampler.RowSampling.for_rows(greedy, [0] * rows, k + 1, eos_token_id))
+    probs = sampler.processed_probs(logits, sampler.RowSampling.for_rows(greedy, [0] * rows, k + 1, eos_token_ids))
     draft_ids = torch.ones(rows, k, dtype=torch.long)
     sampler.verify(probs, draft_ids, probs[:, :k], torch.full((rows,), k), torch.rand(rows, k), torch.rand(rows))
 

@@ -2,30 +2,59 @@
 import argparse
 import signal
 import sys
+import threading
 
 from .launcher import DEFAULT_REPOSITORY, LaunchError, TritonServer
 
 
 def serve(args) -> int:
+    """Run tritonserver until SIGINT or SIGTERM; restart it if it exits on its own (a crash)."""
+    stop = threading.Event()
+    # The handlers only set a flag: stopping the server from inside a handler would wait on the
+    # Popen that the interrupted main thread may be waiting on already, and hang.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     server = TritonServer(args.model_repository, args.http_port, args.grpc_port, args.metrics_port, args.triton_args)
+    restarts = 0
     try:
         server.start()
         print(" ".join(server.command()), flush=True)
-        server.wait_ready(args.ready_timeout)
+        _wait_ready(server, args.ready_timeout, stop)
+        print(f"\nminedraft is serving {server.model_repository}\n"
+              f"  HTTP     http://{server.http_url}   (POST /v2/models/<model>/generate_stream)\n"
+              f"  gRPC     {server.grpc_url}\n"
+              f"  metrics  {server.metrics_url}\n"
+              f"Try: minedraft-client 'What is speculative decoding?'   (Ctrl-C stops the server)", flush=True)
+        while not stop.wait(0.5):
+            code = server.process.poll()
+            if code is None:
+                continue
+            restarts += 1
+            print(f"minedraft serve: tritonserver exited unexpectedly ({_describe_exit(code)}); "
+                  f"restarting it (restart {restarts}); in-flight requests were lost", file=sys.stderr, flush=True)
+            server.restart(restarts)
+            _wait_ready(server, args.ready_timeout, stop)
+            print(f"minedraft serve: tritonserver is serving again after restart {restarts}", file=sys.stderr,
+                  flush=True)
     except LaunchError as exc:
         print(f"minedraft serve: {exc}", file=sys.stderr)
-        server.stop()
+        server.stop(args.exit_timeout)
         return 1
-    print(f"\nminedraft is serving {server.model_repository}\n"
-          f"  HTTP     http://{server.http_url}   (POST /v2/models/minedraft/generate_stream)\n"
-          f"  gRPC     {server.grpc_url}\n"
-          f"  metrics  {server.metrics_url}\n"
-          f"Try: minedraft-client 'def fibonacci(n):'   (Ctrl-C stops the server)", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    code = server.stop(args.exit_timeout)
+    print(f"minedraft serve: tritonserver stopped ({_describe_exit(code)})", file=sys.stderr, flush=True)
+    return 0 if code in (0, -signal.SIGINT) else 1
+
+
+def _wait_ready(server: TritonServer, timeout: float, stop: threading.Event) -> None:
     try:
-        return server.process.wait()
-    except KeyboardInterrupt:
-        return server.stop()
+        server.wait_ready(timeout, stop)
+    except LaunchError:
+        if not stop.is_set():
+            raise
+
+
+def _describe_exit(code: int) -> str:
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
 def main(argv=None) -> int:
@@ -37,6 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--ready-timeout", type=float, default=300)
+    p.add_argument("--exit-timeout", type=float, default=30,
+                   help="seconds the server gets to finish on SIGINT/SIGTERM before it is killed")
     p.add_argument("triton_args", nargs="*", help="extra tritonserver flags, after --")
     p.set_defaults(run=serve)
     b = commands.add_parser("bench", help="AR vs SD vs PSD through tritonserver with perf_analyzer")

@@ -76,8 +76,9 @@ class EngineConfig:
         for key in ("target_cpus", "draft_cpus"):
             parse_cpus(getattr(self, key), key)
         for key in ("target_model", "draft_model"):
-            if not (Path(getattr(self, key)) / "config.json").is_file():
-                raise ConfigError(f"{key}: no HF model (config.json) in {getattr(self, key)!r}")
+            path = getattr(self, key)
+            if not ((Path(path) / "config.json").is_file() or (path.endswith(".gguf") and Path(path).is_file())):
+                raise ConfigError(f"{key}: neither an HF model directory (config.json) nor a .gguf file: {path!r}")
 
     @property
     def num_batches(self) -> int:

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +28,8 @@ from . import sampler
 from .model_runner import ModelRunner, load_model
 
 NUM_BATCH_SLOTS = 2
+D2T_FILE = "d2t.json"
+RESPAWN_BACKOFF_SECONDS = (1.0, 60.0)  # first and longest wait before respawning a worker that failed to start
 # Both sides poll the pipe this long before blocking on it: a blocked virtual CPU halts, and
 # waking it is slow. In one profiling run here, SD steps through the worker with both sides
 # blocking ran their verifications 26 % and their drafts 48 % slower than the same steps in one
@@ -67,12 +70,55 @@ class Drafts:
     catch_up_seconds: float  # of the run, spent feeding rows' long backlogs (newcomers, after AR steps)
 
 
+class DraftVocabulary:
+    """The draft's token ids in the target's vocabulary, for a draft with a reduced vocabulary
+    (FR-Spec, EAGLE-3): `d2t.json` in the draft's directory lists, for each draft id, its target id.
+    Target tokens outside it are fed as the draft's extra last id and are never proposed: their q is
+    0, which keeps rejection sampling lossless. Without `d2t.json` the two vocabularies are one."""
+
+    def __init__(self, d2t: list[int] | None, target_vocab_size: int):
+        self.target_vocab_size = target_vocab_size
+        self.d2t = None if d2t is None else torch.tensor(d2t, dtype=torch.long)
+        if self.d2t is not None:
+            self.size = len(d2t)
+            self.t2d = torch.full((target_vocab_size,), self.size, dtype=torch.long)
+            self.t2d[self.d2t] = torch.arange(self.size)
+
+    @classmethod
+    def load(cls, model_path: str, target_vocab_size: int) -> "DraftVocabulary":
+        path = Path(model_path) / D2T_FILE
+        return cls(json.loads(path.read_text()) if path.is_file() else None, target_vocab_size)
+
+    def to_draft(self, ids: list[int]) -> list[int]:
+        return ids if self.d2t is None else self.t2d[torch.tensor(ids, dtype=torch.long)].tolist()
+
+    def draft_id(self, target_id: int | None) -> int | None:
+        if self.d2t is None or target_id is None:
+            return target_id
+        draft_id = int(self.t2d[target_id])
+        return draft_id if draft_id < self.size else None
+
+    def proposable(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.d2t is None else logits[..., :self.size]
+
+    def to_target(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids if self.d2t is None else self.d2t[ids]
+
+    def expand(self, probs: torch.Tensor) -> torch.Tensor:
+        """[b, draft vocab] -> [b, target vocab], zero outside the draft's vocabulary."""
+        if self.d2t is None:
+            return probs
+        full = probs.new_zeros(probs.size(0), self.target_vocab_size)
+        return full.index_copy_(1, self.d2t, probs)
+
+
 class DraftModel:
     """Draft model plus one RowKVCache per internal batch."""
 
-    def __init__(self, runner: ModelRunner, eos_token_id: int | None):
+    def __init__(self, runner: ModelRunner, eos_token_ids: tuple[int, ...], vocabulary: DraftVocabulary):
         self.runner = runner
-        self.eos_token_id = eos_token_id
+        self.vocabulary = vocabulary
+        self.eos_token_ids = tuple(filter(lambda i: i is not None, map(vocabulary.draft_id, eos_token_ids)))
         self.caches = [runner.new_cache() for _ in range(NUM_BATCH_SLOTS)]
         self.last_span = (0.0, 0.0)  # monotonic start and end of the last run (shared clock across processes)
 
@@ -91,22 +137,24 @@ class DraftModel:
         catch_up_started = time.monotonic()
         lens = self._prefill_long_feeds(cache, rows)
         catch_up_seconds = time.monotonic() - catch_up_started
-        feeds = [r.feed[len(r.feed) - min(len(r.feed), 2):] for r in rows]
+        feeds = [self.vocabulary.to_draft(r.feed[len(r.feed) - min(len(r.feed), 2):]) for r in rows]
         logits = self.runner.forward(cache, slice(0, len(rows)), lens, feeds, last_only=True)
         lens = [n + len(f) for n, f in zip(lens, feeds)]
-        sampling = sampler.RowSampling.for_rows(rows, [r.num_eos_blocked for r in rows], k, self.eos_token_id)
-        uniforms = torch.tensor([r.uniforms[:k] for r in rows], dtype=torch.float32)
+        sampling = sampler.RowSampling.for_rows(rows, [r.num_eos_blocked for r in rows], k, self.eos_token_ids)
+        # Each row brings uniforms for its own cap only: its draws never depend on its neighbours.
+        uniforms = torch.tensor([r.uniforms[:k] + [0.0] * (k - len(r.uniforms[:k])) for r in rows],
+                                dtype=torch.float32)
         caps = torch.tensor([r.max_tokens for r in rows])
         lengths = torch.zeros(len(rows), dtype=torch.long)
         confidence = torch.ones(len(rows))
         drafting = caps > 0
         ids, probs = [], []
         for j in range(k):
-            logits = logits.to("cpu")
+            logits = self.vocabulary.proposable(logits.to("cpu"))
             step_probs = sampler.processed_probs(logits[:, None], sampling.at(j))[:, 0]
             tokens = sampler.sample(step_probs, uniforms[:, j])
-            ids.append(tokens)
-            probs.append(step_probs)
+            ids.append(self.vocabulary.to_target(tokens))
+            probs.append(self.vocabulary.expand(step_probs))
             # FlexDraft's cut on the draft's own (untempered) top-1 probabilities, so that greedy
             # rows, whose processed distribution is one-hot, are cut alike. Every row keeps its first
             # token: the step that drew it is paid for. Any cut is lossless: it depends on the
@@ -131,14 +179,16 @@ class DraftModel:
         lens = [r.cached_len for r in rows]
         if long_rows:
             self.runner.forward(cache, long_rows, [lens[i] for i in long_rows],
-                                [rows[i].feed[:-2] for i in long_rows], last_only=True)
+                                [self.vocabulary.to_draft(rows[i].feed[:-2]) for i in long_rows], last_only=True)
             for i in long_rows:
                 lens[i] += len(rows[i].feed) - 2
         return lens
 
 
-def build_draft_model(path: str, device: str, dtype: str, num_rows: int, capacity: int, eos_token_id):
-    return DraftModel(ModelRunner(load_model(path, device, dtype), num_rows, capacity), eos_token_id)
+def build_draft_model(path: str, device: str, dtype: str, num_rows: int, capacity: int, eos_token_ids,
+                      target_vocab_size: int) -> DraftModel:
+    return DraftModel(ModelRunner(load_model(path, device, dtype), num_rows, capacity), eos_token_ids,
+                      DraftVocabulary.load(path, target_vocab_size))
 
 
 class InlineDrafter:
@@ -151,6 +201,8 @@ class InlineDrafter:
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._pending = None
         self.last_span = (0.0, 0.0)
+
+    ready = True
 
     def start(self, work: DraftWork) -> None:
         self._pending = self._executor.submit(self._run, work)
@@ -180,20 +232,33 @@ class InlineDrafter:
 
 
 class ProcessDrafter:
-    """Drafts in a worker process pinned to its own cores; results come back via shared memory."""
+    """Drafts in a worker process pinned to its own cores; results come back via shared memory.
 
-    def __init__(self, path, device, dtype, num_rows, capacity, eos_token_id, vocab_size, max_tokens, cpus):
-        self._spec = (path, device, dtype, num_rows, capacity, eos_token_id, sorted(cpus))
+    Every piece of work carries a number and the worker echoes it, so a reply left unread by a
+    step that failed halfway is recognised and skipped instead of being taken for the next one.
+    A (re)started worker loads its model in the background: until it says it is ready, `ready`
+    is False and the engine decodes with the target alone."""
+
+    def __init__(self, path, device, dtype, num_rows, capacity, eos_token_ids, vocab_size, max_tokens, cpus,
+                 reply_timeout: float = 60.0):
+        self._spec = (path, device, dtype, num_rows, capacity, list(eos_token_ids), vocab_size, sorted(cpus))
         self._ids_shape = (NUM_BATCH_SLOTS, num_rows, max_tokens)
         self._probs_shape = (NUM_BATCH_SLOTS, num_rows, max_tokens, vocab_size)
         self._ids_shm = SharedMemory(create=True, size=int(np.prod(self._ids_shape)) * 8)
         self._probs_shm = SharedMemory(create=True, size=int(np.prod(self._probs_shape)) * 4)
         self.ids = torch.frombuffer(self._ids_shm.buf, dtype=torch.int64).view(self._ids_shape)
         self.probs = torch.frombuffer(self._probs_shm.buf, dtype=torch.float32).view(self._probs_shape)
+        self.reply_timeout = reply_timeout
         self.process = None
+        self._conn = None
+        self._is_ready = False
+        self._respawn_at: float | None = None  # set while a failed worker waits out its back-off
+        self._backoff = RESPAWN_BACKOFF_SECONDS[0]
         self._work: DraftWork | None = None
+        self._work_number = 0
         self.last_span = (0.0, 0.0)
         self._spawn()
+        self._wait_ready()
 
     def _spawn(self) -> None:
         # A plain `python -m minedraft.drafter_worker` child rather than multiprocessing's spawn: inside
@@ -205,45 +270,82 @@ class ProcessDrafter:
                                         pass_fds=[child_sock.fileno()])
         child_sock.close()
         self._conn = Connection(parent_sock.detach())
-        self._expect_reply("starting the drafter")
+        self._is_ready = False
+
+    def _wait_ready(self) -> None:
+        while not self.ready:
+            time.sleep(0.05)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the worker has loaded its model; raises DrafterError if it failed to."""
+        if self._is_ready:
+            return True
+        if self._respawn_at is not None:
+            if time.monotonic() < self._respawn_at:
+                return False
+            self._respawn_at = None
+            self._spawn()
+        if self._conn.poll(0):
+            self._expect_reply(None, "starting the drafter")
+            self._is_ready = True
+            self._backoff = RESPAWN_BACKOFF_SECONDS[0]
+        elif self.process.poll() is not None:
+            raise DrafterError(f"drafter process died while starting (exit code {self.process.returncode})")
+        return self._is_ready
 
     def start(self, work: DraftWork) -> None:
+        self._work_number += 1
         self._work = work
         try:
-            self._conn.send(work)
+            self._conn.send((self._work_number, work))
         except (BrokenPipeError, OSError) as exc:
             raise DrafterError(f"drafter process is gone: {exc}") from exc
 
     def finish(self) -> Drafts:
         work, self._work = self._work, None
-        self.last_span, lengths, catch_up_seconds = self._expect_reply("drafting")
+        self.last_span, lengths, catch_up_seconds = self._expect_reply(self._work_number, "drafting")
         b, steps = len(work.rows), max(lengths)
         return Drafts(self.ids[work.batch_slot, :b, :steps], self.probs[work.batch_slot, :b, :steps], lengths,
                       catch_up_seconds)
 
-    def _expect_reply(self, what: str):
-        while not wait_readable(self._conn, 0.5):
-            if self.process.poll() is not None:
-                raise DrafterError(f"drafter process died while {what} (exit code {self.process.returncode})")
-        try:
-            status, detail = self._conn.recv()
-        except (EOFError, OSError) as exc:
-            raise DrafterError(f"drafter process died while {what}: {exc}") from exc
-        if status != "ok":
-            raise DrafterError(f"drafter failed while {what}: {detail}")
-        return detail
+    def _expect_reply(self, number: int | None, what: str):
+        """The reply to work `number` (None: the start-up reply); older replies are skipped."""
+        deadline = time.monotonic() + self.reply_timeout
+        while True:
+            while not wait_readable(self._conn, 0.5):
+                if self.process.poll() is not None:
+                    raise DrafterError(f"drafter process died while {what} (exit code {self.process.returncode})")
+                if time.monotonic() > deadline:
+                    raise DrafterError(f"drafter gave no reply in {self.reply_timeout:.0f} s while {what}")
+            try:
+                replied_to, status, detail = self._conn.recv()
+            except (EOFError, OSError) as exc:
+                raise DrafterError(f"drafter process died while {what}: {exc}") from exc
+            if status != "ok":
+                raise DrafterError(f"drafter failed while {what}: {detail}")
+            if replied_to == number:
+                return detail
 
     def restart(self) -> None:
-        self._stop_process()
-        self._spawn()
+        """Replace the worker without waiting for its model to load (see `ready`). A worker that
+        failed before it was ever ready is respawned after a back-off that doubles up to a minute."""
+        failed_at_start = not self._is_ready
+        self._stop_process(grace=0.5)
+        self._is_ready = False
+        if failed_at_start:
+            self._respawn_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, RESPAWN_BACKOFF_SECONDS[1])
+        else:
+            self._spawn()
 
-    def _stop_process(self) -> None:
+    def _stop_process(self, grace: float = 5.0) -> None:
         try:
             self._conn.send(None)
         except (BrokenPipeError, OSError):
             pass
         try:
-            self.process.wait(timeout=5)
+            self.process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()

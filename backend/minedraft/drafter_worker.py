@@ -20,7 +20,7 @@ def _attach(name: str) -> SharedMemory:
 
 
 def _worker_main(spec: dict) -> None:
-    path, device, dtype, num_rows, capacity, eos_token_id, cpus = spec["model"]
+    path, device, dtype, num_rows, capacity, eos_token_ids, vocab_size, cpus = spec["model"]
     conn = Connection(spec["fd"])
     ids_shape, probs_shape = tuple(spec["ids_shape"]), tuple(spec["probs_shape"])
     if cpus:
@@ -30,10 +30,10 @@ def _worker_main(spec: dict) -> None:
     ids = torch.frombuffer(ids_shm.buf, dtype=torch.int64).view(ids_shape)
     probs = torch.frombuffer(probs_shm.buf, dtype=torch.float32).view(probs_shape)
     try:
-        draft_model = build_draft_model(path, device, dtype, num_rows, capacity, eos_token_id)
-        conn.send(("ok", None))
+        draft_model = build_draft_model(path, device, dtype, num_rows, capacity, eos_token_ids, vocab_size)
+        conn.send((None, "ok", None))
     except Exception:
-        conn.send(("error", traceback.format_exc()))
+        conn.send((None, "error", traceback.format_exc()))
         return
     while True:
         try:
@@ -44,14 +44,15 @@ def _worker_main(spec: dict) -> None:
             break
         if work is None:
             break
+        number, work = work
         try:
             drafts = draft_model.run(work)
             b, steps = drafts.ids.shape
             ids[work.batch_slot, :b, :steps] = drafts.ids
             probs[work.batch_slot, :b, :steps] = drafts.probs
-            conn.send(("ok", (draft_model.last_span, drafts.lengths, drafts.catch_up_seconds)))
+            conn.send((number, "ok", (draft_model.last_span, drafts.lengths, drafts.catch_up_seconds)))
         except Exception:
-            conn.send(("error", traceback.format_exc()))
+            conn.send((number, "error", traceback.format_exc()))
     del ids, probs
     ids_shm.close()
     probs_shm.close()

@@ -17,15 +17,16 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import GenerationConfig
 
 from . import sampler
 from .config import ConfigError, EngineConfig
 from .calibration import draft_step_seconds, measure_step_costs
 from .cost_model import MODES, Choice
-from .drafter import DraftRow, DraftWork, DrafterError, InlineDrafter, ProcessDrafter, build_draft_model
+from .drafter import (D2T_FILE, DraftRow, DraftVocabulary, DraftWork, DrafterError, InlineDrafter, ProcessDrafter,
+                      build_draft_model)
 from .flex import FlexPolicy
-from .model_runner import ModelRunner, load_model
+from .model_runner import ModelRunner, load_config, load_model, load_tokenizer
 from .policy import Policy, StepPlan
 from .sampling_params import InvalidRequest, SamplingParams
 from .scheduler import Batch, Scheduler
@@ -58,8 +59,12 @@ class StepRecord:
 class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.tokenizer = AutoTokenizer.from_pretrained(config.target_model)
-        self.eos_token_id = self.tokenizer.eos_token_id
+        self.tokenizer = load_tokenizer(config.target_model)
+        self.eos_token_ids = end_of_sequence_ids(config.target_model, self.tokenizer)
+        self.target_vocab_size = load_config(config.target_model).vocab_size
+        # A prompt longer than this many characters has more than max_model_len tokens whatever it
+        # says: no token is longer. Checked before tokenizing, which a huge prompt would make slow.
+        self.max_prompt_chars = config.max_model_len * longest_token_chars(self.tokenizer)
         target_cpus, draft_cpus = config.cpu_split() if config.target_device == "cpu" else (set(), set())
         capacity = config.max_model_len + config.num_draft_tokens + 2
         drafts = config.mode != "ar" and config.num_draft_tokens > 0
@@ -71,7 +76,7 @@ class Engine:
         if config.mode == "flex" and isinstance(self.drafter, ProcessDrafter):
             self.sequential_drafter = InlineDrafter(build_draft_model(
                 config.draft_model, config.draft_device, config.dtype, config.max_num_seqs, capacity,
-                self.eos_token_id))
+                self.eos_token_ids, self.target_vocab_size))
         target = load_model(config.target_model, config.target_device, config.dtype)
         _check_context(target.config, config)
         self.target = ModelRunner(target, config.max_num_seqs, capacity)
@@ -91,15 +96,14 @@ class Engine:
     # -- set-up -------------------------------------------------------------------------------
     def _start_drafter(self, capacity: int, draft_cpus: set[int]):
         cfg = self.config
-        draft_config = AutoConfig.from_pretrained(cfg.draft_model)
-        target_config = AutoConfig.from_pretrained(cfg.target_model)
-        check_vocabularies(self.tokenizer, cfg.draft_model, target_config.vocab_size, draft_config.vocab_size)
+        draft_config = load_config(cfg.draft_model)
+        check_vocabularies(self.tokenizer, cfg.draft_model, self.target_vocab_size, draft_config.vocab_size)
         _check_context(draft_config, cfg)
         if cfg.drafter_kind == "process":
             return ProcessDrafter(cfg.draft_model, cfg.draft_device, cfg.dtype, cfg.max_num_seqs, capacity,
-                                  self.eos_token_id, draft_config.vocab_size, cfg.num_draft_tokens, draft_cpus)
+                                  self.eos_token_ids, self.target_vocab_size, cfg.num_draft_tokens, draft_cpus)
         model = build_draft_model(cfg.draft_model, cfg.draft_device, cfg.dtype, cfg.max_num_seqs, capacity,
-                                  self.eos_token_id)
+                                  self.eos_token_ids, self.target_vocab_size)
         return InlineDrafter(model)
 
     def _make_policy(self) -> Policy:
@@ -108,7 +112,7 @@ class Engine:
             return Policy(Choice(cfg.mode, cfg.num_draft_tokens if cfg.mode != "ar" else 0))
         batch = self.scheduler.batches[0]
         costs = measure_step_costs(self.target, batch.target_cache, self.sequential_drafter, cfg.num_draft_tokens,
-                                   cfg.max_num_seqs, self.eos_token_id)
+                                   cfg.max_num_seqs, self.eos_token_ids)
         log.info("flex calibration: %s", costs.to_json())
         policy = FlexPolicy(cfg.num_draft_tokens, costs, cfg.max_num_seqs)
         if self.drafter is not self.sequential_drafter:
@@ -155,7 +159,13 @@ class Engine:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequest("prompt is empty")
-            return self.tokenizer(prompt).input_ids
+            if len(prompt) > self.max_prompt_chars:
+                raise InvalidRequest(f"prompt has {len(prompt)} characters, more than max_model_len "
+                                     f"{self.config.max_model_len} tokens can hold")
+            ids = self.tokenizer(prompt).input_ids
+            if not ids:
+                raise InvalidRequest("prompt tokenizes to no tokens")
+            return ids
         ids = list(prompt)
         if not ids or not all(isinstance(t, int) and 0 <= t < len(self.tokenizer) for t in ids):
             raise InvalidRequest("prompt token ids must be a non-empty list of ids within the vocabulary")
@@ -179,6 +189,16 @@ class Engine:
 
     # -- the step loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        try:
+            return self._step()
+        except Exception:
+            # A step that failed halfway (say, out of memory in verification) may leave drafts that
+            # were started but never collected: forget them all, so that no later step pairs a
+            # batch with drafts that are not its own. The drafter skips the unread reply by number.
+            self._forget_drafts()
+            raise
+
+    def _step(self) -> list[RequestOutput]:
         outputs = self._apply_cancellations()
         with self._lock:
             admitted = self.scheduler.admit(split=self.policy.splits_batches)
@@ -230,7 +250,17 @@ class Engine:
             plan.overlap = None
         return span
 
+    def _is_ready(self, drafter) -> bool:
+        """A restarted worker loads in the background; meanwhile the target decodes alone."""
+        try:
+            return drafter.ready
+        except DrafterError as exc:
+            self._on_drafter_failure(exc, drafter)
+            return False
+
     def _start_draft(self, batch: Batch, step_cap: int, drafter) -> bool:
+        if not self._is_ready(drafter):
+            return False
         work = self._draft_work(batch, step_cap, drafter)
         if work is None:
             return False
@@ -255,7 +285,7 @@ class Engine:
         rows = [DraftRow(cached_len=seq.draft_cached, feed=seq.token_ids[seq.draft_cached:],
                          temperature=seq.params.temperature, top_k=seq.params.top_k, top_p=seq.params.top_p,
                          num_eos_blocked=max(0, seq.params.min_tokens - seq.num_generated),
-                         uniforms=seq.uniforms(num_tokens).tolist(), max_tokens=cap)
+                         uniforms=seq.uniforms(cap).tolist(), max_tokens=cap)
                 for seq, cap in zip(batch.seqs, caps)]
         work = DraftWork(batch.slot, list(batch.draft_moves), rows, num_tokens, self.config.draft_confidence_threshold)
         batch.draft_moves.clear()
@@ -270,7 +300,9 @@ class Engine:
         steps = drafts.ids.size(1)
         for row, (seq, length) in enumerate(zip(batch.seqs, drafts.lengths)):
             seq.draft_ids = drafts.ids[row, :length].tolist()
-            seq.draft_probs = drafts.probs[row, :length]
+            # A greedy row's q is one-hot at its drafts (rebuilt at verification); a sampled row's is
+            # copied out of the drafter's buffer, which the drafter reuses for the batch's next drafts.
+            seq.draft_probs = drafts.probs[row, :length].clone() if seq.params.temperature > 0 else None
             seq.draft_cached = len(seq.token_ids)
             seq.draft_extent = steps - 1
         batch.is_drafted = True
@@ -284,12 +316,19 @@ class Engine:
         self.num_drafter_failures += 1
         log.error("drafter failure %d: %s; restarting it, target-only steps meanwhile",
                   self.num_drafter_failures, exc)
+        self._forget_drafts()
+        try:
+            drafter.restart()
+        except Exception as restart_exc:  # e.g. no process could be started: retried at the next step
+            log.error("drafter restart failed: %s", restart_exc)
+
+    def _forget_drafts(self) -> None:
         for batch in self.scheduler.batches:
             batch.is_drafted = False
             batch.draft_moves.clear()
+            batch.drafter = None
             for seq in batch.seqs:
                 seq.draft_ids, seq.draft_probs, seq.draft_cached, seq.draft_extent = [], None, 0, 0
-        drafter.restart()
 
     def _arrange_batches(self) -> None:
         """Move running requests between the batches when the policy's layout changed (flex).
@@ -334,7 +373,10 @@ class Engine:
             n = len(seq.draft_ids)
             if n:
                 draft_ids[row, :n] = torch.tensor(seq.draft_ids)
-                draft_probs[row, :n] = seq.draft_probs[:, :vocab]
+                if seq.draft_probs is None:  # greedy: q is one-hot at the draft
+                    draft_probs[row, torch.arange(n), draft_ids[row, :n]] = 1.0
+                else:
+                    draft_probs[row, :n] = seq.draft_probs[:, :vocab]
                 accept_uniforms[row, :n] = seq.uniforms(n)
         resample_uniforms = torch.cat([seq.uniforms(1) for seq in seqs])
         return sampler.verify(target_probs, draft_ids, draft_probs, num_drafts, accept_uniforms, resample_uniforms)
@@ -342,7 +384,7 @@ class Engine:
     def _row_sampling(self, seqs: list[Sequence], num_positions: int) -> sampler.RowSampling:
         return sampler.RowSampling.for_rows([s.params for s in seqs],
                                             [s.params.min_tokens - s.num_generated for s in seqs],
-                                            num_positions, self.eos_token_id)
+                                            num_positions, self.eos_token_ids)
 
     def _commit(self, batch: Batch, drafts: list[list[int]], accepted: torch.Tensor,
                 next_tokens: torch.Tensor) -> list[RequestOutput]:
@@ -378,9 +420,9 @@ class Engine:
         params = seq.params
         for kept, token in enumerate(new_tokens, 1):
             seq.token_ids.append(token)
-            if token == self.eos_token_id and not params.ignore_eos:
+            if token in self.eos_token_ids and not params.ignore_eos:
                 seq.finish_reason = "eos"
-            elif params.stop and self._cut_at_stop(seq):
+            elif params.stop and seq.num_generated >= params.min_tokens and self._cut_at_stop(seq):
                 seq.finish_reason = "stop"
             elif seq.num_generated >= params.max_tokens or len(seq.token_ids) >= self.config.max_model_len:
                 seq.finish_reason = "length"
@@ -454,15 +496,39 @@ class Engine:
 
 
 def check_vocabularies(tokenizer, draft_path: str, target_vocab_size: int, draft_vocab_size: int) -> None:
-    if target_vocab_size != draft_vocab_size:
+    vocabulary = DraftVocabulary.load(draft_path, target_vocab_size)
+    if vocabulary.d2t is not None:
+        # A reduced draft vocabulary: its ids map into the target's, plus at most one input-only id.
+        if draft_vocab_size not in (vocabulary.size, vocabulary.size + 1):
+            raise ConfigError(f"draft_model: {D2T_FILE} maps {vocabulary.size} ids but the draft has "
+                              f"{draft_vocab_size}")
+        if int(vocabulary.d2t.max()) >= target_vocab_size or int(vocabulary.d2t.min()) < 0:
+            raise ConfigError(f"draft_model: {D2T_FILE} names ids outside the target's vocabulary")
+    elif target_vocab_size != draft_vocab_size:
         raise ConfigError(f"draft_model: vocabulary size {draft_vocab_size} differs from the target's "
                           f"{target_vocab_size}; the pair must share a tokenizer")
     try:
-        draft_tokenizer = AutoTokenizer.from_pretrained(draft_path)
+        draft_tokenizer = load_tokenizer(draft_path)
     except (OSError, ValueError):
         return  # a draft directory without its own tokenizer uses the target's
     if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ConfigError("draft_model: its tokenizer's vocabulary differs from the target's")
+
+
+def end_of_sequence_ids(model_path: str, tokenizer) -> tuple[int, ...]:
+    """Every id that ends a request: the tokenizer's EOS and those of the generation config
+    (instruct models often list several, e.g. Llama 3's end-of-turn tokens)."""
+    ids = [tokenizer.eos_token_id]
+    try:
+        configured = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except (OSError, ValueError):
+        configured = None
+    ids += configured if isinstance(configured, list) else [configured]
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
+def longest_token_chars(tokenizer) -> int:
+    return max(len(tokenizer.convert_tokens_to_string([token])) for token in tokenizer.get_vocab())
 
 
 def _check_context(model_config, config: EngineConfig) -> None:

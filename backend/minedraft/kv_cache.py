@@ -23,14 +23,23 @@ class RowKVCache:
         self._write_positions: torch.Tensor | None = None
         self._visible_len = 0
 
-    def prepare(self, rows: slice | torch.Tensor, start_lens: torch.Tensor, num_new: int) -> None:
-        """Aim the next forward at `rows`, whose new tokens start at `start_lens` (one per row)."""
+    def prepare(self, rows: slice | torch.Tensor, start_lens: torch.Tensor, feed_lens: torch.Tensor,
+                num_new: int) -> None:
+        """Aim the next forward at `rows`, whose `feed_lens` new tokens start at `start_lens`.
+
+        Rows are padded to `num_new`; padding is written to a scratch position past the capacity,
+        which no query sees, so that a row near the end of its capacity cannot overflow it."""
+        if int((start_lens + feed_lens).max()) > self.capacity:
+            raise ValueError(f"KV cache overflow: a row needs {int((start_lens + feed_lens).max())} positions, "
+                             f"capacity is {self.capacity}")
         device = start_lens.device
         self._rows = rows
         row_ids = torch.arange(rows.start, rows.stop, device=device) if isinstance(rows, slice) else rows
         self._write_rows = row_ids[:, None].expand(-1, num_new)
-        self._write_positions = start_lens[:, None] + torch.arange(num_new, device=device)
-        self._visible_len = int(start_lens.max()) + num_new
+        offsets = torch.arange(num_new, device=device)
+        self._write_positions = torch.where(offsets < feed_lens[:, None], start_lens[:, None] + offsets,
+                                            self.capacity)
+        self._visible_len = int((start_lens + feed_lens).max())
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # key_states: [b, kv_heads, n, head_dim]
@@ -44,7 +53,7 @@ class RowKVCache:
         return keys[self._rows, :, visible], values[self._rows, :, visible]
 
     def _allocate(self, like: torch.Tensor) -> None:
-        shape = (self.num_rows, like.shape[1], self.capacity, like.shape[3])
+        shape = (self.num_rows, like.shape[1], self.capacity + 1, like.shape[3])  # + the padding's scratch slot
         self.keys.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
         self.values.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
 

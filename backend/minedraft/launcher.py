@@ -20,6 +20,7 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_REPOSITORY = PACKAGE_DIR.parents[1] / "model_repository"
 STUB = "triton_python_backend_stub"
+RESTARTS_ENV = "MINEDRAFT_SERVER_RESTARTS"  # the supervisor tells a restarted server how many restarts so far
 
 
 class LaunchError(RuntimeError):
@@ -119,17 +120,33 @@ class TritonServer:
                 "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
                 "--metrics-port", str(self.metrics_port), *self.extra_args]
 
-    def start(self) -> "TritonServer":
+    def start(self, restarts: int = 0) -> "TritonServer":
+        """`restarts`: how many times a supervisor has restarted this server (its metrics report it)."""
         self._backends = assemble_backends(Path(tempfile.mkdtemp(prefix="minedraft-backends-")))
-        log = open(self.log_path, "w") if self.log_path else None
-        self.process = subprocess.Popen(self.command(), env=server_env(), stdout=log, stderr=subprocess.STDOUT,
+        log = open(self.log_path, "a" if restarts else "w") if self.log_path else None
+        env = {**server_env(), RESTARTS_ENV: str(restarts)}
+        self.process = subprocess.Popen(self.command(), env=env, stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         return self
 
-    def wait_ready(self, timeout: float = 300) -> None:
+    def restart(self, restarts: int) -> None:
+        """Start afresh after the server exited on its own (a crash)."""
+        self._reap_group()
+        shutil.rmtree(self._backends, ignore_errors=True)
+        self.start(restarts)
+
+    def _reap_group(self) -> None:
+        """The python backend's stubs and drafter workers live in the server's process group."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def wait_ready(self, timeout: float = 300, stop=None) -> None:
+        """Until /v2/health/ready answers; `stop` (a threading.Event) gives up early."""
         deadline = time.monotonic() + timeout
         url = f"http://localhost:{self.http_port}/v2/health/ready"
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
             if self.process.poll() is not None:
                 raise LaunchError(f"tritonserver exited with code {self.process.returncode}"
                                   + (f"; see {self.log_path}" if self.log_path else ""))
@@ -143,14 +160,18 @@ class TritonServer:
         raise LaunchError(f"tritonserver not ready after {timeout:.0f}s")
 
     def stop(self, timeout: float = 60) -> int:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else 0
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        """Ask the server to exit (SIGINT: it finishes or aborts in-flight requests); after
+        `timeout` kill it. Either way nothing of its process group is left behind."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self._reap_group()
+        self.process.wait()
         shutil.rmtree(self._backends, ignore_errors=True)
         return self.process.returncode
 

@@ -1,15 +1,35 @@
 """Loads one HF causal LM and runs batched forwards over rows of a RowKVCache."""
+from pathlib import Path
+
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .kv_cache import RowKVCache
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def _location(path: str) -> tuple[str, dict]:
+    """An HF model directory, or a .gguf file that transformers reads through `gguf_file`."""
+    if path.endswith(".gguf"):
+        return str(Path(path).parent), {"gguf_file": Path(path).name}
+    return path, {}
+
+
 def load_model(path: str, device: str, dtype: str):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation="sdpa")
+    where, extra = _location(path)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype], attn_implementation="sdpa", **extra)
     return model.to(device).eval()
+
+
+def load_config(path: str):
+    where, extra = _location(path)
+    return AutoConfig.from_pretrained(where, **extra)
+
+
+def load_tokenizer(path: str):
+    where, extra = _location(path)
+    return AutoTokenizer.from_pretrained(where, **extra)
 
 
 class ModelRunner:
@@ -30,17 +50,19 @@ class ModelRunner:
                 last_only: bool = False) -> torch.Tensor:
         """Feed each row its tokens, written after its first `start_lens[r]` cached positions.
 
-        Rows are right-padded to the longest feed; padded positions write garbage past the row's
-        valid length, which the mask hides and later writes overwrite. Returns float32 logits,
+        Rows are right-padded to the longest feed; padding writes only to the cache's scratch slot
+        and its outputs are garbage that no caller reads. Returns float32 logits,
         [b, n, V], or [b, V] at each row's last real token when `last_only`.
         """
         num_new = max(len(f) for f in feeds)
         input_ids = torch.tensor([f + [0] * (num_new - len(f)) for f in feeds], device=self.device)
         starts = torch.tensor(start_lens, device=self.device)
+        lengths = torch.tensor([len(f) for f in feeds], device=self.device)
         if isinstance(rows, list):
             rows = torch.tensor(rows, device=self.device)
-        cache.prepare(rows, starts, num_new)
-        positions = starts[:, None] + torch.arange(num_new, device=self.device)
+        cache.prepare(rows, starts, lengths, num_new)
+        # Padding repeats its row's last real position: it must not run past the model's position table.
+        positions = starts[:, None] + torch.minimum(torch.arange(num_new, device=self.device), lengths[:, None] - 1)
         out = self.model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True,
                          attention_mask=self._mask(positions, cache._visible_len))
         logits = out.logits.float()

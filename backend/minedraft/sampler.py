@@ -18,10 +18,10 @@ class RowSampling:
     top_k: torch.Tensor
     top_p: torch.Tensor
     eos_blocked: torch.Tensor
-    eos_token_id: int
+    eos_token_ids: tuple[int, ...]
 
     @classmethod
-    def for_rows(cls, rows, num_eos_blocked: list[int], num_positions: int, eos_token_id) -> "RowSampling":
+    def for_rows(cls, rows, num_eos_blocked: list[int], num_positions: int, eos_token_ids) -> "RowSampling":
         """`rows`: anything with temperature, top_k and top_p (SamplingParams, DraftRow). Row r masks
         EOS at its first num_eos_blocked[r] positions (min_tokens)."""
         blocked = torch.tensor(num_eos_blocked)
@@ -29,7 +29,7 @@ class RowSampling:
                    top_k=torch.tensor([r.top_k for r in rows]),
                    top_p=torch.tensor([r.top_p for r in rows], dtype=torch.float32),
                    eos_blocked=torch.arange(num_positions) < blocked[:, None],
-                   eos_token_id=eos_token_id)
+                   eos_token_ids=tuple(eos_token_ids))
 
     def at(self, position: int) -> "RowSampling":
         """The same settings for the single position `position`."""
@@ -40,8 +40,8 @@ def processed_probs(logits: torch.Tensor, sampling: RowSampling) -> torch.Tensor
     """logits [b, n, V] -> probabilities [b, n, V] after min-tokens EOS masking, temperature,
     top-k and top-p; one-hot argmax for greedy rows."""
     logits = logits.clone()
-    if sampling.eos_token_id is not None:
-        logits[..., sampling.eos_token_id].masked_fill_(sampling.eos_blocked, float("-inf"))
+    for eos in sampling.eos_token_ids:
+        logits[..., eos].masked_fill_(sampling.eos_blocked, float("-inf"))
     greedy = sampling.temperature == 0
     probs = torch.zeros_like(logits)
     if greedy.any():

@@ -1,10 +1,24 @@
 """Per-request sampling parameters, validated at submit so a bad request never reaches a batch."""
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 
 class InvalidRequest(ValueError):
     """A request the engine refuses; the message names the offending field."""
+
+
+# Bounds that keep one request from slowing everyone (each new token searches the text for every
+# stop string) and that float32 sampling can honour. Documented in README "Request parameters".
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_TEMPERATURE = 100.0
+# Below this a temperature is greedy, as in vLLM (its _SAMPLING_EPS): logits divided by it
+# overflow float32.
+GREEDY_TEMPERATURE = 1e-5
+# The most probable token always has probability >= 1/vocabulary > 1e-6 (vocabularies under a
+# million), so every top_p at or below this keeps exactly that token: clamping to it is exact and
+# avoids a float32 underflow to 0.
+MIN_TOP_P = 1e-6
 
 
 @dataclass(frozen=True)
@@ -32,15 +46,20 @@ class SamplingParams:
         parsed = {name: _PARSERS[name](name, value) for name, value in values.items() if value is not None}
         params = cls(**parsed)
         params.validate()
-        return params
+        return params.normalised()
+
+    def normalised(self) -> "SamplingParams":
+        """Tiny temperatures and top_p values replaced by exact float32-safe equivalents."""
+        temperature = 0.0 if self.temperature < GREEDY_TEMPERATURE else self.temperature
+        return replace(self, temperature=temperature, top_p=max(self.top_p, MIN_TOP_P))
 
     def validate(self) -> None:
         if self.max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidRequest(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise InvalidRequest(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise InvalidRequest(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}")
         if self.top_k < -1:
             raise InvalidRequest(f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -49,9 +68,27 @@ class SamplingParams:
             raise InvalidRequest(f"num_draft_tokens must be >= 0, got {self.num_draft_tokens}")
         if any(s == "" for s in self.stop):
             raise InvalidRequest("stop strings must not be empty")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequest(f"stop: at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise InvalidRequest(f"stop: each string at most {MAX_STOP_CHARS} characters")
+
+
+# Numbers and booleans may arrive as strings ("32", "0.7", "true"): genai-perf sends them so, and
+# Triton's vllm_backend accepts them. Anything else that is not a number is refused, naming the key.
+def _number_from_string(name, value, kind: str):
+    try:
+        number = float(value.strip())
+    except ValueError:
+        raise InvalidRequest(f"{name} must be {kind}, got {value!r}") from None
+    if not math.isfinite(number):
+        raise InvalidRequest(f"{name} must be finite, got {value!r}")
+    return number
 
 
 def _int(name, value):
+    if isinstance(value, str):
+        value = _number_from_string(name, value, "an integer")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
         raise InvalidRequest(f"{name} must be an integer, got {value!r}")
     if abs(value) > 2**63 - 1:
@@ -60,12 +97,18 @@ def _int(name, value):
 
 
 def _float(name, value):
+    if isinstance(value, str):
+        value = _number_from_string(name, value, "a number")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidRequest(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise InvalidRequest(f"{name} must be finite, got {value!r}")
     return float(value)
 
 
 def _bool(name, value):
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
     if not isinstance(value, bool):
         raise InvalidRequest(f"{name} must be true or false, got {value!r}")
     return value

@@ -1,8 +1,10 @@
 """Prometheus metrics through Triton's pb_utils.MetricFamily (served on :8002/metrics), and a reader."""
+import os
 import re
 import urllib.request
 
 from .cost_model import MODES
+from .launcher import RESTARTS_ENV
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
 
@@ -34,6 +36,11 @@ class EngineMetrics:
         self.requests_cancelled = family("minedraft_requests_cancelled_total", "Requests cancelled", M.COUNTER)
         self.drafter_failures = family("minedraft_drafter_failures_total", "Drafter failures (restarted)", M.COUNTER)
         self.steps = family("minedraft_steps_total", "Engine steps run", M.COUNTER)
+        self.step_errors = family("minedraft_step_errors_total",
+                                  "Engine steps that failed (their requests ended with an error)", M.COUNTER)
+        self.server_restarts = family("minedraft_server_restarts",
+                                      "Times `minedraft serve` restarted a crashed tritonserver", M.GAUGE)
+        self.server_restarts.set(int(os.environ.get(RESTARTS_ENV, "0") or 0))
         self.in_flight = family("minedraft_requests_in_flight", "Requests inside the backend", M.GAUGE)
         self.batch_a = family("minedraft_batch_size_a", "Requests in internal batch A", M.GAUGE)
         self.batch_b = family("minedraft_batch_size_b", "Requests in internal batch B", M.GAUGE)
@@ -91,6 +98,12 @@ class EngineMetrics:
 
     def observe_aborted(self, cancelled: bool) -> None:
         (self.requests_cancelled if cancelled else self.requests_aborted).increment(1)
+
+    def observe_step_error(self) -> None:
+        self.step_errors.increment(1)
+
+    def observe_in_flight(self, count: int) -> None:
+        self.in_flight.set(count)
 
 
 def read_metrics(metrics_url: str, model: str | None = None) -> dict[str, float]:
