@@ -232,9 +232,14 @@ def test_cancellation_storm_leaves_nothing_behind(server, prompts):
         if m["minedraft_requests_in_flight"] == 0 and m["minedraft_batch_size_a"] == m["minedraft_batch_size_b"] == 0:
             break
         time.sleep(0.2)
+    server_cancelled = m["minedraft_requests_cancelled_total"] - before.get("minedraft_requests_cancelled_total", 0)
+    server_finished = m["minedraft_requests_finished_total"] - before.get("minedraft_requests_finished_total", 0)
     print("STORM", json.dumps({"streams": 200, "cancelled_by_client": cancelled, "completed": len(completed),
-                               "server_cancelled": m["minedraft_requests_cancelled_total"]
-                               - before.get("minedraft_requests_cancelled_total", 0)}))
+                               "server_cancelled": server_cancelled, "server_finished": server_finished}))
+    # Every stream is counted once on the server. A client may cancel a stream whose FINAL is
+    # already on its way; the server counts that one as finished, so only that direction can differ.
+    assert server_cancelled + server_finished == 200
+    assert 0.9 * cancelled <= server_cancelled <= cancelled
     assert m["minedraft_requests_in_flight"] == 0
     assert m["minedraft_batch_size_a"] == 0 and m["minedraft_batch_size_b"] == 0
     assert one_stream(server, prompts[0], {"max_tokens": 8, "temperature": 0})[0] == "final"
@@ -294,20 +299,35 @@ def test_end_to_end_fuzz_never_takes_the_server_down(server, prompts):
     assert urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready").status == 200
     assert one_stream(server, prompts[0], {"max_tokens": 4, "temperature": 0})[0] == "final"
     print("FUZZ", {"served": outcomes.count("served"), "rejected": outcomes.count("rejected")})
+    assert outcomes.count("served") > 0 and outcomes.count("rejected") > 0
+    assert outcomes.count("served") + outcomes.count("rejected") == len(outcomes)  # none hung
 
 
 def test_bounded_queue_rejects_past_its_limit(demo_pair, tmp_path, prompts):
     server = start_server(tmp_path, {"minedraft": {"max_num_seqs": 2}}, max_batch_size=4, queue_size=4)
+    in_flight, done = [], threading.Event()
+
+    def watch():  # what the backend holds, sampled while the load runs
+        while not done.is_set():
+            in_flight.append(read_metrics(server.metrics_url).get("minedraft_requests_in_flight", 0))
+            time.sleep(0.05)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     try:
         with ThreadPoolExecutor(20) as pool:
             outcomes = list(pool.map(lambda i: one_stream(server, prompts[i], {"max_tokens": 60, "temperature": 0,
                                                                                "ignore_eos": True}), range(20)))
     finally:
+        done.set()
+        watcher.join()
         server.stop()
     served = sum(o == "final" for o, _ in outcomes)
     rejected = sum(o == "error" for o, _ in outcomes)
-    print("QUEUE", {"sent": 20, "served": served, "rejected": rejected})
+    print("QUEUE", {"sent": 20, "served": served, "rejected": rejected, "most_in_backend": max(in_flight)})
     assert served >= 4 and rejected >= 1 and served + rejected == 20
+    # Nothing piles up in the backend: the engine's 2 x 2 rows, plus requests that have left the
+    # engine but whose FINAL the sender thread has not sent yet; never the 20 sent.
+    assert len(in_flight) > 5 and max(in_flight) <= 2 * (2 * 2)
 
 
 def test_graceful_shutdown_finishes_in_flight_requests_and_leaves_no_orphans(demo_pair, tmp_path, prompts):
@@ -321,7 +341,8 @@ def test_graceful_shutdown_finishes_in_flight_requests_and_leaves_no_orphans(dem
         code = server.stop(timeout=90)
         outcomes = [f.result() for f in futures]
     print("SHUTDOWN", {"in_flight": 8, "outcomes": [o for o, _ in outcomes], "exit_code": code})
-    assert all(o in ("final", "error") for o, _ in outcomes)
+    assert code == 0
+    assert all(o == "final" for o, _ in outcomes)  # Triton drains in-flight requests before unloading
     time.sleep(1.0)
     alive = [pid for pid in children if os.path.exists(f"/proc/{pid}") and not _is_zombie(pid)]
     assert not alive, alive

