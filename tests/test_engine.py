@@ -77,26 +77,6 @@ def test_stream_deltas_concatenate_to_the_full_text(tiny_pair):
         assert text == tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-def test_multibyte_characters_stream_whole(tiny_pair):
-    """Byte-level BPE splits characters across tokens: no delta may carry half a character."""
-    engine = make_engine(*tiny_pair, mode="ar")
-    tokenizer = engine.tokenizer
-    text = "数字 ✓ ünïcødé"
-    ids = tokenizer(text).input_ids
-    assert any("\ufffd" in tokenizer.decode([t]) for t in ids), "the test needs split characters"
-    engine.submit("u", "x", {"max_tokens": 100})
-    seq = engine.scheduler.waiting[0]
-    deltas = []
-    for token in ids:
-        seq.token_ids.append(token)
-        deltas.append(engine._text_delta(seq))
-    seq.finish_reason = "length"
-    deltas.append(engine._text_delta(seq))
-    assert "".join(deltas) == text
-    assert all("\ufffd" not in d for d in deltas)
-    engine.close()
-
-
 def test_max_tokens_eos_min_tokens_and_stop(tiny_pair):
     engine = make_engine(*tiny_pair, mode="sd")
     eos = engine.eos_token_ids[0]

@@ -8,7 +8,8 @@ from minedraft.request_parsing import parse_request
 from minedraft.sampling_params import InvalidRequest, SamplingParams
 
 KEYS = ["max_tokens", "min_tokens", "temperature", "top_k", "top_p", "seed", "stop", "ignore_eos",
-        "num_draft_tokens", "stream", "exclude_input_in_output", "bogus", ""]
+        "num_draft_tokens", "stream", "exclude_input_in_output", "stop_token_ids", "include_stop_str_in_output",
+        "skip_special_tokens", "n", "logprobs", "return_logprobs", "return_num_output_tokens", "bogus", ""]
 ODD_VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70), st.floats(allow_nan=True),
     st.text(max_size=20), st.lists(st.one_of(st.text(max_size=5), st.integers(), st.none()), max_size=4),
@@ -59,3 +60,65 @@ def test_empty_or_undecodable_prompt_is_rejected():
         parse_request(b"", None, None, None, None)
     with pytest.raises(InvalidRequest, match="UTF-8"):
         parse_request(b"\xff\xfe", None, None, None, None)
+
+
+# -- values that arrive as strings, as genai-perf sends them and vllm_backend accepts them -------
+INT_KEYS = ["max_tokens", "top_k", "seed", "num_draft_tokens", "logprobs"]
+FLOAT_KEYS = ["temperature", "top_p"]
+BOOL_KEYS = ["ignore_eos", "include_stop_str_in_output", "skip_special_tokens"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=st.sampled_from(INT_KEYS), value=st.integers(min_value=1, max_value=20),
+       pad=st.sampled_from(["", " "]))
+def test_integers_may_arrive_as_strings(key, value, pad):
+    parsed = parse_request("hi", None, json.dumps({key: f"{pad}{value}{pad}"}), None, None)
+    assert getattr(parsed.params, key) == value
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=st.sampled_from(FLOAT_KEYS), value=st.floats(min_value=0.05, max_value=1.0))
+def test_floats_may_arrive_as_strings(key, value):
+    parsed = parse_request("hi", None, json.dumps({key: repr(value)}), None, None)
+    assert getattr(parsed.params, key) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("key", BOOL_KEYS)
+@pytest.mark.parametrize("text,expected", [("true", True), ("false", False), ("True", True), ("FALSE", False)])
+def test_booleans_may_arrive_as_strings(key, text, expected):
+    assert getattr(parse_request("hi", None, json.dumps({key: text}), None, None).params, key) is expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=st.sampled_from(INT_KEYS + FLOAT_KEYS + BOOL_KEYS),
+       text=st.text(max_size=12).filter(lambda t: t.strip().lower() not in ("true", "false")))
+def test_strings_that_are_not_numbers_are_refused_naming_the_key(key, text):
+    try:
+        float(text)
+        if key not in BOOL_KEYS:
+            return  # a number after all
+    except ValueError:
+        pass
+    with pytest.raises(InvalidRequest, match=key):
+        parse_request("hi", None, json.dumps({key: text}), None, None)
+
+
+def test_genai_perf_request_parses():
+    """What genai-perf 0.0.16 sends with --backend vllm."""
+    parsed = parse_request(b"hello", True, '{"max_tokens":"32","ignore_eos":"true"}', None, None)
+    assert parsed.params.max_tokens == 32 and parsed.params.ignore_eos and parsed.stream
+
+
+def test_vllm_contract_keys():
+    parsed = parse_request("hi", None, json.dumps({"stop_token_ids": [5, "7"], "include_stop_str_in_output": True,
+                                                   "skip_special_tokens": False, "n": 1, "logprobs": 2}), None,
+                           None, {"return_logprobs": True, "return_num_output_tokens": False})
+    assert parsed.params.stop_token_ids == (5, 7) and parsed.params.include_stop_str_in_output
+    assert not parsed.params.skip_special_tokens and parsed.params.logprobs == 2
+    assert parsed.returns == {"return_logprobs"}
+    with pytest.raises(InvalidRequest, match="n must be 1"):
+        parse_request("hi", None, '{"n": 2}', None, None)
+    with pytest.raises(InvalidRequest, match="logprobs"):
+        parse_request("hi", None, '{"logprobs": 99}', None, None)
+    # the cumulative log-probability alone still needs each token's log-probability computed
+    assert parse_request("hi", None, None, None, None, {"return_cumulative_logprob": True}).params.logprobs == 0

@@ -8,7 +8,8 @@ from minedraft import sampler
 def settings(b, temperature=1.0, top_k=0, top_p=1.0, n=1, eos_blocked=None, eos=None):
     return sampler.RowSampling(torch.full((b,), float(temperature)), torch.full((b,), top_k),
                                torch.full((b,), float(top_p)),
-                               eos_blocked if eos_blocked is not None else torch.zeros(b, n, dtype=torch.bool), eos)
+                               eos_blocked if eos_blocked is not None else torch.zeros(b, n, dtype=torch.bool),
+                               () if eos is None else (eos,))
 
 
 def expected_counts(probs, total):

@@ -55,7 +55,7 @@ def stream(server, prompt, params, cancel_after=None, model="minedraft"):
     client = grpcclient.InferenceServerClient(server.grpc_url)
     client.start_stream(callback=lambda result, error: results.put((result, error)))
     client.async_stream_infer(model, stream_inputs(prompt, params), enable_empty_final_response=True)
-    chunks, final, error = [], None, None
+    chunks, final, error, tokens = [], None, None, 0
     try:
         while True:
             result, err = results.get(timeout=60)
@@ -66,6 +66,8 @@ def stream(server, prompt, params, cancel_after=None, model="minedraft"):
                 chunks.append(result.as_numpy("text_output").reshape(-1)[0].decode())
                 final = {n: result.as_numpy(n).reshape(-1)[0] for n in
                          ("finish_reason", "num_output_tokens", "num_draft_tokens", "num_accepted_tokens")}
+                tokens += int(final["num_output_tokens"])  # per response, as in vllm_backend
+                final["total_output_tokens"] = tokens
             if result.get_response().parameters["triton_final_response"].bool_param:
                 break
             if cancel_after is not None and len(chunks) >= cancel_after:
@@ -89,7 +91,7 @@ def test_grpc_stream_matches_in_process_engine(server, reference):
         assert error is None
         assert "".join(chunks) == expected
         assert len(chunks) > 1  # streamed, not one blob
-        assert final["num_output_tokens"] == 32 or final["finish_reason"] == b"eos"
+        assert final["total_output_tokens"] == 32 or final["finish_reason"] == b"eos"
         assert final["num_draft_tokens"] > 0
 
 
@@ -211,3 +213,58 @@ def test_perf_analyzer_streaming_smoke(server, tmp_path):
     profile = json.loads(export.read_text())
     requests = profile["experiments"][0]["requests"]
     assert requests and all(len(r["response_timestamps"]) >= 2 for r in requests)
+
+
+def test_vllm_contract_outputs_per_response(server, demo_pair):
+    """return_* flags: num_output_tokens and logprobs are per response (vllm_backend's meaning; Triton's
+    OpenAI frontend sums num_output_tokens over a stream), cumulative_logprob is the running sum."""
+    flags = ("return_finish_reason", "return_num_input_tokens", "return_num_output_tokens", "return_logprobs",
+             "return_cumulative_logprob")
+    results = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer("minedraft", stream_inputs(PROMPTS[0], {"max_tokens": "24", "temperature": 0,
+                                                                      "logprobs": 2, "ignore_eos": "true"},
+                                                         returns=flags), enable_empty_final_response=True)
+    responses = []
+    try:
+        while True:
+            result, error = results.get(timeout=60)
+            assert error is None, error
+            if result.get_response().outputs:
+                responses.append({name: result.as_numpy(name).reshape(-1)[0] for name in
+                                  ("num_output_tokens", "num_input_tokens", "logprobs", "cumulative_logprob",
+                                   "finish_reason")})
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+    finally:
+        client.stop_stream()
+        client.close()
+    assert len(responses) > 1
+    assert sum(int(r["num_output_tokens"]) for r in responses) == 24
+    logprobs = [json.loads(r["logprobs"]) for r in responses]
+    assert all(len(lp) == int(r["num_output_tokens"]) for lp, r in zip(logprobs, responses))
+    chosen = [max(entry.values(), key=lambda v: v["logprob"]) for lp in logprobs for entry in lp]  # greedy: rank 1
+    assert all(c["rank"] == 1 for c in chosen)
+    assert all(len(entry) >= 2 for lp in logprobs for entry in lp)  # the token and its top alternatives
+    assert float(responses[-1]["cumulative_logprob"]) == pytest.approx(sum(c["logprob"] for c in chosen), abs=1e-3)
+    assert responses[-1]["finish_reason"] == b"length"
+    engine = Engine(EngineConfig(target_model=demo_pair[0], draft_model=demo_pair[1], mode="ar"))
+    expected = engine.generate([PROMPTS[0]], {"max_tokens": 24, "temperature": 0, "logprobs": 2, "ignore_eos": True})
+    engine.close()
+    assert [c["logprob"] for c in chosen] == pytest.approx(
+        [max(e.values(), key=lambda v: v["logprob"])["logprob"] for e in expected[0].logprobs], abs=1e-3)
+
+
+def test_speculation_metrics_follow_vllms_meaning(server):
+    for prompt in PROMPTS:
+        assert stream(server, prompt, {"max_tokens": 24, "temperature": 0, "ignore_eos": True})[2] is None
+    m = read_metrics(server.metrics_url, "minedraft")
+    drafts = m["minedraft_spec_decode_num_drafts_total"]
+    per_position = [m[f"minedraft_spec_decode_num_accepted_tokens_per_pos_total/{i}"] for i in range(4)]
+    assert 0 < drafts <= m["minedraft_spec_decode_num_draft_tokens_total"]
+    assert sum(per_position) == m["minedraft_spec_decode_num_accepted_tokens_total"]
+    assert all(a >= b for a, b in zip(per_position, per_position[1:]))  # acceptance can only stop early
+    assert per_position[0] <= drafts
+    mean_acceptance_length = 1 + m["minedraft_spec_decode_num_accepted_tokens_total"] / drafts
+    assert 1 <= mean_acceptance_length <= 5

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .bench_engine import engine_for, load_prompts, measure
 from .config import DEFAULT_MODEL_DIR
-from .cost_model import MODES
+from .cost_model import STEP_MODES
 from .launcher import TritonServer, free_port
 from .perf_analyzer import perf_analyzer_binary, perf_analyzer_env, write_input_data
 from .repository import write_repository
@@ -74,18 +74,16 @@ def summarise_profile(export: Path) -> dict:
     tokens_in_window, ttft, itl, e2e = 0, [], [], []
     for request in experiment["requests"]:
         stamps, outputs = request["response_timestamps"], request["response_outputs"]
+        # num_output_tokens is each response's new tokens (vllm_backend's meaning).
         counts = [o.get("num_output_tokens", 0) for o in outputs]
-        previous = 0
-        for stamp, count in zip(stamps, counts):
-            if start <= stamp <= end:
-                tokens_in_window += count - previous
-            previous = max(previous, count)
-        if not stamps or not counts or counts[-1] < 1:
+        tokens_in_window += sum(count for stamp, count in zip(stamps, counts) if start <= stamp <= end)
+        total = sum(counts)
+        if not stamps or total < 1:
             continue
         ttft.append((stamps[0] - request["timestamp"]) / 1e9)
         e2e.append((stamps[-1] - request["timestamp"]) / 1e9)
-        if counts[-1] > 1:
-            itl.append((stamps[-1] - stamps[0]) / 1e9 / (counts[-1] - 1))
+        if total > 1:
+            itl.append((stamps[-1] - stamps[0]) / 1e9 / (total - 1))
     return {"tokens_per_s": round(tokens_in_window / ((end - start) / 1e9), 2),
             "requests": len(experiment["requests"]),
             "ttft_p50_ms": _ms(_pct(ttft, 50)), "ttft_p99_ms": _ms(_pct(ttft, 99)),
@@ -118,7 +116,7 @@ def measure_server(server, setup, k, concurrency, prompts, max_tokens, workdir: 
         return after.get(name, 0) - before.get(name, 0)
 
     drafted, accepted = delta("minedraft_draft_tokens_total"), delta("minedraft_accepted_tokens_total")
-    steps = {mode: delta(f"minedraft_policy_steps_total/{mode}") for mode in MODES}
+    steps = {mode: delta(f"minedraft_policy_steps_total/{mode}") for mode in STEP_MODES}
     return {"setup": setup, "model": model, "num_draft_tokens": k, "concurrency": concurrency,
             **summarise_profile(export), "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
             "steps_by_mode": steps}

@@ -5,7 +5,19 @@ from pathlib import Path
 
 from .model_runner import DTYPES
 
-MODES = ("ar", "sd", "psd", "flex")
+
+
+@dataclass(frozen=True)
+class ModeTraits:
+    two_batches: bool  # PSD's layout: two internal batches, one drafted while the other is verified
+    drafts: bool  # a draft model is loaded
+
+
+# The one table of what each serving mode needs; a step itself is always "ar", "sd" or "psd"
+# (cost_model.STEP_MODES), chosen per step by flex.
+MODE_TRAITS = {"ar": ModeTraits(two_batches=False, drafts=False), "sd": ModeTraits(two_batches=False, drafts=True),
+               "psd": ModeTraits(two_batches=True, drafts=True), "flex": ModeTraits(two_batches=True, drafts=True)}
+SERVING_MODES = tuple(MODE_TRAITS)
 DRAFTER_KINDS = ("auto", "inline", "process")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "model_repository" / "minedraft" / "1"
 
@@ -53,8 +65,8 @@ class EngineConfig:
         return config
 
     def validate(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode not in SERVING_MODES:
+            raise ConfigError(f"mode must be one of {SERVING_MODES}, got {self.mode!r}")
         if not 0 <= self.num_draft_tokens <= 16:
             raise ConfigError(f"num_draft_tokens must be in [0, 16], got {self.num_draft_tokens}")
         if self.mode == "flex" and self.num_draft_tokens == 0:
@@ -81,14 +93,18 @@ class EngineConfig:
                 raise ConfigError(f"{key}: neither an HF model directory (config.json) nor a .gguf file: {path!r}")
 
     @property
+    def traits(self) -> ModeTraits:
+        return MODE_TRAITS[self.mode]
+
+    @property
     def num_batches(self) -> int:
-        return 2 if self.mode in ("psd", "flex") else 1
+        return 2 if self.traits.two_batches else 1
 
     @property
     def drafter_kind(self) -> str:
         if self.drafter != "auto":
             return self.drafter
-        overlaps_on_cpu = self.mode in ("psd", "flex") and self.draft_device == "cpu"
+        overlaps_on_cpu = self.traits.two_batches and self.draft_device == "cpu"
         return "process" if overlaps_on_cpu else "inline"
 
     def cpu_split(self) -> tuple[set[int], set[int]]:

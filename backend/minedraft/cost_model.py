@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-MODES = ("ar", "sd", "psd")  # what one step can do
+STEP_MODES = ("ar", "sd", "psd")  # what one step can do
 
 
 @dataclass(frozen=True)

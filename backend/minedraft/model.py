@@ -13,7 +13,7 @@ import triton_python_backend_utils as pb_utils
 
 from minedraft.config import EngineConfig
 from minedraft.engine import Engine
-from minedraft.request_parsing import ParsedRequest, parse_request
+from minedraft.request_parsing import RETURN_FLAGS, ParsedRequest, parse_request
 from minedraft.sampling_params import InvalidRequest
 from minedraft.sequence import RequestOutput
 from minedraft.serving import CANCELLED, INTERNAL, INVALID, UNAVAILABLE, ServingLoop
@@ -22,32 +22,59 @@ from minedraft.triton_metrics import EngineMetrics
 ENGINE_KEYS = tuple(f.name for f in fields(EngineConfig))
 ADAPTER_KEYS = ("report_metrics",)
 INPUTS = [("text_input", "TYPE_STRING", False), ("stream", "TYPE_BOOL", True),
-          ("sampling_parameters", "TYPE_STRING", True), ("exclude_input_in_output", "TYPE_BOOL", True)]
+          ("sampling_parameters", "TYPE_STRING", True), ("exclude_input_in_output", "TYPE_BOOL", True),
+          *((flag, "TYPE_BOOL", True) for flag in RETURN_FLAGS)]
 OUTPUTS = [("text_output", "TYPE_STRING"), ("finish_reason", "TYPE_STRING"), ("num_input_tokens", "TYPE_UINT32"),
            ("num_output_tokens", "TYPE_UINT32"), ("num_draft_tokens", "TYPE_UINT32"),
-           ("num_accepted_tokens", "TYPE_UINT32")]
+           ("num_accepted_tokens", "TYPE_UINT32"), ("cumulative_logprob", "TYPE_FP32"), ("logprobs", "TYPE_STRING")]
 ERROR_CODES = {INVALID: "INVALID_ARG", CANCELLED: "CANCELLED", INTERNAL: "INTERNAL", UNAVAILABLE: "UNAVAILABLE"}
 
 
 class TritonResponder:
-    """One request's decoupled responses: text deltas when streaming, the whole text at the end otherwise."""
+    """One request's decoupled responses, with vllm_backend's meanings: when streaming, each
+    response carries the new text, `num_output_tokens` new tokens and their `logprobs`; otherwise
+    one response carries all of it (and the prompt first, unless exclude_input_in_output)."""
 
     def __init__(self, request, parsed: ParsedRequest):
         self.request = request
         self.sender = request.get_response_sender()
         self.parsed = parsed
         self.text = ""
+        self.logprobs: list[dict] = []
+        self.tokens_sent = 0  # output tokens reported so far
 
     def send(self, output: RequestOutput, final: bool) -> None:
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+        self.logprobs += output.logprobs or []
         if self.parsed.stream:
             if output.text_delta or final:
-                self.sender.send(_response(output, output.text_delta), flags=flags)
+                self.sender.send(self._response(output, output.text_delta), flags=flags)
             return
         self.text += output.text_delta
         if final:
             text = self.text if self.parsed.exclude_input_in_output else self.parsed.prompt + self.text
-            self.sender.send(_response(output, text), flags=flags)
+            self.sender.send(self._response(output, text), flags=flags)
+
+    def _response(self, output: RequestOutput, text: str):
+        def tensor(name, value, dtype):
+            return pb_utils.Tensor(name, np.array([[value]], dtype=dtype))
+        new_tokens, self.tokens_sent = output.num_output_tokens - self.tokens_sent, output.num_output_tokens
+        tensors = [
+            tensor("text_output", text.encode("utf-8"), np.object_),
+            tensor("finish_reason", (output.finish_reason or "").encode(), np.object_),
+            tensor("num_input_tokens", output.num_input_tokens, np.uint32),
+            tensor("num_output_tokens", new_tokens, np.uint32),
+            # Ours: running totals of the request's drafted and accepted tokens.
+            tensor("num_draft_tokens", output.num_drafted_tokens, np.uint32),
+            tensor("num_accepted_tokens", output.num_accepted_tokens, np.uint32),
+        ]
+        if "return_cumulative_logprob" in self.parsed.returns:
+            tensors.append(tensor("cumulative_logprob", output.cumulative_logprob or 0.0, np.float32))
+        if "return_logprobs" in self.parsed.returns:
+            logprobs = self.logprobs if self.parsed.params.logprobs is not None else None
+            tensors.append(tensor("logprobs", json.dumps(logprobs).encode(), np.object_))
+        self.logprobs = []
+        return pb_utils.InferenceResponse(output_tensors=tensors)
 
     def send_error(self, message: str, kind: str) -> None:
         _send_error(self.sender, message, getattr(pb_utils.TritonError, ERROR_CODES[kind]))
@@ -76,7 +103,8 @@ class TritonPythonModel:
         if report_metrics not in ("true", "false"):
             raise pb_utils.TritonModelException(f"report_metrics must be true or false, got {report_metrics!r}")
         self.engine = Engine(EngineConfig.from_dict(settings))
-        self.metrics = EngineMetrics(pb_utils, model_config["name"]) if report_metrics == "true" else None
+        self.metrics = EngineMetrics(pb_utils, model_config["name"], self.engine.config.num_draft_tokens) \
+            if report_metrics == "true" else None
         self.serving = ServingLoop(self.engine, self.metrics)
         pb_utils.Logger.log_info(f"minedraft: mode={self.engine.config.mode} k={self.engine.config.num_draft_tokens} "
                                  f"max_num_seqs={self.engine.config.max_num_seqs}")
@@ -98,19 +126,6 @@ class TritonPythonModel:
         if self.metrics:
             self.metrics.close()
             self.metrics = None
-
-
-def _response(output: RequestOutput, text: str):
-    def tensor(name, value, dtype):
-        return pb_utils.Tensor(name, np.array([[value]], dtype=dtype))
-    return pb_utils.InferenceResponse(output_tensors=[
-        tensor("text_output", text.encode("utf-8"), np.object_),
-        tensor("finish_reason", (output.finish_reason or "").encode(), np.object_),
-        tensor("num_input_tokens", output.num_input_tokens, np.uint32),
-        tensor("num_output_tokens", output.num_output_tokens, np.uint32),
-        tensor("num_draft_tokens", output.num_drafted_tokens, np.uint32),
-        tensor("num_accepted_tokens", output.num_accepted_tokens, np.uint32),
-    ])
 
 
 def _read_parameters(model_config: dict, version_dir: str) -> dict:
@@ -138,7 +153,7 @@ def _raw_inputs(request):
         return bool(item) if array.dtype == np.bool_ else item
     try:
         return (value("text_input"), value("stream"), value("sampling_parameters"),
-                value("exclude_input_in_output"), request.parameters())
+                value("exclude_input_in_output"), request.parameters(), {flag: value(flag) for flag in RETURN_FLAGS})
     except InvalidRequest:
         raise
     except Exception as exc:

@@ -4,9 +4,14 @@ Kept apart from model.py, which needs Triton's runtime, so that it can be tested
 """
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .sampling_params import InvalidRequest, SamplingParams
+
+
+# vllm_backend's optional outputs, each switched on per request by a BOOL input of the same name.
+RETURN_FLAGS = ("return_finish_reason", "return_num_input_tokens", "return_num_output_tokens",
+                "return_logprobs", "return_cumulative_logprob")
 
 
 @dataclass
@@ -15,10 +20,11 @@ class ParsedRequest:
     params: SamplingParams
     stream: bool
     exclude_input_in_output: bool
+    returns: frozenset[str] = frozenset()  # the RETURN_FLAGS that are set
 
 
 def parse_request(text_input, stream, sampling_parameters, exclude_input_in_output,
-                  request_parameters: str | None) -> ParsedRequest:
+                  request_parameters: str | None, return_flags: dict | None = None) -> ParsedRequest:
     """Each argument is the raw input value (bytes/str/bool/None); raises InvalidRequest.
 
     `sampling_parameters` (JSON) wins; without it the request parameters are used, which is
@@ -33,8 +39,14 @@ def parse_request(text_input, stream, sampling_parameters, exclude_input_in_outp
     stream_flag = values.pop("stream", None) if stream is None else stream
     exclude_flag = values.pop("exclude_input_in_output", None) if exclude_input_in_output is None \
         else exclude_input_in_output
-    return ParsedRequest(prompt, SamplingParams.from_dict(values),
-                         _flag(stream_flag, "stream"), _flag(exclude_flag, "exclude_input_in_output"))
+    flags = {name: values.pop(name, None) for name in RETURN_FLAGS}  # /generate may pass them as parameters
+    flags.update({k: v for k, v in (return_flags or {}).items() if v is not None})
+    returns = frozenset(name for name, value in flags.items() if _flag(value, name))
+    params = SamplingParams.from_dict(values)
+    if params.logprobs is None and "return_cumulative_logprob" in returns:
+        params = replace(params, logprobs=0)  # computing the sum needs each token's log-probability
+    return ParsedRequest(prompt, params, _flag(stream_flag, "stream"),
+                         _flag(exclude_flag, "exclude_input_in_output"), returns)
 
 
 def _text(value, name: str) -> str:
@@ -73,4 +85,6 @@ def _flag(value, name: str) -> bool:
         return value
     if hasattr(value, "item") and isinstance(value.item(), bool):
         return value.item()
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
     raise InvalidRequest(f"{name} must be a boolean")

@@ -11,6 +11,8 @@ class InvalidRequest(ValueError):
 # stop string) and that float32 sampling can honour. Documented in README "Request parameters".
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGPROBS = 20  # top alternatives per token, as in vLLM's default max_logprobs
 MAX_TEMPERATURE = 100.0
 # Below this a temperature is greedy, as in vLLM (its _SAMPLING_EPS): logits divided by it
 # overflow float32.
@@ -31,6 +33,11 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)  # end the request like EOS ("stop")
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    n: int = 1  # sequences per request: only 1
+    logprobs: int | None = None  # log-probabilities of the emitted tokens plus this many top alternatives
     num_draft_tokens: int | None = None  # None: the server's setting
 
     @property
@@ -69,6 +76,12 @@ class SamplingParams:
             raise InvalidRequest(f"num_draft_tokens must be >= 0, got {self.num_draft_tokens}")
         if any(s == "" for s in self.stop):
             raise InvalidRequest("stop strings must not be empty")
+        if self.n != 1:
+            raise InvalidRequest(f"n must be 1 (one sequence per request), got {self.n}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS or any(t < 0 for t in self.stop_token_ids):
+            raise InvalidRequest(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} non-negative token ids")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequest(f"stop: at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         if any(len(s) > MAX_STOP_CHARS for s in self.stop):
@@ -123,7 +136,14 @@ def _stop(name, value):
     return tuple(value)
 
 
+def _token_ids(name, value):
+    if not isinstance(value, (list, tuple)):
+        raise InvalidRequest(f"{name} must be a list of token ids, got {value!r}")
+    return tuple(_int(name, v) for v in value)
+
+
 _PARSERS = {
-    "max_tokens": _int, "min_tokens": _int, "top_k": _int, "seed": _int, "num_draft_tokens": _int,
-    "temperature": _float, "top_p": _float, "ignore_eos": _bool, "stop": _stop,
+    "max_tokens": _int, "min_tokens": _int, "top_k": _int, "seed": _int, "num_draft_tokens": _int, "n": _int,
+    "logprobs": _int, "temperature": _float, "top_p": _float, "ignore_eos": _bool, "stop": _stop,
+    "stop_token_ids": _token_ids, "include_stop_str_in_output": _bool, "skip_special_tokens": _bool,
 }

@@ -20,6 +20,10 @@ class RequestOutput:
     num_drafted_tokens: int
     num_accepted_tokens: int
     error: str | None = None
+    # With the `logprobs` parameter: per new token, {token id: {"logprob", "rank", "decoded_token"}}
+    # for the emitted token and the top alternatives, from the target's verification pass.
+    logprobs: list[dict] | None = None
+    cumulative_logprob: float | None = None
 
 
 class AcceptanceEstimate:
@@ -66,6 +70,7 @@ class Sequence:
         self.draft_extent = 0  # drafted tokens the draft cache holds beyond token_ids
         self.num_drafted = 0
         self.num_accepted = 0
+        self.cumulative_logprob = 0.0
         self.acceptance = AcceptanceEstimate(acceptance_prior)
         self.finish_reason: str | None = None
         self.text = ""

@@ -3,14 +3,14 @@ import os
 import re
 import urllib.request
 
-from .cost_model import MODES
+from .cost_model import STEP_MODES
 from .launcher import RESTARTS_ENV
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
 
 
 class EngineMetrics:
-    def __init__(self, pb_utils, model_name: str):
+    def __init__(self, pb_utils, model_name: str, max_draft_tokens: int):
         labels = {"model": model_name}
         M = pb_utils.MetricFamily
         self._families = []  # a family must outlive its metrics, or Triton rejects their updates
@@ -21,7 +21,7 @@ class EngineMetrics:
 
         def per_mode(name, description, kind):
             self._families.append(M(name=name, description=description, kind=kind))
-            return {mode: self._families[-1].Metric(labels={**labels, "mode": mode}) for mode in MODES}
+            return {mode: self._families[-1].Metric(labels={**labels, "mode": mode}) for mode in STEP_MODES}
 
         def histogram(name, description):
             return family(name, description, M.HISTOGRAM, buckets=LATENCY_BUCKETS)
@@ -36,6 +36,19 @@ class EngineMetrics:
         self.requests_cancelled = family("minedraft_requests_cancelled_total", "Requests cancelled", M.COUNTER)
         self.drafter_failures = family("minedraft_drafter_failures_total", "Drafter failures (restarted)", M.COUNTER)
         self.steps = family("minedraft_steps_total", "Engine steps run", M.COUNTER)
+        # Speculation with vLLM's meanings (its vllm:spec_decode_* counters), counted per verification.
+        self.spec_drafts = family("minedraft_spec_decode_num_drafts_total",
+                                  "Draft proposals verified (one per request per verification)", M.COUNTER)
+        self.spec_draft_tokens = family("minedraft_spec_decode_num_draft_tokens_total", "Draft tokens verified",
+                                        M.COUNTER)
+        self.spec_accepted_tokens = family("minedraft_spec_decode_num_accepted_tokens_total",
+                                           "Draft tokens accepted", M.COUNTER)
+        self._families.append(M(name="minedraft_spec_decode_num_accepted_tokens_per_pos_total",
+                                description="Drafts whose tokens up to this position were all accepted",
+                                kind=M.COUNTER))
+        self.spec_accepted_per_position = [self._families[-1].Metric(labels={**labels, "position": str(i)})
+                                           for i in range(max_draft_tokens)]
+        self._spec_seen = [0, 0, 0, [0] * max_draft_tokens]
         self.step_errors = family("minedraft_step_errors_total",
                                   "Engine steps that failed (their requests ended with an error)", M.COUNTER)
         self.server_restarts = family("minedraft_server_restarts",
@@ -54,7 +67,7 @@ class EngineMetrics:
         self.e2e = histogram("minedraft_request_latency_seconds", "End-to-end request latency")
         self._max_verify = 0
         self._failures_seen = 0
-        self._steps_seen = dict.fromkeys(MODES, 0)
+        self._steps_seen = dict.fromkeys(STEP_MODES, 0)
 
     def close(self) -> None:
         """Drop every Metric before its MetricFamily; the stub crashes at exit otherwise."""
@@ -80,6 +93,17 @@ class EngineMetrics:
             if count > self._steps_seen[mode]:
                 self.policy_steps[mode].increment(count - self._steps_seen[mode])
                 self._steps_seen[mode] = count
+        stats, seen = engine.spec_stats, self._spec_seen
+        for i, (metric, value) in enumerate([(self.spec_drafts, stats.num_drafts),
+                                             (self.spec_draft_tokens, stats.num_draft_tokens),
+                                             (self.spec_accepted_tokens, stats.num_accepted_tokens)]):
+            if value > seen[i]:
+                metric.increment(value - seen[i])
+                seen[i] = value
+        for position, (metric, value) in enumerate(zip(self.spec_accepted_per_position, stats.accepted_per_position)):
+            if value > seen[3][position]:
+                metric.increment(value - seen[3][position])
+                seen[3][position] = value
         if engine.num_drafter_failures > self._failures_seen:
             self.drafter_failures.increment(engine.num_drafter_failures - self._failures_seen)
             self._failures_seen = engine.num_drafter_failures
@@ -108,13 +132,14 @@ class EngineMetrics:
 
 def read_metrics(metrics_url: str, model: str | None = None) -> dict[str, float]:
     """minedraft_* values from a server's metrics page, histogram buckets left out; only
-    `model`'s series when given (one server may serve several minedraft models). Series per
-    mode are keyed name/mode, e.g. minedraft_policy_steps_total/psd."""
+    `model`'s series when given (one server may serve several minedraft models). Series per mode or
+    draft position are keyed name/label, e.g. minedraft_policy_steps_total/psd or
+    minedraft_spec_decode_num_accepted_tokens_per_pos_total/0."""
     text = urllib.request.urlopen(metrics_url).read().decode()
     label = f'model="{model}"' if model else ""
     values = {}
     for line in text.splitlines():
         if line.startswith("minedraft_") and "_bucket" not in line and label in line:
-            mode = re.search(r'mode="(\w+)"', line)
-            values[line.split("{")[0] + (f"/{mode.group(1)}" if mode else "")] = float(line.rsplit(" ", 1)[1])
+            series = re.search(r'(?:mode|position)="(\w+)"', line)
+            values[line.split("{")[0] + (f"/{series.group(1)}" if series else "")] = float(line.rsplit(" ", 1)[1])
     return values

@@ -104,7 +104,7 @@ def chat_template(args):
 
 def run_turn(args, url, prompt, echo) -> tuple[str, int]:
     stream = stream_grpc if args.protocol == "grpc" else stream_http
-    started, last, text = time.monotonic(), None, ""
+    started, last, text, tokens = time.monotonic(), None, "", 0
     if echo:
         sys.stdout.write(prompt)
     try:
@@ -112,6 +112,7 @@ def run_turn(args, url, prompt, echo) -> tuple[str, int]:
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
             text += chunk.text
+            tokens += chunk.num_output_tokens  # each response carries its new tokens
             last = chunk
     except (RuntimeError, OSError) as exc:
         print(f"\nminedraft-client: {exc}", file=sys.stderr)
@@ -119,7 +120,7 @@ def run_turn(args, url, prompt, echo) -> tuple[str, int]:
     elapsed = time.monotonic() - started
     if last is not None:
         rate = last.num_accepted_tokens / last.num_draft_tokens if last.num_draft_tokens else float("nan")
-        print(f"\n\n[{last.num_output_tokens} tokens in {elapsed:.2f}s: {last.num_output_tokens / elapsed:.1f} tokens/s, "
+        print(f"\n\n[{tokens} tokens in {elapsed:.2f}s: {tokens / elapsed:.1f} tokens/s, "
               f"acceptance {rate:.2f} ({last.num_accepted_tokens}/{last.num_draft_tokens}), "
               f"finish: {last.finish_reason}]", file=sys.stderr)
     return text, 0

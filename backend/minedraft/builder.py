@@ -1,0 +1,143 @@
+"""Building an engine's parts from its config: models, drafters, cores, the vocabulary and context
+checks, the batches and the policy (with flex's start-up calibration). The Engine keeps the step."""
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from .calibration import draft_step_seconds, measure_step_costs
+from .config import ConfigError, EngineConfig
+from .cost_model import Choice
+from .drafter import D2T_FILE, DraftVocabulary, InlineDrafter, ProcessDrafter, build_draft_model
+from .drafting import Drafting
+from .flex import FlexPolicy
+from .model_runner import ModelRunner, load_config, load_model, load_tokenizer
+from .output import OutputBuilder
+from .policy import Policy
+from .scheduler import Batch, Scheduler
+
+log = logging.getLogger("minedraft")
+
+
+@dataclass
+class EngineParts:
+    tokenizer: object
+    eos_token_ids: tuple[int, ...]
+    max_prompt_chars: int  # longer prompts are refused before tokenizing (see build)
+    target: ModelRunner
+    scheduler: Scheduler
+    drafting: Drafting
+    policy: Policy
+    outputs: OutputBuilder
+
+
+def build(config: EngineConfig) -> EngineParts:
+    tokenizer = load_tokenizer(config.target_model)
+    eos_token_ids = end_of_sequence_ids(config.target_model, tokenizer)
+    target_vocab_size = load_config(config.target_model).vocab_size
+    target_cpus, draft_cpus = config.cpu_split() if config.target_device == "cpu" else (set(), set())
+    # Every cache holds the context plus one verification's drafts and its extra token.
+    capacity = config.max_model_len + config.num_draft_tokens + 2
+    drafter = None
+    if config.traits.drafts and config.num_draft_tokens > 0:
+        drafter = _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity, draft_cpus)
+    _pin_target(config, target_cpus)
+    # Flex's sequential (SD) steps draft in-process, on the target's cores: with nothing to
+    # overlap, a round trip to the worker process costs more than it hides.
+    sequential_drafter = drafter
+    if config.mode == "flex" and isinstance(drafter, ProcessDrafter):
+        sequential_drafter = InlineDrafter(build_draft_model(
+            config.draft_model, config.draft_device, config.dtype, config.max_num_seqs, capacity,
+            eos_token_ids, target_vocab_size))
+    model = load_model(config.target_model, config.target_device, config.dtype)
+    check_context(model.config, config)
+    target = ModelRunner(model, config.max_num_seqs, capacity)
+    batches = [Batch(slot, target.new_cache(), config.max_num_seqs) for slot in range(config.num_batches)]
+    drafting = Drafting(drafter, sequential_drafter, batches, config.max_model_len, config.draft_confidence_threshold)
+    policy = _make_policy(config, target, batches[0], drafting, eos_token_ids)
+    # No token is longer than the longest in the vocabulary, so a prompt of more characters than
+    # this has more than max_model_len tokens, whatever it says.
+    max_prompt_chars = config.max_model_len * longest_token_chars(tokenizer)
+    return EngineParts(tokenizer, eos_token_ids, max_prompt_chars, target, Scheduler(batches), drafting, policy,
+                       OutputBuilder(tokenizer, eos_token_ids, config.max_model_len))
+
+
+def _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity, draft_cpus):
+    draft_config = load_config(config.draft_model)
+    check_vocabularies(tokenizer, config.draft_model, target_vocab_size, draft_config.vocab_size)
+    check_context(draft_config, config)
+    if config.drafter_kind == "process":
+        return ProcessDrafter(config.draft_model, config.draft_device, config.dtype, config.max_num_seqs, capacity,
+                              eos_token_ids, target_vocab_size, config.num_draft_tokens, draft_cpus)
+    return InlineDrafter(build_draft_model(config.draft_model, config.draft_device, config.dtype,
+                                           config.max_num_seqs, capacity, eos_token_ids, target_vocab_size))
+
+
+def _make_policy(config, target, batch, drafting, eos_token_ids) -> Policy:
+    if config.mode != "flex":
+        return Policy(Choice(config.mode, config.num_draft_tokens if config.traits.drafts else 0))
+    costs = measure_step_costs(target, batch.target_cache, drafting.sequential_drafter, config.num_draft_tokens,
+                               config.max_num_seqs, eos_token_ids)
+    log.info("flex calibration: %s", costs.to_json())
+    policy = FlexPolicy(config.num_draft_tokens, costs, config.max_num_seqs)
+    if drafting.drafter is not drafting.sequential_drafter:
+        # PSD's drafts run in the worker: start its estimates from the worker's own timings.
+        for size, inline_seconds in zip(costs.batch_sizes, costs.draft):
+            worker_seconds = draft_step_seconds(drafting.drafter, size, config.num_draft_tokens)
+            policy.costs.draft_ratio[(size, True)] = worker_seconds / inline_seconds
+    return policy
+
+
+def _pin_target(config: EngineConfig, cpus: set[int]) -> None:
+    """Size the target's thread pool to its share of cores. The affinity is only set when
+    configured: it applies to the calling thread, which an embedding program may not expect."""
+    if not cpus:
+        return
+    torch.set_num_threads(len(cpus))
+    if config.target_cpus:
+        os.sched_setaffinity(0, cpus)
+
+
+def check_vocabularies(tokenizer, draft_path: str, target_vocab_size: int, draft_vocab_size: int) -> None:
+    vocabulary = DraftVocabulary.load(draft_path, target_vocab_size)
+    if vocabulary.d2t is not None:
+        # A reduced draft vocabulary: its ids map into the target's, plus at most one input-only id.
+        if draft_vocab_size not in (vocabulary.size, vocabulary.size + 1):
+            raise ConfigError(f"draft_model: {D2T_FILE} maps {vocabulary.size} ids but the draft has "
+                              f"{draft_vocab_size}")
+        if int(vocabulary.d2t.max()) >= target_vocab_size or int(vocabulary.d2t.min()) < 0:
+            raise ConfigError(f"draft_model: {D2T_FILE} names ids outside the target's vocabulary")
+    elif target_vocab_size != draft_vocab_size:
+        raise ConfigError(f"draft_model: vocabulary size {draft_vocab_size} differs from the target's "
+                          f"{target_vocab_size}; the pair must share a tokenizer")
+    try:
+        draft_tokenizer = load_tokenizer(draft_path)
+    except (OSError, ValueError):
+        return  # a draft directory without its own tokenizer uses the target's
+    if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError("draft_model: its tokenizer's vocabulary differs from the target's")
+
+
+def end_of_sequence_ids(model_path: str, tokenizer) -> tuple[int, ...]:
+    """Every id that ends a request: the tokenizer's EOS and those of the generation config
+    (instruct models often list several, e.g. Llama 3's end-of-turn tokens)."""
+    ids = [tokenizer.eos_token_id]
+    try:
+        configured = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except (OSError, ValueError):
+        configured = None
+    ids += configured if isinstance(configured, list) else [configured]
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
+def longest_token_chars(tokenizer) -> int:
+    return max(len(tokenizer.convert_tokens_to_string([token])) for token in tokenizer.get_vocab())
+
+
+def check_context(model_config, config: EngineConfig) -> None:
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is not None and config.max_model_len > limit:
+        raise ConfigError(f"max_model_len {config.max_model_len} exceeds the model's "
+                          f"max_position_embeddings {limit}")
