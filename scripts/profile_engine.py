@@ -7,7 +7,7 @@ import pstats
 import sys
 
 from minedraft import Engine, EngineConfig
-from minedraft.bench_engine import load_prompts, measure
+from minedraft.tools.bench_engine import load_prompts, measure
 from minedraft.config import DEFAULT_MODEL_DIR
 
 

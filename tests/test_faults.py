@@ -11,7 +11,7 @@ import torch
 
 from engine_helpers import PROMPTS, make_engine, reference_greedy
 from minedraft import InvalidRequest
-from minedraft.drafter import DraftRow, DraftWork, InlineDrafter, ProcessDrafter, build_draft_model
+from minedraft.drafter import DraftRow, DraftWork, ProcessDrafter, build_draft_model
 from minedraft.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
 
 

@@ -19,7 +19,7 @@ import tritonclient.grpc as grpcclient
 
 from minedraft import Engine, EngineConfig
 from minedraft.launcher import TritonServer, free_port
-from minedraft.repository import write_repository
+from minedraft.tools.repository import write_repository
 from minedraft.triton_metrics import read_metrics
 from triton_helpers import stream_inputs
 

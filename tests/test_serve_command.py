@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from minedraft.launcher import free_port
-from minedraft.repository import write_repository
+from minedraft.tools.repository import write_repository
 from minedraft.triton_metrics import read_metrics
 from test_reliability import _is_zombie, descendants
 

@@ -13,8 +13,8 @@ from tritonclient.utils import InferenceServerException
 
 from minedraft import Engine, EngineConfig
 from minedraft.launcher import TritonServer, free_port
-from minedraft.perf_analyzer import perf_analyzer_binary, perf_analyzer_env, write_input_data
-from minedraft.repository import write_repository
+from minedraft.tools.perf_analyzer import perf_analyzer_binary, perf_analyzer_env, write_input_data
+from minedraft.tools.repository import write_repository
 from minedraft.triton_metrics import read_metrics
 from triton_helpers import stream_inputs
 

@@ -5,7 +5,7 @@ import pytest
 
 from minedraft.cli import main
 from minedraft.cost_model import StepCosts, expected_tokens
-from minedraft.simulate import acceptance_rate, best, compare, fit_alpha, parse_draft_lengths, predict
+from minedraft.tools.simulate import acceptance_rate, best, compare, fit_alpha, parse_draft_lengths, predict
 
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64]
 

@@ -96,11 +96,11 @@ def main(argv=None) -> int:
     p.add_argument("triton_args", nargs="*", help="extra tritonserver flags, after --")
     p.set_defaults(run=serve)
     b = commands.add_parser("bench", help="AR vs SD vs PSD through tritonserver with perf_analyzer")
-    from .bench import bench, main_args
+    from .tools.bench import bench, main_args
     main_args(b)
     b.set_defaults(run=bench)
     s = commands.add_parser("simulate", help="predict AR/SD/PSD/flex throughput and latency from step costs")
-    from .simulate import main_args as simulate_args, simulate
+    from .tools.simulate import main_args as simulate_args, simulate
     simulate_args(s)
     s.set_defaults(run=simulate)
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """In-process benchmark: AR vs SD vs PSD output-token throughput, closed loop, no Triton.
 
-    python -m minedraft.bench_engine [--concurrency 1 2 4 8 16 32] [--draft-lengths 2 4 6 8] [--out FILE]
+    python -m minedraft.tools.bench_engine [--concurrency 1 2 4 8 16 32] [--draft-lengths 2 4 6 8] [--out FILE]
 
 Each mode gets one engine; concurrency is the number of requests kept in flight, and the
 draft length is set per request (num_draft_tokens), so one engine serves the whole sweep.
@@ -13,8 +13,9 @@ import os
 import time
 from pathlib import Path
 
-from .config import DEFAULT_MODEL_DIR, EngineConfig
-from .engine import Engine
+from ..config import DEFAULT_MODEL_DIR, EngineConfig
+from ..engine import Engine
+from .setups import best_by_tokens_per_s
 
 
 def load_prompts(path: Path, limit: int | None = None) -> list[str]:
@@ -68,11 +69,9 @@ def sweep(concurrencies, draft_lengths, max_tokens, model_dir: Path, prompts, re
 
 
 def best_by_concurrency(rows: list[dict]) -> dict[int, dict]:
-    best = {}
-    for row in rows:
-        if row["concurrency"] not in best or row["tokens_per_s"] > best[row["concurrency"]]["tokens_per_s"]:
-            best[row["concurrency"]] = row
-    return best
+    """The fastest row at each concurrency, in the order the concurrencies first appear."""
+    concurrencies = dict.fromkeys(row["concurrency"] for row in rows)
+    return {c: best_by_tokens_per_s([r for r in rows if r["concurrency"] == c]) for c in concurrencies}
 
 
 def ratio_table(results: dict) -> list[dict]:

@@ -6,7 +6,7 @@ serve variants of the default. All start from model_repository/minedraft/config.
 import re
 from pathlib import Path
 
-from .launcher import DEFAULT_REPOSITORY
+from ..launcher import DEFAULT_REPOSITORY
 
 TEMPLATE = DEFAULT_REPOSITORY / "minedraft" / "config.pbtxt"
 DEMO_VERSION_DIR = DEFAULT_REPOSITORY / "minedraft" / "1"

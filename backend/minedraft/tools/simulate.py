@@ -19,7 +19,8 @@ import json
 import sys
 from pathlib import Path
 
-from .cost_model import Choice, StepCosts, estimate, expected_tokens, rank
+from ..cost_model import Choice, StepCosts, estimate, expected_tokens, rank
+from .setups import best_by_tokens_per_s
 
 # Benchmark set-ups that the costs file describes: the target on one core, the drafter
 # (PSD) on the other. The 2-thread set-ups `ar` and `sd` run at other step costs.
@@ -90,8 +91,7 @@ def _rows(concurrency: int, max_num_seqs: int | None, batches: int) -> int:
 
 
 def best(results: list[dict], mode: str) -> dict | None:
-    entries = [r for r in results if r["mode"] == mode]
-    return max(entries, key=lambda r: r["tokens_per_s"]) if entries else None
+    return best_by_tokens_per_s([r for r in results if r["mode"] == mode])
 
 
 # --- prediction error against a benchmark's raw.json -------------------------------------

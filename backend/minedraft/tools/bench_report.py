@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-from .bench import FIXED_SETUPS, SETUPS, best
+from .setups import FIXED_SETUPS, SETUPS, best_by_tokens_per_s
 
 GOALS = {"P1": 1.5, "P1b": 1.75, "P2": 0.95, "P3": 2.0, "P4": 0.9, "P5": 0.8, "P6": 1.0}
 SETUP_ORDER = (*FIXED_SETUPS, "flex", "flex_tau")
@@ -24,7 +24,7 @@ def write_report(results: dict, out: Path) -> None:
 
 def simulator_check(results: dict, costs_path: Path) -> str:
     """`minedraft simulate --compare` on this run: the cost model's predictions against the rows."""
-    from .cost_model import StepCosts
+    from ..cost_model import StepCosts
     from .simulate import compare, mean_prompt_tokens
     args = results["args"]
     costs = StepCosts.load(costs_path)
@@ -59,7 +59,7 @@ def per_concurrency(results: dict) -> list[dict]:
     for c in sorted({r["concurrency"] for r in rows}):
         entry = {"concurrency": c}
         for setup in SETUP_ORDER:
-            entry[setup] = best(rows, setup, c)
+            entry[setup] = best_by_tokens_per_s([r for r in rows if r["setup"] == setup and r["concurrency"] == c])
         # Best-tuned on the 2 cores: each mode at its better thread setting (1 or 2 threads).
         entry["ar_best"] = _faster(entry["ar"], entry["ar_1core"])
         entry["sd_best"] = _faster(entry["sd"], entry["sd_1core"])
@@ -69,7 +69,7 @@ def per_concurrency(results: dict) -> list[dict]:
 
 
 def _faster(*rows):
-    return max(filter(None, rows), key=lambda r: r["tokens_per_s"], default=None)
+    return best_by_tokens_per_s(rows)
 
 
 def _ratio(a, b):

@@ -18,31 +18,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ..config import DEFAULT_MODEL_DIR
+from ..cost_model import STEP_MODES
+from ..launcher import TritonServer, free_port
+from ..triton_metrics import read_metrics
 from .bench_engine import engine_for, load_prompts, measure
-from .config import DEFAULT_MODEL_DIR
-from .cost_model import STEP_MODES
-from .launcher import TritonServer, free_port
+from .bench_report import write_report
 from .perf_analyzer import perf_analyzer_binary, perf_analyzer_env, write_input_data
 from .repository import write_repository
-from .triton_metrics import read_metrics
-
-# Set-ups: (model name, mode, parameters). Cores: 0 and 1 of the machine's first two.
-SETUPS = {
-    "ar": ("minedraft_ar", {"mode": "ar", "target_cpus": "0-1"}),
-    "sd": ("minedraft_sd", {"mode": "sd", "target_cpus": "0-1", "drafter": "inline"}),
-    "psd": ("minedraft_psd", {"mode": "psd", "target_cpus": "0", "draft_cpus": "1", "drafter": "process"}),
-    # P1b, the paper's set-up: SD with its draft on the target's one core (PSD gets a second one).
-    # It is also SD's one-thread tuning on the 2-core machine, and ar_1core AR's.
-    "sd_1core": ("minedraft_sd_1core", {"mode": "sd", "target_cpus": "0", "drafter": "inline"}),
-    "ar_1core": ("minedraft_ar_1core", {"mode": "ar", "target_cpus": "0"}),
-    # Flex on PSD's cores: it picks AR, SD (drafting in-process on core 0) or PSD every step.
-    "flex": ("minedraft_flex", {"mode": "flex", "target_cpus": "0", "draft_cpus": "1", "drafter": "process"}),
-    # The same with FlexDraft's confidence cut, to choose draft_confidence_threshold's default.
-    "flex_tau": ("minedraft_flex_tau", {"mode": "flex", "target_cpus": "0", "draft_cpus": "1", "drafter": "process",
-                                        "draft_confidence_threshold": 0.1}),
-}
-FIXED_SETUPS = ("ar", "ar_1core", "sd", "sd_1core", "psd")
-SD_SETUPS = ("sd", "sd_1core")
+from .setups import SD_SETUPS, SETUPS, best_by_tokens_per_s
 
 
 def build_repository(root: Path, setups: list[str], max_num_seqs: int, max_draft: int, model_dir: Path) -> Path:
@@ -145,7 +129,7 @@ def hf_assisted_generation(model_dir: Path, prompts, max_tokens: int, num_prompt
         tokens = sum(generate(p) for p in prompts[:num_prompts])
         runs.append({"threads": threads, "tokens_per_s": round(tokens / (time.perf_counter() - started), 2),
                      "prompts": num_prompts, "output_tokens": tokens})
-    return max(runs, key=lambda r: r["tokens_per_s"])
+    return best_by_tokens_per_s(runs)
 
 
 def in_process(setup, k, concurrency, prompts, max_tokens, model_dir, max_num_seqs, costs_path=None) -> dict:
@@ -180,8 +164,7 @@ def draft_sweep(setup: str, args) -> list[int]:
 
 
 def best(rows, setup, concurrency):
-    candidates = [r for r in rows if r["setup"] == setup and r["concurrency"] == concurrency]
-    return max(candidates, key=lambda r: r["tokens_per_s"]) if candidates else None
+    return best_by_tokens_per_s([r for r in rows if r["setup"] == setup and r["concurrency"] == concurrency])
 
 
 def run(args) -> dict:
@@ -244,7 +227,6 @@ def main_args(parser: argparse.ArgumentParser) -> None:
 
 
 def bench(args) -> int:
-    from .bench_report import write_report
     results = run(args)
     results["command"] = " ".join(["minedraft", *sys.argv[1:]]) if sys.argv[0].endswith("minedraft") else "minedraft bench"
     write_report(results, args.out)

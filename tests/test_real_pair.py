@@ -1,0 +1,105 @@
+"""The shipped real pair, SmolLM2-135M-Instruct and its trained draft: greedy output through
+tritonserver equals HF `generate` of the target alone, and (slow) sampled output follows the
+target's law with k = 3 drafts per verification. GGUF files load as target or draft."""
+import json
+import os
+import queue
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import REPO
+from engine_helpers import binned, exact_two_token_law
+from minedraft import Engine, EngineConfig
+
+SMOLLM2 = REPO / "model_repository" / "smollm2"
+TARGET, DRAFT = SMOLLM2 / "1" / "target", SMOLLM2 / "1" / "draft"
+QUESTIONS = ["What is the capital of France?", "Write a Python function that returns the square of a number.",
+             "Give me two tips for learning to cook."]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if not (TARGET / "config.json").is_file():
+        if os.environ.get("CI"):
+            pytest.fail("SmolLM2 was not prepared: scripts/setup.sh runs python -m minedraft.prepare_target")
+        pytest.skip("SmolLM2 not prepared (python -m minedraft.prepare_target)")
+    tokenizer = AutoTokenizer.from_pretrained(TARGET)
+    model = AutoModelForCausalLM.from_pretrained(TARGET, dtype=torch.float32).eval()
+    return tokenizer, model
+
+
+def chat(tokenizer, question):
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+@pytest.mark.server
+def test_greedy_through_tritonserver_equals_the_target_alone(smollm2, tmp_path):
+    import tritonclient.grpc as grpcclient
+    from minedraft.launcher import TritonServer, free_port
+    from minedraft.tools.repository import write_repository
+    from triton_helpers import stream_inputs
+
+    tokenizer, model = smollm2
+    expected = []
+    for question in QUESTIONS:
+        ids = tokenizer(chat(tokenizer, question), return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=32, do_sample=False)
+        expected.append(tokenizer.decode(out[0, ids.size(1):], skip_special_tokens=True))
+    root = write_repository(tmp_path, {"smollm2": {"target_model": str(TARGET), "draft_model": str(DRAFT),
+                                                   "max_num_seqs": 4, "max_model_len": 512}}, max_batch_size=8)
+    server = TritonServer(root, *(free_port() for _ in range(3)), log_path=tmp_path / "server.log")
+    server.start()
+    try:
+        server.wait_ready()
+        for question, reference in zip(QUESTIONS, expected):
+            responses = queue.Queue()
+            client = grpcclient.InferenceServerClient(server.grpc_url)
+            client.start_stream(callback=lambda result, error: responses.put((result, error)))
+            client.async_stream_infer("smollm2", stream_inputs(chat(tokenizer, question),
+                                                               {"max_tokens": 32, "temperature": 0}),
+                                      enable_empty_final_response=True)
+            text, drafted = "", 0
+            while True:
+                result, error = responses.get(timeout=120)
+                assert error is None, error
+                if result.get_response().outputs:
+                    text += result.as_numpy("text_output").reshape(-1)[0].decode()
+                    drafted = int(result.as_numpy("num_draft_tokens").reshape(-1)[0])
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    break
+            client.stop_stream()
+            client.close()
+            assert text == reference
+            assert drafted > 0
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_sampled_law_on_the_real_pair_with_three_drafts(smollm2):
+    tokenizer, model = smollm2
+    prompt = chat(tokenizer, "Name a colour.")
+    params = {"max_tokens": 4, "temperature": 1.0, "top_k": 20, "top_p": 0.9, "ignore_eos": True}
+    engine = Engine(EngineConfig(target_model=str(TARGET), draft_model=str(DRAFT), mode="psd", num_draft_tokens=3,
+                                 max_num_seqs=32, max_model_len=256))
+    try:
+        outs = engine.generate([prompt] * 2000, [{**params, "seed": i} for i in range(2000)])
+    finally:
+        engine.close()
+    assert sum(o.num_accepted_tokens for o in outs) > 0
+    counts = {}
+    for o in outs:
+        counts[tuple(o.new_token_ids[:2])] = counts.get(tuple(o.new_token_ids[:2]), 0) + 1
+    observed, expected = binned(counts, exact_two_token_law(model, tokenizer, prompt, params), len(outs))
+    assert chisquare(observed, expected).pvalue > 0.01
+
+
+def test_the_draft_is_small_and_maps_into_the_targets_vocabulary():
+    weights = sum(f.stat().st_size for f in DRAFT.glob("*.safetensors"))
+    assert weights <= 40 * 2**20
+    d2t = json.loads((DRAFT / "d2t.json").read_text())
+    assert len(set(d2t)) == len(d2t) and all(0 <= t < 49152 for t in d2t)
