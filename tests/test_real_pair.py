@@ -3,7 +3,6 @@ tritonserver equals HF `generate` of the target alone, and (slow) sampled output
 target's law with k = 3 drafts per verification. GGUF files load as target or draft."""
 import json
 import os
-import queue
 
 import pytest
 import torch
@@ -38,10 +37,9 @@ def chat(tokenizer, question):
 
 @pytest.mark.server
 def test_greedy_through_tritonserver_equals_the_target_alone(smollm2, tmp_path):
-    import tritonclient.grpc as grpcclient
     from minedraft.launcher import TritonServer, free_port
     from minedraft.tools.repository import write_repository
-    from triton_helpers import stream_inputs
+    from minedraft_client.grpc_stream import request_inputs, responses
 
     tokenizer, model = smollm2
     expected = []
@@ -56,23 +54,11 @@ def test_greedy_through_tritonserver_equals_the_target_alone(smollm2, tmp_path):
     try:
         server.wait_ready()
         for question, reference in zip(QUESTIONS, expected):
-            responses = queue.Queue()
-            client = grpcclient.InferenceServerClient(server.grpc_url)
-            client.start_stream(callback=lambda result, error: responses.put((result, error)))
-            client.async_stream_infer("smollm2", stream_inputs(chat(tokenizer, question),
-                                                               {"max_tokens": 32, "temperature": 0}),
-                                      enable_empty_final_response=True)
             text, drafted = "", 0
-            while True:
-                result, error = responses.get(timeout=120)
-                assert error is None, error
-                if result.get_response().outputs:
-                    text += result.as_numpy("text_output").reshape(-1)[0].decode()
-                    drafted = int(result.as_numpy("num_draft_tokens").reshape(-1)[0])
-                if result.get_response().parameters["triton_final_response"].bool_param:
-                    break
-            client.stop_stream()
-            client.close()
+            inputs = request_inputs(chat(tokenizer, question), {"max_tokens": 32, "temperature": 0})
+            for result in responses(server.grpc_url, "smollm2", inputs, timeout=120):
+                text += result.as_numpy("text_output").reshape(-1)[0].decode()
+                drafted = int(result.as_numpy("num_draft_tokens").reshape(-1)[0])
             assert text == reference
             assert drafted > 0
     finally:

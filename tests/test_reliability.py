@@ -21,7 +21,7 @@ from minedraft import Engine, EngineConfig
 from minedraft.launcher import TritonServer, free_port
 from minedraft.tools.repository import write_repository
 from minedraft.triton_metrics import read_metrics
-from triton_helpers import stream_inputs
+from minedraft_client.grpc_stream import StreamError, request_inputs, responses
 
 pytestmark = pytest.mark.server
 MAX_NUM_SEQS = 16
@@ -120,7 +120,7 @@ class StreamPool:
         with self.lock:
             self.results[request_id] = {"text": "", "finals": 0, "sent_at": time.monotonic(), "params": params,
                                         "prompt": prompt}
-        self.client.async_stream_infer("minedraft", stream_inputs(prompt, params), request_id=request_id,
+        self.client.async_stream_infer("minedraft", request_inputs(prompt, params), request_id=request_id,
                                        enable_empty_final_response=True)
 
     def wait(self, deadline_s: float) -> None:
@@ -189,31 +189,19 @@ def test_soak_2000(server, prompts, demo_pair):
 
 
 def one_stream(server, prompt, params, cancel_after_chunks=None):
-    """Returns ('final'|'cancelled'|'error', chunks)."""
-    responses = queue.Queue()
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    client.async_stream_infer("minedraft", stream_inputs(prompt, params), enable_empty_final_response=True)
-    chunks, outcome = 0, "hung"
+    """Returns ('final'|'cancelled'|'error'|'hung', chunks)."""
+    chunks = 0
     try:
-        while True:
-            result, error = responses.get(timeout=FINAL_DEADLINE_S)
-            if error is not None:
-                outcome = "error"
-                break
-            chunks += bool(result.get_response().outputs)
-            if result.get_response().parameters["triton_final_response"].bool_param:
-                outcome = "final"
-                break
-            if cancel_after_chunks is not None and chunks >= cancel_after_chunks:
-                outcome = "cancelled"
-                break
+        for result in responses(server.grpc_url, "minedraft", request_inputs(prompt, params), FINAL_DEADLINE_S):
+            chunks += 1
+            final = result.get_response().parameters["triton_final_response"].bool_param
+            if not final and cancel_after_chunks is not None and chunks >= cancel_after_chunks:
+                return "cancelled", chunks  # leaving the loop cancels the request
+    except StreamError:
+        return "error", chunks
     except queue.Empty:
-        pass
-    finally:
-        client.stop_stream(cancel_requests=outcome == "cancelled")
-        client.close()
-    return outcome, chunks
+        return "hung", chunks
+    return "final", chunks
 
 
 def test_cancellation_storm_leaves_nothing_behind(server, prompts):
@@ -278,22 +266,8 @@ def test_end_to_end_fuzz_never_takes_the_server_down(server, prompts):
     @given(text=TEXT.filter(lambda t: len(t) < 5000), sampling=SAMPLING_JSON)
     def fuzz(text, sampling):
         prompt = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
-        responses = queue.Queue()
-        client = grpcclient.InferenceServerClient(server.grpc_url)
-        client.start_stream(callback=lambda result, error: responses.put((result, error)))
-        client.async_stream_infer("minedraft", stream_inputs(prompt, sampling), enable_empty_final_response=True)
-        try:
-            while True:
-                result, error = responses.get(timeout=FINAL_DEADLINE_S)
-                if error is not None:
-                    outcomes.append("rejected")
-                    return
-                if result.get_response().parameters["triton_final_response"].bool_param:
-                    outcomes.append("served")
-                    return
-        finally:
-            client.stop_stream(cancel_requests=True)
-            client.close()
+        outcome = one_stream(server, prompt, sampling)[0]
+        outcomes.append({"final": "served", "error": "rejected"}.get(outcome, outcome))
 
     fuzz()
     assert urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready").status == 200

@@ -70,14 +70,14 @@ def test_a_crashed_tritonserver_is_restarted_and_reported(tmp_path):
     try:
         first = tritonserver_pid(process.pid)
         os.kill(first, signal.SIGSEGV)
-        deadline = time.monotonic() + 60
-        while "restart 1" not in (tmp_path / "serve.log").read_text():
+        deadline = time.monotonic() + 120
+        while "serving again after restart 1" not in (tmp_path / "serve.log").read_text():
             assert time.monotonic() < deadline, "no restart logged"
             time.sleep(0.3)
         wait_ready(http_port, process)
         assert tritonserver_pid(process.pid) != first
         log = (tmp_path / "serve.log").read_text()
-        assert "exited unexpectedly (signal SIGSEGV)" in log and "serving again after restart 1" in log
+        assert "exited unexpectedly (signal SIGSEGV); restarting it (restart 1)" in log
         assert read_metrics(f"http://localhost:{metrics_port}/metrics")["minedraft_server_restarts"] == 1
     finally:
         children = descendants(process.pid)

@@ -1,6 +1,5 @@
 """A real tritonserver with the minedraft backend, on free ports, driven by tritonclient."""
 import json
-import queue
 import subprocess
 import threading
 import time
@@ -8,15 +7,13 @@ import urllib.error
 import urllib.request
 
 import pytest
-import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
 
 from minedraft import Engine, EngineConfig
 from minedraft.launcher import TritonServer, free_port
 from minedraft.tools.perf_analyzer import perf_analyzer_binary, perf_analyzer_env, write_input_data
 from minedraft.tools.repository import write_repository
 from minedraft.triton_metrics import read_metrics
-from triton_helpers import stream_inputs
+from minedraft_client.grpc_stream import StreamError, request_inputs, responses
 
 pytestmark = pytest.mark.server
 PROMPTS = ["def add(a, b):\n    ", "class Stack:\n    def push(self, item):\n        ", "import os\n\ndef main():\n"]
@@ -50,31 +47,19 @@ def reference(demo_pair):
 
 
 def stream(server, prompt, params, cancel_after=None, model="minedraft"):
-    """Returns (chunks, final outputs dict or None, error or None)."""
-    results = queue.Queue()
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
-    client.async_stream_infer(model, stream_inputs(prompt, params), enable_empty_final_response=True)
+    """(text chunks, the last response's counters, error or None)."""
     chunks, final, error, tokens = [], None, None, 0
     try:
-        while True:
-            result, err = results.get(timeout=60)
-            if err is not None:
-                error = err
-                break
-            if result.get_response().outputs:
-                chunks.append(result.as_numpy("text_output").reshape(-1)[0].decode())
-                final = {n: result.as_numpy(n).reshape(-1)[0] for n in
-                         ("finish_reason", "num_output_tokens", "num_draft_tokens", "num_accepted_tokens")}
-                tokens += int(final["num_output_tokens"])  # per response, as in vllm_backend
-                final["total_output_tokens"] = tokens
-            if result.get_response().parameters["triton_final_response"].bool_param:
-                break
+        for result in responses(server.grpc_url, model, request_inputs(prompt, params), timeout=60):
+            chunks.append(result.as_numpy("text_output").reshape(-1)[0].decode())
+            final = {n: result.as_numpy(n).reshape(-1)[0] for n in
+                     ("finish_reason", "num_output_tokens", "num_draft_tokens", "num_accepted_tokens")}
+            tokens += int(final["num_output_tokens"])  # per response, as in vllm_backend
+            final["total_output_tokens"] = tokens
             if cancel_after is not None and len(chunks) >= cancel_after:
-                break
-    finally:
-        client.stop_stream(cancel_requests=cancel_after is not None)
-        client.close()
+                break  # leaving the loop cancels the request
+    except StreamError as exc:
+        error = exc
     return chunks, final, error
 
 
@@ -154,11 +139,12 @@ def test_cancelling_mid_stream_frees_the_slot(server, reference):
     ("def f():", {"max_tokens": 4, "bogus": 1}, "unknown"),
     ("", {"max_tokens": 4}, "empty"),
     ("x = 1\n" * 2000, {"max_tokens": 4}, "max_model_len"),
+    ("x" * 200_000, {"max_tokens": 4}, "characters"),
 ])
 def test_bad_inputs_get_invalid_arg_and_the_server_keeps_serving(server, reference, prompt, params, message):
     # gRPC streams carry only the message of an error response; HTTP shows its code: INVALID_ARG is 400.
     _, _, error = stream(server, prompt, params)
-    assert isinstance(error, InferenceServerException) and message in error.message()
+    assert isinstance(error, StreamError) and message in str(error)
     body = {"text_input": prompt, "parameters": {}}
     if isinstance(params, str):
         body["sampling_parameters"] = params
@@ -220,35 +206,20 @@ def test_vllm_contract_outputs_per_response(server, demo_pair):
     OpenAI frontend sums num_output_tokens over a stream), cumulative_logprob is the running sum."""
     flags = ("return_finish_reason", "return_num_input_tokens", "return_num_output_tokens", "return_logprobs",
              "return_cumulative_logprob")
-    results = queue.Queue()
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
-    client.async_stream_infer("minedraft", stream_inputs(PROMPTS[0], {"max_tokens": "24", "temperature": 0,
-                                                                      "logprobs": 2, "ignore_eos": "true"},
-                                                         returns=flags), enable_empty_final_response=True)
-    responses = []
-    try:
-        while True:
-            result, error = results.get(timeout=60)
-            assert error is None, error
-            if result.get_response().outputs:
-                responses.append({name: result.as_numpy(name).reshape(-1)[0] for name in
-                                  ("num_output_tokens", "num_input_tokens", "logprobs", "cumulative_logprob",
-                                   "finish_reason")})
-            if result.get_response().parameters["triton_final_response"].bool_param:
-                break
-    finally:
-        client.stop_stream()
-        client.close()
-    assert len(responses) > 1
-    assert sum(int(r["num_output_tokens"]) for r in responses) == 24
-    logprobs = [json.loads(r["logprobs"]) for r in responses]
-    assert all(len(lp) == int(r["num_output_tokens"]) for lp, r in zip(logprobs, responses))
+    inputs = request_inputs(PROMPTS[0], {"max_tokens": "24", "temperature": 0, "logprobs": 2, "ignore_eos": "true"},
+                            returns=flags)
+    answers = [{name: result.as_numpy(name).reshape(-1)[0] for name in
+                ("num_output_tokens", "num_input_tokens", "logprobs", "cumulative_logprob", "finish_reason")}
+               for result in responses(server.grpc_url, "minedraft", inputs, timeout=60)]
+    assert len(answers) > 1
+    assert sum(int(r["num_output_tokens"]) for r in answers) == 24
+    logprobs = [json.loads(r["logprobs"]) for r in answers]
+    assert all(len(lp) == int(r["num_output_tokens"]) for lp, r in zip(logprobs, answers))
     chosen = [max(entry.values(), key=lambda v: v["logprob"]) for lp in logprobs for entry in lp]  # greedy: rank 1
     assert all(c["rank"] == 1 for c in chosen)
     assert all(len(entry) >= 2 for lp in logprobs for entry in lp)  # the token and its top alternatives
-    assert float(responses[-1]["cumulative_logprob"]) == pytest.approx(sum(c["logprob"] for c in chosen), abs=1e-3)
-    assert responses[-1]["finish_reason"] == b"length"
+    assert float(answers[-1]["cumulative_logprob"]) == pytest.approx(sum(c["logprob"] for c in chosen), abs=1e-3)
+    assert answers[-1]["finish_reason"] == b"length"
     engine = Engine(EngineConfig(target_model=demo_pair[0], draft_model=demo_pair[1], mode="ar"))
     expected = engine.generate([PROMPTS[0]], {"max_tokens": 24, "temperature": 0, "logprobs": 2, "ignore_eos": True})
     engine.close()

@@ -1,14 +1,13 @@
 """minedraft-client: stream a completion from a minedraft model over gRPC or HTTP generate_stream."""
 import argparse
 import json
-import queue
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+from .grpc_stream import StreamError, request_inputs, responses
 
 
 @dataclass
@@ -29,34 +28,11 @@ def sampling_parameters(args) -> dict:
 
 def stream_grpc(url: str, model: str, prompt: str, params: dict):
     """Yields Chunks from Triton's gRPC bidirectional stream; raises on an error response."""
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
-
-    def tensor(name, array):
-        t = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        t.set_data_from_numpy(array)
-        return t
-
-    responses: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    inputs = [tensor("text_input", np.array([[prompt.encode()]], dtype=np.object_)),
-              tensor("stream", np.array([[True]])),
-              tensor("sampling_parameters", np.array([[json.dumps(params).encode()]], dtype=np.object_))]
-    client.async_stream_infer(model, inputs, enable_empty_final_response=True)
     try:
-        while True:
-            result, error = responses.get()
-            if error is not None:
-                raise RuntimeError(str(error))
-            response = result.get_response()
-            if response.outputs:
-                yield _grpc_chunk(result)
-            if response.parameters.get("triton_final_response").bool_param:
-                return
-    finally:
-        client.stop_stream(cancel_requests=True)
-        client.close()
+        for result in responses(url, model, request_inputs(prompt, params)):
+            yield _grpc_chunk(result)
+    except StreamError as exc:
+        raise RuntimeError(str(exc)) from None
 
 
 def _grpc_chunk(result) -> Chunk:
