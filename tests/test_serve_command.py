@@ -18,6 +18,13 @@ pytestmark = pytest.mark.server
 EXIT_TIMEOUT = 20
 
 
+def wait_for_log(tmp_path, text, timeout=180):
+    deadline = time.monotonic() + timeout
+    while text not in (tmp_path / "serve.log").read_text():
+        assert time.monotonic() < deadline, f"{text!r} never logged"
+        time.sleep(0.3)
+
+
 def start_serve(tmp_path):
     root = write_repository(tmp_path / "repo", {"minedraft": {"max_num_seqs": 2}}, max_batch_size=4)
     ports = [free_port() for _ in range(3)]
@@ -27,6 +34,7 @@ def start_serve(tmp_path):
                                 "--metrics-port", str(ports[2]), "--exit-timeout", str(EXIT_TIMEOUT)],
                                stdout=log, stderr=subprocess.STDOUT)
     wait_ready(ports[0], process)
+    wait_for_log(tmp_path, "minedraft is serving")  # the launcher has seen it ready too
     return process, ports
 
 
@@ -70,10 +78,7 @@ def test_a_crashed_tritonserver_is_restarted_and_reported(tmp_path):
     try:
         first = tritonserver_pid(process.pid)
         os.kill(first, signal.SIGSEGV)
-        deadline = time.monotonic() + 120
-        while "serving again after restart 1" not in (tmp_path / "serve.log").read_text():
-            assert time.monotonic() < deadline, "no restart logged"
-            time.sleep(0.3)
+        wait_for_log(tmp_path, "serving again after restart 1")
         wait_ready(http_port, process)
         assert tritonserver_pid(process.pid) != first
         log = (tmp_path / "serve.log").read_text()
