@@ -147,18 +147,20 @@ def test_invalid_requests_get_one_error(engine):
 
 
 def test_cancellations_and_shutdown_mid_flight_still_give_exactly_one_final(engine):
-    """A storm of random cancellations, then close() while requests are still running or waiting."""
+    """Random cancellations among the running requests, then close() while some still run and
+    the rest wait to be admitted (8 rows, 24 requests of ~250 tokens)."""
     loop = ServingLoop(engine)
     rng = random.Random(0)
     responders = [FakeResponder() for _ in range(24)]
     admitting = threading.Thread(target=lambda: [
-        loop.admit(r, rng.choice(PROMPTS), params(max_tokens=rng.randint(5, 60), ignore_eos=True))
-        for r in responders])
+        loop.admit(r, rng.choice(PROMPTS), params(max_tokens=250, ignore_eos=True)) for r in responders])
     admitting.start()
-    for _ in range(40):
+    time.sleep(0.05)
+    cancelled = rng.sample(responders[:8], 4)
+    for r in cancelled:
+        r.cancelled = True
         time.sleep(0.01)
-        rng.choice(responders).cancelled = True
-    time.sleep(0.2)
+    wait_all(cancelled)  # ended by their cancellation, while the rest still run or wait
     loop.close()
     admitting.join()
     wait_all(responders, timeout=5)
