@@ -88,6 +88,8 @@ def main() -> int:
                                     "--model", "smollm2", "--seconds", "900", "--out", str(args.dashboard),
                                     "--", *load], env=env, capture_output=True, text=True)
         report["dashboard"] = {"returncode": dashboard.returncode, "png": str(args.dashboard.relative_to(ROOT))}
+        if not glob.glob(str(work / "genai-perf" / "*" / "profile_export_genai_perf.csv")):
+            raise RuntimeError(f"genai-perf failed:\n{dashboard.stdout[-3000:]}\n{dashboard.stderr[-3000:]}")
         report["rss_kb_after_load"] = process_tree_rss_kb(server.process.pid)
         report["rss_kb_total_after_load"] = sum(report["rss_kb_after_load"].values())
         [table] = glob.glob(str(work / "genai-perf" / "*" / "profile_export_genai_perf.csv"))
