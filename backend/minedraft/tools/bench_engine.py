@@ -90,9 +90,10 @@ def main(argv=None) -> None:
     parser.add_argument("--draft-lengths", type=int, nargs="+", default=[2, 4, 6, 8])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--prompts", type=Path, help="a JSONL of {\"prompt\": ...} (default: the model dir's prompts.jsonl)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    prompts = load_prompts(args.model_dir / "prompts.jsonl")
+    prompts = load_prompts(args.prompts or args.model_dir / "prompts.jsonl")
     results = sweep(args.concurrency, args.draft_lengths, args.max_tokens, args.model_dir, prompts)
     report = {"cpus": len(os.sched_getaffinity(0)), "max_tokens": args.max_tokens, "results": results,
               "ratios": ratio_table(results)}
