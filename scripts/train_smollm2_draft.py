@@ -127,10 +127,136 @@ def write_prompts(rng: random.Random, heldout: set[str]) -> list[dict]:
     return [{"category": c, "prompt": t} for t, c in unique.items()]
 
 
+MORE_CHAT = ["How can I {v} without spending much money?", "What is a good way to {v} on a busy schedule?",
+             "Can you recommend a simple plan to {v}?", "My friend wants to {v}. What advice would you give?",
+             "What are the pros and cons of {n}?", "What is the difference between {n} and {m}?",
+             "Give me some ideas for {e}.", "What should I bring for {e}?", "How do I prepare for {e}?",
+             "Why do {w}?", "How do {w}?", "Write a short story about {c}.", "Describe {c} in a few sentences.",
+             "Write a thank-you note to {r}.", "How should I tell {r} that I need more help?",
+             "What questions should I ask before {a}?", "What are common mistakes when {a}?"]
+CHAT_VERBS = ["eat healthier", "sleep better", "learn to cook", "save for a holiday", "get fit at home", "read more books",
+              "learn a second language", "keep my room tidy", "be more productive in the morning", "make new friends",
+              "start a small garden", "spend less time on my phone", "improve my handwriting", "learn to draw",
+              "prepare for exams", "become a better listener", "drink less coffee", "start running"]
+CHAT_NOUNS = ["renting", "buying a house", "working from home", "online classes", "electric cars", "public transport",
+              "a gap year", "freelancing", "e-books", "paper books", "tea", "coffee", "a cat", "a dog", "city life",
+              "country life", "weather", "climate", "a loan", "a grant", "a lake", "a pond", "a virus", "a bacterium",
+              "a frog", "a toad", "jam", "jelly", "a comet", "an asteroid"]
+CHAT_EVENTS = ["a birthday party", "a weekend at the beach", "a first day at a new job", "a long train journey",
+               "a picnic in the park", "a school science fair", "a rainy day indoors", "a family reunion",
+               "a winter camping trip", "a job interview", "a wedding speech", "a road trip with friends"]
+CHAT_WHYS = ["birds migrate", "leaves change colour in autumn", "we dream", "dogs wag their tails", "stars twinkle",
+             "onions make us cry", "bread rise", "the sky look blue", "people yawn", "magnets work",
+             "plants need sunlight", "ice float on water", "bats find their way in the dark", "fireflies glow"]
+CHAT_CHARACTERS = ["a robot who learns to paint", "a girl who finds a secret door in her school", "an old fisherman and a storm",
+                   "a dragon afraid of the dark", "two friends lost in a forest", "a baker who wins a contest",
+                   "a cat that becomes mayor", "a boy who can talk to trees", "a detective on a train",
+                   "a small village during a flood", "an astronaut alone on Mars", "a library at midnight"]
+CHAT_PEOPLE = ["my teacher", "a neighbour", "my manager", "my grandmother", "a colleague", "my coach", "my landlord"]
+CHAT_ACTIONS = ["adopting a pet", "signing a lease", "buying a used car", "starting a new job", "choosing a university",
+                "booking a holiday", "joining a gym", "hiring a plumber"]
+MORE_CODE = ["How do I {t} in Python?", "Write a Python function that {f}. Include a docstring.",
+             "Explain what a Python {k} is and show a small example.", "What is the difference between {k} and {j} in Python?",
+             "Write a {l} program that {f}.", "Show me how to {t} with a short example."]
+CODE_HOWTOS = ["read a text file line by line", "sort a dictionary by its values", "make an HTTP request",
+               "handle exceptions", "write a list to a CSV file", "parse command-line arguments", "measure how long code takes",
+               "reverse a string", "merge two dictionaries", "remove an item from a list", "format a date",
+               "read environment variables", "create a virtual environment", "run a function in a thread",
+               "find the maximum value in a list", "count items with a dictionary", "check if a file exists",
+               "split a string into words", "generate random numbers", "convert a string to an integer"]
+CODE_FUNCS = ["returns the n-th Fibonacci number", "checks whether a year is a leap year", "finds the longest word in a sentence",
+              "counts how many times each character appears", "returns the sum of the digits of a number",
+              "converts a list of strings to upper case", "removes all vowels from a string",
+              "checks whether a list is sorted", "computes the area of a triangle from its three sides",
+              "returns the common elements of three lists", "rotates a list by k positions", "finds all even numbers in a list",
+              "computes compound interest", "returns the median of a list", "converts minutes to hours and minutes"]
+CODE_CONCEPTS = ["list comprehension", "generator", "class", "dictionary", "tuple", "lambda function", "context manager",
+                 "set", "module", "virtual environment", "iterator", "f-string", "default argument", "exception"]
+MORE_MATHS = ["What is {a} multiplied by {b}? Show your steps.", "Solve for x: {a}x + {b} = {big}.",
+              "What is the area of a circle with radius {a} cm?", "A train travels {big} kilometres in {a} hours. What is its average speed?",
+              "If a shirt costs ${big} and is discounted by {p}%, what is the new price?",
+              "Convert {big} degrees Fahrenheit to Celsius.", "What is the greatest common divisor of {a} and {c}?",
+              "{n1} has {a} times as many marbles as {n2}. Together they have {big} marbles. How many does each have?",
+              "A rectangle has a perimeter of {c} cm and a length of {a} cm. What is its width?",
+              "What is the sum of the first {a} positive integers?", "What is {p}% of {c}?",
+              "How many seconds are in {a} minutes?", "What is the volume of a cube with side {a} cm?",
+              "{n1} buys {a} apples at {b} cents each. How much does {n1} spend?", "What is the square root of {sq}?",
+              "Simplify the fraction {c}/{big}.", "What is {big} minus {c}?", "Is {big} a prime number?"]
+NAMES = ["Sarah", "Tom", "Ali", "Maria", "Ken", "Priya", "Lucas", "Emma", "Omar", "Mei"]
+
+
+def write_more_prompts(rng: random.Random, heldout: set[str]) -> list[dict]:
+    """A second, wider set of prompts in the same four categories; summaries quote pydoc's English topics."""
+    prompts = []
+    for _ in range(1500):  # draws repeat: the set keeps about 300 distinct chat prompts
+        prompts.append(("chat", rng.choice(MORE_CHAT).format(
+            v=rng.choice(CHAT_VERBS), n=rng.choice(CHAT_NOUNS), m=rng.choice(CHAT_NOUNS), e=rng.choice(CHAT_EVENTS),
+            w=rng.choice(CHAT_WHYS), c=rng.choice(CHAT_CHARACTERS), r=rng.choice(CHAT_PEOPLE), a=rng.choice(CHAT_ACTIONS))))
+    for _ in range(900):
+        prompts.append(("code", rng.choice(MORE_CODE).format(
+            t=rng.choice(CODE_HOWTOS), f=rng.choice(CODE_FUNCS), k=rng.choice(CODE_CONCEPTS), j=rng.choice(CODE_CONCEPTS),
+            l=rng.choice(CODE_LANGUAGES))))
+    for paragraph in pydoc_paragraphs(rng, 330):
+        ask = rng.choice(["Summarize in two sentences:", "Summarize this paragraph:", "Give a one-sentence summary:",
+                          "Summarize the key points:", "Summarize briefly:", "Write a short summary of this text:",
+                          "Summarize:", "Summarize the following:"])
+        prompts.append(("summarisation", f"{ask} {paragraph}"))
+    for _ in range(330):
+        names = rng.sample(NAMES, 2)
+        values = dict(a=rng.randint(2, 30), b=rng.randint(2, 30), c=rng.randint(10, 99), big=rng.randint(100, 999),
+                      p=rng.choice([5, 10, 15, 20, 25, 30, 40, 50]), sq=rng.randint(2, 30) ** 2, n1=names[0], n2=names[1])
+        prompts.append(("maths", rng.choice(MORE_MATHS).format(**values)))
+    unique = {text: category for category, text in prompts if text not in heldout}
+    return [{"category": c, "prompt": t} for t, c in unique.items()]
+
+
+def pydoc_paragraphs(rng: random.Random, count: int) -> list[str]:
+    """English prose paragraphs from pydoc's topic help (pydoc_data/topics.py, part of the stdlib)."""
+    from pydoc_data.topics import topics
+    paragraphs = [" ".join(block.split()) for text in topics.values() for block in text.split("\n\n")]
+    prose = [p for p in paragraphs if 250 <= len(p) <= 700 and p[0].isupper() and p.count("(") < 3]
+    rng.shuffle(prose)
+    return prose[:count]
+
+
+def plain_text_chunks(tokenizer, rng: random.Random, tokens: int, length: int) -> list[list[int]]:
+    """Token windows of stdlib prose and code: pydoc's topics, then docstrings and sources."""
+    from pydoc_data.topics import topics
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    texts = list(topics.values()) + [f.read_text(encoding="utf-8", errors="ignore") for f in files]
+    rng.shuffle(texts)
+    chunks = []
+    for text in texts:
+        ids = tokenizer(text).input_ids
+        chunks += [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)][:8]
+        if len(chunks) * length >= tokens:
+            break
+    return chunks
+
+
+@torch.inference_mode()
+def teacher_text(target, tokenizer, work: Path, tokens: int, length: int = 256, batch_size: int = 16) -> None:
+    """Teacher-forced top-32 at every position of plain text: cheap (one forward, no decoding)."""
+    shards = work / "text_shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    chunks = plain_text_chunks(tokenizer, random.Random(2), tokens, length)
+    for index in tqdm(range(0, len(chunks), batch_size), desc="teacher on plain text"):
+        path = shards / f"{index // batch_size:04d}.pt"
+        if path.exists():
+            continue
+        ids = torch.tensor(chunks[index:index + batch_size])
+        top = target(input_ids=ids).logits[:, :-1].log_softmax(-1).topk(TOP_K, -1)
+        torch.save([{"category": "text", "ids": row.tolist(), "answer_start": 1, "top_ids": top.indices[i].int(),
+                     "top_logprobs": top.values[i].half()} for i, row in enumerate(ids)], path)
+
+
 # -- 2. generation ------------------------------------------------------------------------------
 @torch.inference_mode()
-def generate(target, tokenizer, prompts: list[dict], work: Path, batch_size: int, max_new_tokens: int) -> None:
-    """Shards of {ids, answer_start, top ids, top log-probs}; an existing shard is kept (resume)."""
+def generate(target, tokenizer, prompts: list[dict], work: Path, batch_size: int, max_new_tokens: int,
+             minutes: float) -> None:
+    """Shards of {ids, answer_start, top ids, top log-probs}; an existing shard is kept (resume).
+    Stops after `minutes` of generating, wherever it is; training uses the shards there are."""
+    deadline = time.monotonic() + minutes * 60
     shards = work / "shards"
     shards.mkdir(parents=True, exist_ok=True)
     tokenizer.padding_side = "left"
@@ -139,6 +265,8 @@ def generate(target, tokenizer, prompts: list[dict], work: Path, batch_size: int
         path = shards / f"{index:04d}.pt"
         if path.exists():
             continue
+        if time.monotonic() > deadline:
+            break
         greedy = index % 4 != 3  # every fourth batch sampled at temperature 0.7, for variety
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}], tokenize=False,
                                                add_generation_prompt=True) for p in batch]
@@ -161,8 +289,8 @@ def generate(target, tokenizer, prompts: list[dict], work: Path, batch_size: int
         torch.save(records, path)
 
 
-def load_records(work: Path) -> list[dict]:
-    return [r for path in sorted((work / "shards").glob("*.pt")) for r in torch.load(path)]
+def load_records(shards: Path) -> list[dict]:
+    return [r for path in sorted(shards.glob("*.pt")) for r in torch.load(path)]
 
 
 # -- 3. vocabulary ------------------------------------------------------------------------------
@@ -307,6 +435,8 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=70, help="training stops here, wherever it is")
     parser.add_argument("--limit-prompts", type=int, default=0, help="a quick trial on fewer prompts")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gen-minutes", type=float, default=45, help="generating stops here, wherever it is")
+    parser.add_argument("--text-tokens", type=int, default=250_000, help="plain text the teacher labels")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -316,13 +446,19 @@ def main() -> int:
     heldout = {json.loads(line)["prompt"] for line in (VERSION_DIR / "heldout_prompts.jsonl").open()}
     prompts = write_prompts(random.Random(0), heldout)
     random.Random(1).shuffle(prompts)
-    prompts = prompts[:args.limit_prompts or None]
+    # The wider second set goes after the first, so the shards of a run made with the first set alone stay valid.
+    seen = {p["prompt"] for p in prompts}
+    more = [p for p in write_more_prompts(random.Random(3), heldout) if p["prompt"] not in seen]
+    random.Random(4).shuffle(more)
+    prompts = (prompts + more)[:args.limit_prompts or None]
     (args.work / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
     print(f"{len(prompts)} training prompts", flush=True)
-    generate(target, tokenizer, prompts, args.work, args.gen_batch, args.max_new_tokens)
-    records = load_records(args.work)
+    teacher_text(target, tokenizer, args.work, args.text_tokens)
+    generate(target, tokenizer, prompts, args.work, args.gen_batch, args.max_new_tokens, args.gen_minutes)
+    records = load_records(args.work / "shards")
     # A fixed 5 % of the generated answers is kept out of training to watch for overfitting.
     heldout_records, records = records[:len(records) // 20], records[len(records) // 20:]
+    records += load_records(args.work / "text_shards")
     d2t = draft_vocabulary(records, tokenizer)
     covered = torch.zeros(len(tokenizer), dtype=torch.bool)
     covered[d2t] = True

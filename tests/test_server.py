@@ -1,6 +1,5 @@
 """A real tritonserver with the minedraft backend, on free ports, driven by tritonclient."""
 import json
-import subprocess
 import threading
 import time
 import urllib.error
@@ -10,7 +9,7 @@ import pytest
 
 from minedraft import Engine, EngineConfig
 from minedraft.launcher import TritonServer, free_port
-from minedraft.tools.perf_analyzer import perf_analyzer_binary, perf_analyzer_env, write_input_data
+from minedraft.tools.perf_analyzer import run_with_export, write_input_data
 from minedraft.tools.repository import write_repository
 from minedraft.triton_metrics import read_metrics
 from minedraft_client.grpc_stream import StreamError, request_inputs, responses
@@ -189,12 +188,9 @@ def test_flex_streams_the_targets_output_and_reports_its_choices(server, referen
 def test_perf_analyzer_streaming_smoke(server, tmp_path):
     data = write_input_data(tmp_path / "input.json", PROMPTS, {"max_tokens": 16, "temperature": 0, "ignore_eos": True})
     export = tmp_path / "profile.json"
-    run = subprocess.run([perf_analyzer_binary(), "-m", "minedraft", "-u", server.grpc_url, "-i", "grpc",
-                          "--streaming", "--concurrency-range", "2", "--input-data", str(data),
-                          "--measurement-interval", "2000", "--stability-percentage", "999",
-                          "--max-trials", "4", "--profile-export-file", str(export)],
-                         env=perf_analyzer_env(), capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
+    run = run_with_export(["-m", "minedraft", "-u", server.grpc_url, "-i", "grpc", "--streaming",
+                           "--concurrency-range", "2", "--input-data", str(data), "--measurement-interval", "2000",
+                           "--stability-percentage", "999", "--max-trials", "4"], export, timeout=300)
     assert "Throughput" in run.stdout
     profile = json.loads(export.read_text())
     requests = profile["experiments"][0]["requests"]

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from ..launcher import TritonServer, free_port
 from ..triton_metrics import read_metrics
 from .bench_engine import engine_for, load_prompts, measure
 from .bench_report import write_report
-from .perf_analyzer import perf_analyzer_binary, perf_analyzer_env, write_input_data
+from .perf_analyzer import run_with_export, write_input_data
 from .repository import write_repository
 from .setups import SD_SETUPS, SETUPS, best_by_tokens_per_s
 
@@ -39,15 +38,11 @@ def build_repository(root: Path, setups: list[str], max_num_seqs: int, max_draft
 def run_perf_analyzer(server, model, data: Path, concurrency: int, export: Path, window_requests: int) -> None:
     """Three count windows; stability is not required (the run is one sample). perf_analyzer still
     gives up on some noisy runs, so those are retried with longer windows."""
-    for attempt in range(3):
-        cmd = [perf_analyzer_binary(), "-m", model, "-u", server.grpc_url, "-i", "grpc", "--streaming",
-               "--concurrency-range", str(concurrency), "--input-data", str(data),
-               "--measurement-mode", "count_windows", "--measurement-request-count", str(window_requests << attempt),
-               "--stability-percentage", "999", "--max-trials", "6", "--profile-export-file", str(export)]
-        run = subprocess.run(cmd, env=perf_analyzer_env(), capture_output=True, text=True, timeout=1800)
-        if run.returncode == 0:
-            return
-    raise RuntimeError(f"perf_analyzer failed ({model}, c={concurrency}):\n{run.stdout}\n{run.stderr}")
+    run_with_export(lambda attempt: [
+        "-m", model, "-u", server.grpc_url, "-i", "grpc", "--streaming", "--concurrency-range", str(concurrency),
+        "--input-data", str(data), "--measurement-mode", "count_windows",
+        "--measurement-request-count", str(window_requests << attempt), "--stability-percentage", "999",
+        "--max-trials", "6"], export)
 
 
 def summarise_profile(export: Path) -> dict:
