@@ -7,9 +7,8 @@ Each test runs seeded requests (deterministic) whose first verification drafts 3
 compares the joint law of the first two sampled tokens with the target's exact one (chi-square).
 """
 import pytest
-from scipy.stats import chisquare
 
-from engine_helpers import binned, exact_two_token_law, make_engine
+from engine_helpers import make_engine, two_token_pvalue
 
 PROMPT = "def add(a, b):"
 DRAWS = 3000
@@ -51,8 +50,7 @@ def assert_follows_law(pairs, target_model):
     model, tokenizer = target_model
     total = sum(pairs.values())
     assert total > 0.9 * DRAWS
-    observed, expected = binned(pairs, exact_two_token_law(model, tokenizer, PROMPT, PARAMS), total)
-    assert chisquare(observed, expected).pvalue > 0.01
+    assert two_token_pvalue(pairs, model, tokenizer, PROMPT, PARAMS) > 0.01
 
 
 def record_draft_lengths(engine):

@@ -1,4 +1,5 @@
 """The acceptance rule and logits processing as pure functions (gpt-fast's habit)."""
+import pytest
 import torch
 from scipy.stats import chisquare
 
@@ -87,3 +88,10 @@ def test_eos_is_masked_while_blocked():
     blocked = torch.tensor([[True, False]])
     probs = sampler.processed_probs(logits, settings(1, temperature=0, n=2, eos_blocked=blocked, eos=0))
     assert probs[0, 0].argmax() == 1 and probs[0, 1].argmax() == 0
+
+
+def test_the_torch_chi_square_agrees_with_scipy():
+    """gpu_check's p-value (no scipy on a bare GPU machine) is scipy's."""
+    from minedraft.tools.law import chi_square_pvalue
+    observed, expected = [18, 25, 31, 26], [25.0, 25.0, 25.0, 25.0]
+    assert chi_square_pvalue(observed, expected) == pytest.approx(chisquare(observed, expected).pvalue, rel=1e-9)

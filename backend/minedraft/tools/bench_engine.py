@@ -53,10 +53,12 @@ def engine_for(mode: str, max_concurrency: int, max_draft: int, model_dir: Path,
                                max_num_seqs=per_batch, **overrides))
 
 
-def sweep(concurrencies, draft_lengths, max_tokens, model_dir: Path, prompts, requests_per_level=2, progress=print):
+def sweep(concurrencies, draft_lengths, max_tokens, model_dir: Path, prompts, requests_per_level=2, progress=print,
+          **overrides):
+    """`overrides`: EngineConfig fields for every engine (devices, drafter kind)."""
     results = {"ar": [], "sd": [], "psd": []}
     for mode in results:
-        engine = engine_for(mode, max(concurrencies), max(draft_lengths), model_dir)
+        engine = engine_for(mode, max(concurrencies), max(draft_lengths), model_dir, **overrides)
         lengths = [0] if mode == "ar" else draft_lengths
         measure(engine, prompts, 2, lengths[0], 8, 2)  # warm-up
         for c in concurrencies:

@@ -1,0 +1,221 @@
+"""`scripts/gpu_check.sh`: what a CUDA machine tells us about the engine, in one command, in minutes.
+
+Needs PyTorch with CUDA and transformers; no tritonserver, no hub. Its inputs are this checkout
+and the toy pair (model_repository/minedraft/1, 15 MB); the realistic sizes get random weights.
+
+  1. losslessness on the device: greedy output of AR, SD and PSD equals HF greedy decoding of the
+     target alone, and sampled output follows the target's law (chi-square of the first two
+     sampled tokens, SD and PSD, k = 3);
+  2. an in-process AR/SD/PSD sweep with the toy pair, the drafter inline on its own CUDA stream;
+  3. forward costs t_verify(b, k) and t_draft(b) of Llama-shaped models of realistic sizes
+     (1B target, 68M draft, float16, random weights: costs do not depend on the weights), fed to
+     `minedraft simulate` for predicted AR/SD/PSD/flex throughput.
+
+It writes a markdown report (docs/gpu.md). `--dry-run` runs the same code on the CPU at toy
+sizes, so the tests can check the script without a GPU.
+"""
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from ..calibration import measure_step_costs
+from ..config import DEFAULT_MODEL_DIR, EngineConfig
+from ..engine import Engine
+from .bench_engine import load_prompts, ratio_table, sweep
+from .law import reference_greedy, two_token_pvalue
+from .simulate import predict, prediction_table
+
+GREEDY_PROMPTS = ["def add(a, b):", "class Point:\n", "import os", "for i in range(10):", "print(", "while True:\n"]
+LAW_PROMPT = "def add(a, b):"
+LAW_DRAFTS = 3
+LAW_PARAMS = {"max_tokens": LAW_DRAFTS + 1, "temperature": 1.3, "top_k": 40, "top_p": 0.95, "ignore_eos": True}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How big each part is: the real check, or the CPU dry run the tests execute."""
+    device: str
+    dtype: str
+    law_draws: int
+    sweep_concurrency: tuple[int, ...]
+    sweep_draft_lengths: tuple[int, ...]
+    sweep_max_tokens: int
+    target_shape: dict
+    draft_shape: dict
+    cost_batch: int
+    cost_max_k: int
+    simulate_concurrency: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    simulate_alphas: tuple[float, ...] = (0.6, 0.8)
+
+
+# 1B target (Llama-3.2-1B's shape with a 32k vocabulary) and a 68M draft (llama-68m's shape).
+GPU_PLAN = Plan("cuda", "float16", 3000, (1, 2, 4, 8, 16, 32), (2, 4, 6), 64,
+                dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=32000),
+                dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=2, num_attention_heads=12,
+                     num_key_value_heads=12, vocab_size=32000),
+                cost_batch=32, cost_max_k=8)
+DRY_RUN_PLAN = Plan("cpu", "float32", 400, (1, 2), (2,), 8,
+                    dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512),
+                    dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=512),
+                    cost_batch=4, cost_max_k=3, simulate_concurrency=(1, 4))
+
+
+def toy_engine(plan: Plan, mode: str, **overrides) -> Engine:
+    return Engine(EngineConfig(
+        target_model=str(DEFAULT_MODEL_DIR / "target"), draft_model=str(DEFAULT_MODEL_DIR / "draft"), mode=mode,
+        num_draft_tokens=0 if mode == "ar" else LAW_DRAFTS, target_device=plan.device, draft_device=plan.device,
+        drafter="inline", max_model_len=256, **overrides))
+
+
+def check_greedy(plan: Plan) -> dict:
+    """Each mode's greedy output against HF's greedy decoding of the target alone, on the device."""
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR / "target").to(plan.device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR / "target")
+    expected = [reference_greedy(model, tokenizer, p, 32, ignore_eos=True)[1] for p in GREEDY_PROMPTS]
+    results = {}
+    for mode in ("ar", "sd", "psd"):
+        engine = toy_engine(plan, mode, max_num_seqs=4)
+        try:
+            outputs = engine.generate(GREEDY_PROMPTS, {"max_tokens": 32, "temperature": 0, "ignore_eos": True})
+        finally:
+            engine.close()
+        results[mode] = sum(o.new_token_ids == e for o, e in zip(outputs, expected))
+    return {"prompts": len(GREEDY_PROMPTS), "identical": results,
+            "passed": all(n == len(GREEDY_PROMPTS) for n in results.values())}
+
+
+def check_law(plan: Plan) -> dict:
+    """Seeded sampled requests whose first verification carries 3 drafts: the joint law of their
+    first two tokens against the target's exact one."""
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR / "target").to(plan.device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR / "target")
+    pvalues = {}
+    for mode in ("sd", "psd"):
+        engine = toy_engine(plan, mode, max_num_seqs=32)
+        try:
+            outputs = engine.generate([LAW_PROMPT] * plan.law_draws,
+                                      [{**LAW_PARAMS, "seed": i} for i in range(plan.law_draws)])
+        finally:
+            engine.close()
+        pairs = {}
+        for o in outputs:
+            pairs[tuple(o.new_token_ids[:2])] = pairs.get(tuple(o.new_token_ids[:2]), 0) + 1
+        pvalues[mode] = two_token_pvalue(pairs, model, tokenizer, LAW_PROMPT, LAW_PARAMS)
+    return {"draws": plan.law_draws, "k": LAW_DRAFTS, "pvalues": pvalues, "passed": min(pvalues.values()) > 0.01}
+
+
+def toy_sweep(plan: Plan) -> list[dict]:
+    prompts = load_prompts(DEFAULT_MODEL_DIR / "prompts.jsonl")
+    results = sweep(plan.sweep_concurrency, plan.sweep_draft_lengths, plan.sweep_max_tokens, DEFAULT_MODEL_DIR,
+                    prompts, progress=lambda line: print(line, flush=True),
+                    target_device=plan.device, draft_device=plan.device, drafter="inline")
+    return ratio_table(results)
+
+
+def forward_costs(plan: Plan, workdir: Path):
+    """t_verify(b, k) and t_draft(b) of random-weight Llama models, timed by the engine's own
+    calibration (the same code flex runs at start-up)."""
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR / "target")
+    for name, shape in (("target", plan.target_shape), ("draft", plan.draft_shape)):
+        config = LlamaConfig(**shape, max_position_embeddings=2048, tie_word_embeddings=False)
+        with torch.device(plan.device):
+            model = LlamaForCausalLM(config).to(getattr(torch, plan.dtype))
+        model.save_pretrained(workdir / name)
+        tokenizer.save_pretrained(workdir / name)
+        del model
+    engine = Engine(EngineConfig(target_model=str(workdir / "target"), draft_model=str(workdir / "draft"), mode="sd",
+                                 num_draft_tokens=plan.cost_max_k, max_num_seqs=plan.cost_batch, max_model_len=256,
+                                 target_device=plan.device, draft_device=plan.device, dtype=plan.dtype,
+                                 drafter="inline"))
+    try:
+        batch = engine.scheduler.batches[0]
+        return measure_step_costs(engine.target, batch.target_cache, engine.drafting.sequential_drafter,
+                                  plan.cost_max_k, plan.cost_batch, engine.eos_token_ids)
+    finally:
+        engine.close()
+
+
+def predictions(plan: Plan, costs) -> dict[float, str]:
+    k_values = list(range(1, plan.cost_max_k + 1))
+    return {alpha: prediction_table([r for c in plan.simulate_concurrency
+                                     for r in predict(costs, alpha, c, 128, 64, k_values, plan.cost_batch)])
+            for alpha in plan.simulate_alphas}
+
+
+def environment(plan: Plan) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "device": plan.device}
+    if plan.device == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda)
+    return info
+
+
+def report(plan: Plan, env: dict, greedy: dict, law: dict, ratios: list[dict], costs, predicted: dict,
+           seconds: float) -> str:
+    verdict = lambda ok: "pass" if ok else "FAIL"  # noqa: E731
+    lines = ["# GPU check", "",
+             f"Written by `bash scripts/gpu_check.sh{' --dry-run' if plan.device == 'cpu' else ''}` "
+             f"in {seconds:.0f} s. Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".", "",
+             "## Losslessness on the device", "",
+             f"- Greedy identity with HF greedy decoding of the target alone ({greedy['prompts']} prompts, 32 tokens): "
+             + ", ".join(f"{m} {n}/{greedy['prompts']}" for m, n in greedy["identical"].items())
+             + f": **{verdict(greedy['passed'])}**",
+             f"- Sampled law, first two tokens of {law['draws']} seeded requests, k = {law['k']}: "
+             + ", ".join(f"{m} p = {p:.3g}" for m, p in law["pvalues"].items())
+             + f" (pass: p > 0.01): **{verdict(law['passed'])}**", "",
+             "## Toy pair in-process sweep (drafter inline, its own CUDA stream on a GPU)", "",
+             "| c | AR tok/s | SD tok/s (k) | PSD tok/s (k) | SD/AR | PSD/AR | PSD/SD |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['concurrency']} | {r['ar_tok_s']} | {r['sd_tok_s']} ({r['sd_k']}) | {r['psd_tok_s']} ({r['psd_k']}) "
+              f"| {r['sd_over_ar']} | {r['psd_over_ar']} | {r['psd_over_sd']} |" for r in ratios]
+    shape = lambda s: f"{s['num_hidden_layers']} layers x {s['hidden_size']}, vocabulary {s['vocab_size']}"  # noqa: E731
+    lines += ["", f"## Forward costs, random weights, {plan.dtype}", "",
+              f"Target: {shape(plan.target_shape)}; draft: {shape(plan.draft_shape)}. Milliseconds, context 64.", "",
+              "| rows | " + " | ".join(f"verify k={k}" for k in range(costs.max_k + 1)) + " | draft step |",
+              "|---" * (costs.max_k + 3) + "|"]
+    lines += [f"| {b} | " + " | ".join(f"{1e3 * t:.2f}" for t in costs.verify[i]) + f" | {1e3 * costs.draft[i]:.2f} |"
+              for i, b in enumerate(costs.batch_sizes)]
+    lines += ["", "Costs as JSON (`minedraft simulate --costs`):", "", "```json", costs.to_json(), "```", ""]
+    for alpha, text in predicted.items():
+        lines += [f"### `minedraft simulate` on these costs, alpha {alpha}, 128 output tokens after 64 prompt tokens",
+                  "", "```", text, "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="the CPU at toy sizes (what the tests run)")
+    parser.add_argument("--out", type=Path, default=Path("docs/gpu.md"))
+    args = parser.parse_args(argv)
+    plan = DRY_RUN_PLAN if args.dry_run else GPU_PLAN
+    if plan.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device visible to PyTorch; --dry-run runs it on the CPU", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    env = environment(plan)
+    print(json.dumps(env), flush=True)
+    greedy = check_greedy(plan)
+    print(f"greedy identity: {greedy}", flush=True)
+    law = check_law(plan)
+    print(f"sampled law: {law}", flush=True)
+    ratios = toy_sweep(plan)
+    with tempfile.TemporaryDirectory() as workdir:
+        costs = forward_costs(plan, Path(workdir))
+    predicted = predictions(plan, costs)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report(plan, env, greedy, law, ratios, costs, predicted, time.monotonic() - started))
+    print(f"wrote {args.out}", flush=True)
+    return 0 if greedy["passed"] and law["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
