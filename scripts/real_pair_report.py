@@ -16,35 +16,13 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from minedraft.launcher import TritonServer, free_port
+from minedraft.tools.processes import rss_kb_by_process
 from minedraft.tools.repository import write_repository
 from minedraft_client.grpc_stream import request_inputs, responses
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "model_repository" / "smollm2"
 QUESTION = "What are three tips for writing readable Python code?"
-
-
-def process_tree_rss_kb(root_pid: int) -> dict:
-    """RSS of each process in the server's tree (tritonserver, python stub, drafter worker)."""
-    parents = {}
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            parents[int(stat.split("/")[2])] = int(Path(stat).read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError):
-            continue
-    tree, frontier = [root_pid], [root_pid]
-    while frontier:
-        frontier = [pid for pid, parent in parents.items() if parent in frontier]
-        tree += frontier
-    rss = {}
-    for pid in tree:
-        try:
-            name = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")[:70]
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        rss[f"{pid} {name}"] = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
-    return rss
 
 
 def main() -> int:
@@ -75,7 +53,7 @@ def main() -> int:
             accepted = int(result.as_numpy("num_accepted_tokens").reshape(-1)[0])
         report["chat"] = {"question": QUESTION, "answer": "".join(chunks), "responses": len(chunks),
                           "drafted": drafted, "accepted": accepted}
-        report["rss_kb_idle_after_one_request"] = process_tree_rss_kb(server.process.pid)
+        report["rss_kb_idle_after_one_request"] = rss_kb_by_process(server.process.pid)
         venv = ROOT / ".venv-genai-perf"
         cuda_runtime = glob.glob(str(venv / "lib/python3*/site-packages/nvidia/cuda_runtime/lib"))
         env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
@@ -90,7 +68,7 @@ def main() -> int:
         report["dashboard"] = {"returncode": dashboard.returncode, "png": str(args.dashboard.relative_to(ROOT))}
         if not glob.glob(str(work / "genai-perf" / "*" / "profile_export_genai_perf.csv")):
             raise RuntimeError(f"genai-perf failed:\n{dashboard.stdout[-3000:]}\n{dashboard.stderr[-3000:]}")
-        report["rss_kb_after_load"] = process_tree_rss_kb(server.process.pid)
+        report["rss_kb_after_load"] = rss_kb_by_process(server.process.pid)
         report["rss_kb_total_after_load"] = sum(report["rss_kb_after_load"].values())
         [table] = glob.glob(str(work / "genai-perf" / "*" / "profile_export_genai_perf.csv"))
         report["genai_perf"] = Path(table).read_text()

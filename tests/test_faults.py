@@ -293,3 +293,17 @@ def test_a_prompt_that_tokenizes_to_nothing_is_refused(tiny_pair, monkeypatch):
             engine.submit("blank", "\u200b", {})
     finally:
         engine.close()
+
+
+def test_greedy_drafts_hand_over_ids_only(tiny_pair):
+    """All-greedy work builds no [b, k, V] probabilities; its ids are those the same rows get
+    beside a sampled row (which takes the general path)."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair[1])
+    model = build_draft_model(tiny_pair[1], "cpu", "float32", 4, 128, (tokenizer.eos_token_id,), len(tokenizer))
+    greedy = [DraftRow(0, tokenizer(p).input_ids, 0.0, 0, 1.0, 0, [0.3] * 3, 3) for p in PROMPTS[:3]]
+    sampled = DraftRow(0, tokenizer(PROMPTS[3]).input_ids, 1.0, 0, 1.0, 0, [0.3] * 3, 3)
+    alone = model.run(DraftWork(0, [], greedy, 3))
+    mixed = model.run(DraftWork(1, [], greedy + [sampled], 3))
+    assert alone.probs is None and mixed.probs is not None
+    assert torch.equal(alone.ids, mixed.ids[:3])

@@ -19,6 +19,7 @@ import tritonclient.grpc as grpcclient
 
 from minedraft import Engine, EngineConfig
 from minedraft.launcher import TritonServer, free_port
+from minedraft.tools.processes import descendants, rss_kb_by_process
 from minedraft.tools.repository import write_repository
 from minedraft.triton_metrics import read_metrics
 from minedraft_client.grpc_stream import StreamError, request_inputs, responses
@@ -48,30 +49,6 @@ def server(demo_pair, tmp_path_factory):
 def prompts(demo_pair):
     with open(Path(demo_pair[0]).parent / "prompts.jsonl") as f:
         return [json.loads(line)["prompt"] for line in f]
-
-
-def process_tree_rss_kb(root_pid: int) -> int:
-    total = 0
-    for pid in [root_pid] + descendants(root_pid):
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
-        except (OSError, StopIteration):
-            pass
-    return total
-
-
-def descendants(pid: int) -> list[int]:
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        children.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return children + [d for c in children for d in descendants(c)]
 
 
 def pids_with(marker: str) -> list[int]:
@@ -149,7 +126,7 @@ def soak(server, prompts, demo_pair, num_requests: int, concurrency: int = 64):
         prompt = prompts[i % len(prompts)] * rng.choice([1, 1, 2])  # mixed prompt lengths
         pool.submit(str(i), prompt, params)
         if i in (num_requests // 2, num_requests - 1):
-            rss.append(process_tree_rss_kb(server.process.pid))
+            rss.append(sum(rss_kb_by_process(server.process.pid).values()))
     pool.wait(FINAL_DEADLINE_S)
     elapsed = time.monotonic() - started
     pool.close()

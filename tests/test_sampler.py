@@ -95,3 +95,23 @@ def test_the_torch_chi_square_agrees_with_scipy():
     from minedraft.tools.law import chi_square_pvalue
     observed, expected = [18, 25, 31, 26], [25.0, 25.0, 25.0, 25.0]
     assert chi_square_pvalue(observed, expected) == pytest.approx(chisquare(observed, expected).pvalue, rel=1e-9)
+
+
+def test_greedy_verification_on_ids_equals_the_general_rule():
+    """verify_greedy (ids only) gives verify()'s answer for greedy rows, EOS masking included."""
+    torch.manual_seed(4)
+    b, k, vocab = 64, 4, 7
+    logits = torch.randn(b, k + 1, vocab)
+    blocked = torch.arange(k + 1) < torch.randint(0, 3, (b, 1))
+    sampling = settings(b, temperature=0, n=k + 1, eos_blocked=blocked, eos=2)
+    target_ids = logits.argmax(-1)
+    # Drafts that agree with the target for a random stretch, then guess.
+    agree = torch.rand(b, k) < 0.7
+    draft_ids = torch.where(agree, target_ids[:, :k], torch.randint(0, vocab, (b, k)))
+    num_drafts = torch.randint(0, k + 1, (b,))
+    draft_probs = torch.zeros(b, k, vocab).scatter_(-1, draft_ids[..., None], 1.0)
+    expected = sampler.verify(sampler.processed_probs(logits, sampling), draft_ids, draft_probs, num_drafts,
+                              torch.rand(b, k), torch.rand(b))
+    got = sampler.verify_greedy(sampler.greedy_tokens(logits, sampling), draft_ids, num_drafts)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert 0 < int(got[0].sum()) < int(num_drafts.sum())  # some accepted, some rejected

@@ -12,7 +12,8 @@ import pytest
 from minedraft.launcher import free_port
 from minedraft.tools.repository import write_repository
 from minedraft.triton_metrics import read_metrics
-from test_reliability import _is_zombie, descendants
+from minedraft.tools.processes import descendants
+from test_reliability import _is_zombie
 
 pytestmark = pytest.mark.server
 EXIT_TIMEOUT = 20

@@ -35,9 +35,9 @@ def measure_step_costs(target, cache, drafter, max_k: int, max_batch: int, eos_t
 def _prefill_context(target, cache, rows: int) -> float:
     """Fill CONTEXT_LEN positions of every row; returns prefill seconds per prompt token at batch 1
     (timed on a second call: the first allocates the cache)."""
-    target.forward(cache, slice(0, rows), [0] * rows, [_tokens(CONTEXT_LEN)] * rows, last_only=True)
+    target.fill(cache, slice(0, rows), [0] * rows, [_tokens(CONTEXT_LEN)] * rows)
     started = time.perf_counter()
-    target.forward(cache, [0], [0], [_tokens(CONTEXT_LEN)], last_only=True)
+    target.fill(cache, [0], [0], [_tokens(CONTEXT_LEN)])
     return (time.perf_counter() - started) / CONTEXT_LEN
 
 

@@ -65,7 +65,7 @@ class DraftWork:
 @dataclass
 class Drafts:
     ids: torch.Tensor  # [b, steps]; the draft cache holds the first steps - 1 of them
-    probs: torch.Tensor  # [b, steps, V]
+    probs: torch.Tensor | None  # [b, steps, V]; None when every row is greedy (its q is one-hot at its ids)
     lengths: list[int]  # tokens proposed per row (<= steps); the rest of the row is unused
     catch_up_seconds: float  # of the run, spent feeding rows' long backlogs (newcomers, after AR steps)
 
@@ -148,13 +148,17 @@ class DraftModel:
         lengths = torch.zeros(len(rows), dtype=torch.long)
         confidence = torch.ones(len(rows))
         drafting = caps > 0
+        all_greedy = bool((sampling.temperature == 0).all())
         ids, probs = [], []
         for j in range(k):
             logits = self.vocabulary.proposable(logits.to("cpu"))
-            step_probs = sampler.processed_probs(logits[:, None], sampling.at(j))[:, 0]
-            tokens = sampler.sample(step_probs, uniforms[:, j])
+            if all_greedy:  # ids suffice: no [b, V] probabilities to build, expand and hand over
+                tokens = sampler.greedy_tokens(logits[:, None], sampling.at(j))[:, 0]
+            else:
+                step_probs = sampler.processed_probs(logits[:, None], sampling.at(j))[:, 0]
+                tokens = sampler.sample(step_probs, uniforms[:, j])
+                probs.append(self.vocabulary.expand(step_probs))
             ids.append(self.vocabulary.to_target(tokens))
-            probs.append(self.vocabulary.expand(step_probs))
             # FlexDraft's cut on the draft's own (untempered) top-1 probabilities, so that greedy
             # rows, whose processed distribution is one-hot, are cut alike. Every row keeps its first
             # token: the step that drew it is paid for. Any cut is lossless: it depends on the
@@ -169,8 +173,8 @@ class DraftModel:
                                          last_only=True)
             lens = [n + 1 for n in lens]
         steps = int(lengths.max())  # a token drawn after every row stopped is no one's draft
-        return Drafts(torch.stack(ids, 1)[:, :steps], torch.stack(probs, 1)[:, :steps], lengths.tolist(),
-                      catch_up_seconds)
+        return Drafts(torch.stack(ids, 1)[:, :steps], torch.stack(probs, 1)[:, :steps] if probs else None,
+                      lengths.tolist(), catch_up_seconds)
 
     def _prefill_long_feeds(self, cache, rows: list[DraftRow]) -> list[int]:
         """Rows that just joined feed their whole context: run it as a sub-batch so that the
@@ -178,8 +182,8 @@ class DraftModel:
         long_rows = [i for i, r in enumerate(rows) if len(r.feed) > 2]
         lens = [r.cached_len for r in rows]
         if long_rows:
-            self.runner.forward(cache, long_rows, [lens[i] for i in long_rows],
-                                [self.vocabulary.to_draft(rows[i].feed[:-2]) for i in long_rows], last_only=True)
+            self.runner.fill(cache, long_rows, [lens[i] for i in long_rows],
+                             [self.vocabulary.to_draft(rows[i].feed[:-2]) for i in long_rows])
             for i in long_rows:
                 lens[i] += len(rows[i].feed) - 2
         return lens
@@ -304,10 +308,10 @@ class ProcessDrafter:
 
     def finish(self) -> Drafts:
         work, self._work = self._work, None
-        self.last_span, lengths, catch_up_seconds = self._expect_reply(self._work_number, "drafting")
+        self.last_span, lengths, catch_up_seconds, has_probs = self._expect_reply(self._work_number, "drafting")
         b, steps = len(work.rows), max(lengths)
-        return Drafts(self.ids[work.batch_slot, :b, :steps], self.probs[work.batch_slot, :b, :steps], lengths,
-                      catch_up_seconds)
+        probs = self.probs[work.batch_slot, :b, :steps] if has_probs else None
+        return Drafts(self.ids[work.batch_slot, :b, :steps], probs, lengths, catch_up_seconds)
 
     def _expect_reply(self, number: int | None, what: str):
         """The reply to work `number` (None: the start-up reply); older replies are skipped."""

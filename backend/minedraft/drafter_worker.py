@@ -49,8 +49,10 @@ def _worker_main(spec: dict) -> None:
             drafts = draft_model.run(work)
             b, steps = drafts.ids.shape
             ids[work.batch_slot, :b, :steps] = drafts.ids
-            probs[work.batch_slot, :b, :steps] = drafts.probs
-            conn.send((number, "ok", (draft_model.last_span, drafts.lengths, drafts.catch_up_seconds)))
+            if drafts.probs is not None:  # all-greedy work has none: its ids say everything
+                probs[work.batch_slot, :b, :steps] = drafts.probs
+            conn.send((number, "ok", (draft_model.last_span, drafts.lengths, drafts.catch_up_seconds,
+                                      drafts.probs is not None)))
         except Exception:
             conn.send((number, "error", traceback.format_exc()))
     del ids, probs

@@ -215,8 +215,7 @@ class Engine:
             seqs = [seq for seq, b in admitted if b is batch and len(seq.token_ids) > 1]
             if seqs:
                 rows = [batch.seqs.index(seq) for seq in seqs]
-                self.target.forward(batch.target_cache, rows, [0] * len(seqs),
-                                    [seq.token_ids[:-1] for seq in seqs], last_only=True)
+                self.target.fill(batch.target_cache, rows, [0] * len(seqs), [seq.token_ids[:-1] for seq in seqs])
             for seq, b in admitted:
                 if b is batch:
                     seq.target_cached = len(seq.token_ids) - 1
@@ -233,15 +232,20 @@ class Engine:
         positions = (first[:, None] + torch.arange(k + 1)).clamp(max=logits.size(1) - 1)
         logits = logits[torch.arange(len(seqs))[:, None], positions].cpu()
         self._verified_logits = logits  # raw: the emitted tokens' log-probabilities come from here
-        target_probs = sampler.processed_probs(logits, self._row_sampling(seqs, k + 1))
-        vocab = target_probs.size(-1)
+        sampling = self._row_sampling(seqs, k + 1)
         draft_ids = torch.zeros(len(seqs), k, dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            draft_ids[row, :len(seq.draft_ids)] = torch.tensor(seq.draft_ids, dtype=torch.long)
+        if bool((sampling.temperature == 0).all()):
+            # Greedy rows need ids only: no [b, k + 1, V] probabilities, no uniforms.
+            return sampler.verify_greedy(sampler.greedy_tokens(logits, sampling), draft_ids, num_drafts)
+        target_probs = sampler.processed_probs(logits, sampling)
+        vocab = target_probs.size(-1)
         draft_probs = torch.zeros(len(seqs), k, vocab)
         accept_uniforms = torch.zeros(len(seqs), k)
         for row, seq in enumerate(seqs):
             n = len(seq.draft_ids)
             if n:
-                draft_ids[row, :n] = torch.tensor(seq.draft_ids)
                 if seq.draft_probs is None:  # greedy: q is one-hot at the draft
                     draft_probs[row, torch.arange(n), draft_ids[row, :n]] = 1.0
                 else:

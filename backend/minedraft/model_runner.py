@@ -1,4 +1,5 @@
 """Loads one HF causal LM and runs batched forwards over rows of a RowKVCache."""
+import inspect
 from pathlib import Path
 
 import torch
@@ -41,13 +42,19 @@ class ModelRunner:
         self.num_rows = num_rows
         self.capacity = capacity
         self.vocab_size = model.config.vocab_size
+        # transformers 5 renamed past_key_values to cache (the old name goes in 5.40); 4.x knows only the old one.
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def new_cache(self) -> RowKVCache:
         return RowKVCache(self.num_rows, self.capacity)
 
+    def fill(self, cache: RowKVCache, rows, start_lens: list[int], feeds: list[list[int]]) -> None:
+        """Write the feeds' keys and values to the cache (a prefill): no logits are wanted."""
+        self.forward(cache, rows, start_lens, feeds, logits_to_keep=1)
+
     @torch.inference_mode()
     def forward(self, cache: RowKVCache, rows, start_lens: list[int], feeds: list[list[int]],
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, logits_to_keep: int | None = None) -> torch.Tensor:
         """Feed each row its tokens, written after its first `start_lens[r]` cached positions.
 
         Rows are right-padded to the longest feed; padding writes only to the cache's scratch slot
@@ -63,13 +70,18 @@ class ModelRunner:
         cache.prepare(rows, starts, lengths, num_new)
         # Padding repeats its row's last real position: it must not run past the model's position table.
         positions = starts[:, None] + torch.minimum(torch.arange(num_new, device=self.device), lengths[:, None] - 1)
-        out = self.model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True,
-                         attention_mask=self._mask(positions, cache._visible_len))
-        logits = out.logits.float()
-        if last_only:
-            last = torch.tensor([len(f) - 1 for f in feeds], device=self.device)
-            return logits[torch.arange(len(feeds), device=self.device), last]
-        return logits
+        inputs = dict(input_ids=input_ids, position_ids=positions, use_cache=True,
+                      attention_mask=self._mask(positions, cache._visible_len), **{self._cache_arg: cache})
+        if logits_to_keep is not None:
+            return self.model(**inputs, logits_to_keep=logits_to_keep).logits.float()
+        if not last_only:
+            return self.model(**inputs).logits.float()
+        # The LM head runs only at the rows' last real positions (a prefill's other positions need
+        # no logits: for a 49k vocabulary that is a fifth of the work).
+        last = torch.tensor([len(f) - 1 for f in feeds], device=self.device)
+        keep = torch.unique(last)  # sorted
+        logits = self.model(**inputs, logits_to_keep=keep).logits
+        return logits[torch.arange(len(feeds), device=self.device), torch.searchsorted(keep, last)].float()
 
     def _mask(self, positions: torch.Tensor, visible_len: int) -> torch.Tensor:
         """Additive [b, 1, n, t] mask: a query at position p sees keys 0..p of its own row."""

@@ -53,6 +53,16 @@ def processed_probs(logits: torch.Tensor, sampling: RowSampling) -> torch.Tensor
     return probs
 
 
+def greedy_tokens(logits: torch.Tensor, sampling: RowSampling) -> torch.Tensor:
+    """logits [b, n, V] -> the argmax ids [b, n] after min-tokens EOS masking: what
+    processed_probs' one-hot rows put their mass on, without building [b, n, V] probabilities."""
+    if sampling.eos_token_ids and sampling.eos_blocked.any():
+        logits = logits.clone()
+        for eos in sampling.eos_token_ids:
+            logits[..., eos].masked_fill_(sampling.eos_blocked, float("-inf"))
+    return logits.argmax(-1)
+
+
 def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
 
@@ -78,6 +88,16 @@ def sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     scaled = uniforms * cdf[..., -1]
     ids = torch.searchsorted(cdf, scaled.unsqueeze(-1), right=True).squeeze(-1)
     return ids.clamp_(max=probs.size(-1) - 1)
+
+
+def verify_greedy(target_ids: torch.Tensor, draft_ids: torch.Tensor, num_drafts: torch.Tensor):
+    """verify() for rows that are all greedy, on ids alone: target_ids [b, k+1] are the target's
+    argmax tokens. A draft passes exactly when it equals the target's token (p(d) is 1 or 0 and
+    q(d) is 1), and the next token is the target's own at the first mismatch, as verify() gives."""
+    b, k = draft_ids.shape
+    passes = (draft_ids == target_ids[:, :k]) & (torch.arange(k) < num_drafts[:, None])
+    accepted = passes.long().cumprod(-1).sum(-1)
+    return accepted, target_ids[torch.arange(b), accepted]
 
 
 def verify(target_probs: torch.Tensor, draft_ids: torch.Tensor, draft_probs: torch.Tensor,
