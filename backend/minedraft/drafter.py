@@ -151,10 +151,11 @@ class DraftModel:
         all_greedy = bool((sampling.temperature == 0).all())
         ids, probs = [], []
         for j in range(k):
-            logits = self.vocabulary.proposable(logits.to("cpu"))
-            if all_greedy:  # ids suffice: no [b, V] probabilities to build, expand and hand over
-                tokens = sampler.greedy_tokens(logits[:, None], sampling.at(j))[:, 0]
+            logits = self.vocabulary.proposable(logits)
+            if all_greedy:  # ids suffice, taken on the draft's device: no [b, V] probabilities to build and hand over
+                tokens = sampler.greedy_tokens(logits[:, None], sampling.at(j))[:, 0].cpu()
             else:
+                logits = logits.cpu()
                 step_probs = sampler.processed_probs(logits[:, None], sampling.at(j))[:, 0]
                 tokens = sampler.sample(step_probs, uniforms[:, j])
                 probs.append(self.vocabulary.expand(step_probs))
@@ -163,7 +164,7 @@ class DraftModel:
             # rows, whose processed distribution is one-hot, are cut alike. Every row keeps its first
             # token: the step that drew it is paid for. Any cut is lossless: it depends on the
             # draft alone, and the target then samples the next token itself.
-            confidence *= logits.softmax(-1).amax(-1)
+            confidence *= logits.softmax(-1).amax(-1).cpu()
             drafting &= (confidence >= work.confidence_threshold) | (j == 0)
             lengths[drafting] = j + 1
             drafting &= caps > j + 1

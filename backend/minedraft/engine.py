@@ -230,16 +230,17 @@ class Engine:
         # Row r's p_i sits at offset (pending tokens - 1) + i of its feed; pad rows repeat the last.
         first = torch.tensor([len(f) - 1 - len(s.draft_ids) for f, s in zip(feeds, seqs)])
         positions = (first[:, None] + torch.arange(k + 1)).clamp(max=logits.size(1) - 1)
-        logits = logits[torch.arange(len(seqs))[:, None], positions].cpu()
-        self._verified_logits = logits  # raw: the emitted tokens' log-probabilities come from here
+        logits = logits[torch.arange(len(seqs))[:, None].to(logits.device), positions.to(logits.device)]
+        self._verified_logits = logits  # raw, on the target's device: log-probabilities come from here
         sampling = self._row_sampling(seqs, k + 1)
         draft_ids = torch.zeros(len(seqs), k, dtype=torch.long)
         for row, seq in enumerate(seqs):
             draft_ids[row, :len(seq.draft_ids)] = torch.tensor(seq.draft_ids, dtype=torch.long)
         if bool((sampling.temperature == 0).all()):
-            # Greedy rows need ids only: no [b, k + 1, V] probabilities, no uniforms.
-            return sampler.verify_greedy(sampler.greedy_tokens(logits, sampling), draft_ids, num_drafts)
-        target_probs = sampler.processed_probs(logits, sampling)
+            # Greedy rows need ids only: the argmax runs on the target's device and only ids cross
+            # to the CPU; no [b, k + 1, V] probabilities, no uniforms.
+            return sampler.verify_greedy(sampler.greedy_tokens(logits, sampling).cpu(), draft_ids, num_drafts)
+        target_probs = sampler.processed_probs(logits.cpu(), sampling)
         vocab = target_probs.size(-1)
         draft_probs = torch.zeros(len(seqs), k, vocab)
         accept_uniforms = torch.zeros(len(seqs), k)

@@ -58,8 +58,9 @@ def greedy_tokens(logits: torch.Tensor, sampling: RowSampling) -> torch.Tensor:
     processed_probs' one-hot rows put their mass on, without building [b, n, V] probabilities."""
     if sampling.eos_token_ids and sampling.eos_blocked.any():
         logits = logits.clone()
+        blocked = sampling.eos_blocked.to(logits.device)
         for eos in sampling.eos_token_ids:
-            logits[..., eos].masked_fill_(sampling.eos_blocked, float("-inf"))
+            logits[..., eos].masked_fill_(blocked, float("-inf"))
     return logits.argmax(-1)
 
 
