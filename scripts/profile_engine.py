@@ -77,8 +77,8 @@ def main() -> None:
         drafter="inline" if args.mode == "sd" else "auto"))
     prompts = load_prompts(args.prompts or args.model_dir / "prompts.jsonl")
     if args.chat:
-        prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                        add_generation_prompt=True) for p in prompts]
+        from minedraft.tools.bench_engine import chat_prompts
+        prompts = chat_prompts(prompts, args.model_dir / "target")
     measure(engine, prompts, 2, args.num_draft_tokens, 8, 2)  # warm-up
     seconds = instrument(engine)
     run = measure(engine, prompts, args.concurrency, args.num_draft_tokens, args.max_tokens,

@@ -1,6 +1,6 @@
 """In-process benchmark: AR vs SD vs PSD output-token throughput, closed loop, no Triton.
 
-    python -m minedraft.tools.bench_engine [--concurrency 1 2 4 8 16 32] [--draft-lengths 2 4 6 8] [--out FILE]
+    python -m minedraft.tools.bench_engine [--concurrency 1 2 4 8 16 32] [--draft-lengths 2 4 6 8] [--chat] [--out FILE]
 
 Each mode gets one engine; concurrency is the number of requests kept in flight, and the
 draft length is set per request (num_draft_tokens), so one engine serves the whole sweep.
@@ -22,6 +22,14 @@ def load_prompts(path: Path, limit: int | None = None) -> list[str]:
     with open(path) as f:
         prompts = [json.loads(line)["prompt"] for line in f]
     return prompts[:limit] if limit else prompts
+
+
+def chat_prompts(prompts: list[str], target: Path) -> list[str]:
+    """Each prompt as a user turn through the target's chat template, as a chat client sends it."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts]
 
 
 def measure(engine: Engine, prompts: list[str], concurrency: int, num_draft_tokens: int, max_tokens: int,
@@ -93,9 +101,12 @@ def main(argv=None) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--prompts", type=Path, help="a JSONL of {\"prompt\": ...} (default: the model dir's prompts.jsonl)")
+    parser.add_argument("--chat", action="store_true", help="send the prompts through the target's chat template")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     prompts = load_prompts(args.prompts or args.model_dir / "prompts.jsonl")
+    if args.chat:
+        prompts = chat_prompts(prompts, args.model_dir / "target")
     results = sweep(args.concurrency, args.draft_lengths, args.max_tokens, args.model_dir, prompts)
     report = {"cpus": len(os.sched_getaffinity(0)), "max_tokens": args.max_tokens, "results": results,
               "ratios": ratio_table(results)}
