@@ -43,7 +43,7 @@ class StepRecord:
     commit_seconds: float  # booking, detokenising and output building for the verified rows
     # Every drafting this step: (rows, steps, seconds less catch-up, whether it ran beside verification).
     draft_runs: list[tuple[int, int, float, bool]]
-    seconds: float  # the whole step after prefill: drafting, verification, waits, commit
+    seconds: float  # the whole step less prefill: drafting, verification, waits, commit
     catch_up_seconds: float  # of which drafters spent refeeding backlogs (newcomers, moved rows, after AR)
     num_tokens: int  # tokens the step committed
 
@@ -169,13 +169,17 @@ class Engine:
         with self._lock:
             admitted = self.scheduler.admit(split=self.policy.splits_batches)
         self._arrange_batches()
+        started = time.monotonic()
+        plan = self.policy.plan(self.scheduler.batches)
+        if plan is None:
+            self._prefill(admitted)
+            return outputs
+        draft_span = self.drafting.draft_for(plan)
+        # Newcomers' prompts fill the target's cache after the overlap batch's drafting has started
+        # (drafting reads token ids, not the target's cache): in PSD the prefill runs beside it.
         prefill_started = time.monotonic()
         self._prefill(admitted)
         prefill_seconds = time.monotonic() - prefill_started
-        plan = self.policy.plan(self.scheduler.batches)
-        if plan is None:
-            return outputs
-        draft_span = self.drafting.draft_for(plan)
         verify_started = time.monotonic()
         # Snapshot the drafts being verified: a drafter failure below forgets every seq's drafts.
         drafts = [seq.draft_ids for seq in plan.verify.seqs]
@@ -189,7 +193,7 @@ class Engine:
             plan.mode, plan.verify.slot, len(drafts), verify_span, max(map(len, drafts)),
             plan.overlap.slot if plan.overlap else None, len(plan.overlap) if plan.overlap else 0,
             draft_span, plan.num_draft_tokens, prefill_seconds, ended - commit_started, self.drafting.runs,
-            ended - prefill_started - prefill_seconds, self.drafting.catch_up_seconds,
+            ended - started - prefill_seconds, self.drafting.catch_up_seconds,
             sum(len(out.new_token_ids) for out in committed)))
         return outputs + committed
 
