@@ -42,6 +42,23 @@ def test_an_unread_reply_is_skipped_not_taken_for_the_next_work(tiny_pair):
         worker.close()
 
 
+def test_an_unread_error_reply_does_not_fail_the_next_work(tiny_pair):
+    """Work that failed in the worker, whose reply was never read (its step raised first), is
+    skipped by number like any stale reply: the next work's drafts come back, no restart."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pair[1])
+    eos = (tokenizer.eos_token_id,)
+    worker = ProcessDrafter(tiny_pair[1], "cpu", "float32", 4, 128, eos, len(tokenizer), 3, set())
+    try:
+        worker.start(draft_work(tokenizer, 7, PROMPTS[:2]))  # no batch slot 7: the worker replies with an error
+        second = draft_work(tokenizer, 1, PROMPTS[2:5])
+        worker.start(second)
+        drafts = worker.finish()
+        assert drafts.lengths == [3, 3, 3] and drafts.ids.shape == (3, 3)
+    finally:
+        worker.close()
+
+
 def test_sampled_drafts_are_copied_out_of_the_drafters_buffer(tiny_pair):
     engine = make_engine(*tiny_pair, mode="psd", drafter="process", max_num_seqs=4)
     try:

@@ -327,10 +327,11 @@ class ProcessDrafter:
                 replied_to, status, detail = self._conn.recv()
             except (EOFError, OSError) as exc:
                 raise DrafterError(f"drafter process died while {what}: {exc}") from exc
+            if replied_to != number:
+                continue  # a reply to stale work (a step that failed before reading it), error or not
             if status != "ok":
                 raise DrafterError(f"drafter failed while {what}: {detail}")
-            if replied_to == number:
-                return detail
+            return detail
 
     def restart(self) -> None:
         """Replace the worker without waiting for its model to load (see `ready`). A worker that
