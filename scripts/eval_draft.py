@@ -30,12 +30,12 @@ def acceptance(target: str, draft: str, prompts: list[dict], k: int, max_tokens:
     verify = engine._verify
 
     def recording(batch):
-        accepted, next_tokens = verify(batch)
-        for seq, n in zip(batch.seqs, accepted.tolist()):
+        verdict = verify(batch)
+        for seq, n in zip(batch.seqs, verdict.accepted.tolist()):
             for position in range(len(seq.draft_ids)):
                 by_position[position][0] += 1
                 by_position[position][1] += position < n
-        return accepted, next_tokens
+        return verdict
     engine._verify = recording
     outputs = engine.generate(texts, {"max_tokens": max_tokens, "temperature": 0})
     engine.close()

@@ -48,6 +48,15 @@ class StepRecord:
     num_tokens: int  # tokens the step committed
 
 
+@dataclass
+class Verdict:
+    """A verification's outcome, per row: how many drafts it accepted, the target's own next token,
+    and the raw logits (on the target's device) that the emitted tokens' log-probabilities come from."""
+    accepted: torch.Tensor
+    next_tokens: torch.Tensor
+    logits: torch.Tensor
+
+
 class SpecDecodeStats:
     """Speculation counters with vLLM's meaning (spec_decode_num_drafts, ..._num_draft_tokens,
     ..._num_accepted_tokens, ..._num_accepted_tokens_per_pos): a draft is one request's proposal in
@@ -88,7 +97,6 @@ class Engine:
         self.steps_by_mode = dict.fromkeys(STEP_MODES, 0)
         self.spec_stats = SpecDecodeStats(config.num_draft_tokens)
         self.acceptance_prior = 0.5  # a newcomer's alpha before its first verification: the running mean
-        self._verified_logits = None  # the last verification's raw logits, for log-probabilities
         self.fault_hook = None  # tests: called with each Sequence before its commit
 
     @property
@@ -183,11 +191,11 @@ class Engine:
         verify_started = time.monotonic()
         # Snapshot the drafts being verified: a drafter failure below forgets every seq's drafts.
         drafts = [seq.draft_ids for seq in plan.verify.seqs]
-        accepted, next_tokens = self._verify(plan.verify)
+        verdict = self._verify(plan.verify)
         verify_span = (verify_started, time.monotonic())
         draft_span = self.drafting.collect_overlap(plan) or draft_span
         commit_started = time.monotonic()
-        committed = self._commit(plan.verify, drafts, accepted, next_tokens)
+        committed = self._commit(plan.verify, drafts, verdict)
         ended = time.monotonic()
         self._record(StepRecord(
             plan.mode, plan.verify.slot, len(drafts), verify_span, max(map(len, drafts)),
@@ -235,7 +243,6 @@ class Engine:
         first = torch.tensor([len(f) - 1 - len(s.draft_ids) for f, s in zip(feeds, seqs)])
         positions = (first[:, None] + torch.arange(k + 1)).clamp(max=logits.size(1) - 1)
         logits = logits[torch.arange(len(seqs))[:, None].to(logits.device), positions.to(logits.device)]
-        self._verified_logits = logits  # raw, on the target's device: log-probabilities come from here
         sampling = self._row_sampling(seqs, k + 1)
         draft_ids = torch.zeros(len(seqs), k, dtype=torch.long)
         for row, seq in enumerate(seqs):
@@ -243,7 +250,8 @@ class Engine:
         if bool((sampling.temperature == 0).all()):
             # Greedy rows need ids only: the argmax runs on the target's device and only ids cross
             # to the CPU; no [b, k + 1, V] probabilities, no uniforms.
-            return sampler.verify_greedy(sampler.greedy_tokens(logits, sampling).cpu(), draft_ids, num_drafts)
+            return Verdict(*sampler.verify_greedy(sampler.greedy_tokens(logits, sampling).cpu(), draft_ids, num_drafts),
+                           logits)
         target_probs = sampler.processed_probs(logits.cpu(), sampling)
         vocab = target_probs.size(-1)
         draft_probs = torch.zeros(len(seqs), k, vocab)
@@ -257,24 +265,24 @@ class Engine:
                     draft_probs[row, :n] = seq.draft_probs[:, :vocab]
                 accept_uniforms[row, :n] = seq.uniforms(n)
         resample_uniforms = torch.cat([seq.uniforms(1) for seq in seqs])
-        return sampler.verify(target_probs, draft_ids, draft_probs, num_drafts, accept_uniforms, resample_uniforms)
+        return Verdict(*sampler.verify(target_probs, draft_ids, draft_probs, num_drafts, accept_uniforms,
+                                       resample_uniforms), logits)
 
     def _row_sampling(self, seqs: list[Sequence], num_positions: int) -> sampler.RowSampling:
         return sampler.RowSampling.for_rows([s.params for s in seqs],
                                             [s.params.min_tokens - s.num_generated for s in seqs],
                                             num_positions, self.eos_token_ids)
 
-    def _commit(self, batch: Batch, drafts: list[list[int]], accepted: torch.Tensor,
-                next_tokens: torch.Tensor) -> list[RequestOutput]:
+    def _commit(self, batch: Batch, drafts: list[list[int]], verdict: Verdict) -> list[RequestOutput]:
         outputs = []
         for row, (seq, drafted, num_accepted, next_token) in enumerate(
-                zip(batch.seqs, drafts, accepted.tolist(), next_tokens.tolist())):
+                zip(batch.seqs, drafts, verdict.accepted.tolist(), verdict.next_tokens.tolist())):
             try:
                 if self.fault_hook is not None:
                     self.fault_hook(seq)
                 self._book(seq, len(drafted), num_accepted)
                 appended = self.outputs.append(seq, drafted[:num_accepted] + [next_token])
-                logprobs = self.outputs.logprobs(seq, self._verified_logits[row], appended)
+                logprobs = self.outputs.logprobs(seq, verdict.logits[row], appended)
                 outputs.append(self.outputs.output(seq, appended, logprobs=logprobs))
             except Exception as exc:  # one request's failure must not take the batch down
                 log.exception("request %s failed", seq.request_id)
