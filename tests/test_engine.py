@@ -43,6 +43,8 @@ def test_identical_draft_is_always_accepted(tiny_pair):
     engine.close()
     assert sum(o.num_drafted_tokens for o in outs) > 0
     assert all(o.num_accepted_tokens == o.num_drafted_tokens for o in outs)
+    # The per-step count behind minedraft_generation_tokens_total adds up to what the requests got.
+    assert engine.num_generated_tokens == sum(o.num_output_tokens for o in outs) == 8 * 20
 
 
 @pytest.fixture(scope="module")

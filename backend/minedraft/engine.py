@@ -95,6 +95,7 @@ class Engine:
         self._cancelled: set[str] = set()
         self.step_log: deque[StepRecord] = deque(maxlen=4096)
         self.steps_by_mode = dict.fromkeys(STEP_MODES, 0)
+        self.num_generated_tokens = 0  # committed by steps, counted as they go (a metric per step, as vLLM's)
         self.spec_stats = SpecDecodeStats(config.num_draft_tokens)
         self.acceptance_prior = 0.5  # a newcomer's alpha before its first verification: the running mean
         self.fault_hook = None  # tests: called with each Sequence before its commit
@@ -208,6 +209,7 @@ class Engine:
     def _record(self, record: StepRecord) -> None:
         self.step_log.append(record)
         self.steps_by_mode[record.mode] += 1
+        self.num_generated_tokens += record.num_tokens
         self.policy.observe(record)
 
     def _arrange_batches(self) -> None:

@@ -27,7 +27,8 @@ class EngineMetrics:
             return family(name, description, M.HISTOGRAM, buckets=LATENCY_BUCKETS)
 
         self.prompt_tokens = family("minedraft_prompt_tokens_total", "Prompt tokens of finished requests", M.COUNTER)
-        self.generation_tokens = family("minedraft_generation_tokens_total", "Generated tokens", M.COUNTER)
+        self.generation_tokens = family("minedraft_generation_tokens_total", "Generated tokens, counted each step",
+                                        M.COUNTER)
         self.draft_tokens = family("minedraft_draft_tokens_total", "Draft tokens proposed for verification", M.COUNTER)
         self.accepted_tokens = family("minedraft_accepted_tokens_total", "Draft tokens the target accepted",
                                       M.COUNTER)
@@ -67,6 +68,7 @@ class EngineMetrics:
         self.e2e = histogram("minedraft_request_latency_seconds", "End-to-end request latency")
         self._max_verify = 0
         self._failures_seen = 0
+        self._generated_seen = 0
         self._steps_seen = dict.fromkeys(STEP_MODES, 0)
 
     def close(self) -> None:
@@ -104,6 +106,9 @@ class EngineMetrics:
             if value > seen[3][position]:
                 metric.increment(value - seen[3][position])
                 seen[3][position] = value
+        if engine.num_generated_tokens > self._generated_seen:
+            self.generation_tokens.increment(engine.num_generated_tokens - self._generated_seen)
+            self._generated_seen = engine.num_generated_tokens
         if engine.num_drafter_failures > self._failures_seen:
             self.drafter_failures.increment(engine.num_drafter_failures - self._failures_seen)
             self._failures_seen = engine.num_drafter_failures
@@ -111,7 +116,6 @@ class EngineMetrics:
     def observe_finished(self, output, arrival: float, first_token: float | None, now: float) -> None:
         self.requests_finished.increment(1)
         self.prompt_tokens.increment(output.num_input_tokens)
-        self.generation_tokens.increment(output.num_output_tokens)
         self.draft_tokens.increment(output.num_drafted_tokens)
         self.accepted_tokens.increment(output.num_accepted_tokens)
         self.e2e.observe(now - arrival)
