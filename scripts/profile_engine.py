@@ -45,7 +45,9 @@ def instrument(engine: Engine) -> dict:
         model.runner.forward = timed(seconds, "draft forwards", model.runner.forward)
         model.run = timed(seconds, "drafting", model.run)
     for name in SAMPLING:  # the verification's; the drafter's thread samples as part of drafting
-        setattr(sampler, name, timed(seconds, "sampling and acceptance", getattr(sampler, name), main_thread_only=True))
+        if hasattr(sampler, name):  # older engines (a before/after comparison) lack some
+            setattr(sampler, name, timed(seconds, "sampling and acceptance", getattr(sampler, name),
+                                         main_thread_only=True))
     engine._commit = timed(seconds, "commit", engine._commit)
     engine.step = timed(seconds, "step", engine.step)
     return seconds
