@@ -39,9 +39,7 @@ class RowSampling:
 def processed_probs(logits: torch.Tensor, sampling: RowSampling) -> torch.Tensor:
     """logits [b, n, V] -> probabilities [b, n, V] after min-tokens EOS masking, temperature,
     top-k and top-p; one-hot argmax for greedy rows."""
-    logits = logits.clone()
-    for eos in sampling.eos_token_ids:
-        logits[..., eos].masked_fill_(sampling.eos_blocked, float("-inf"))
+    logits = _eos_masked(logits, sampling)
     greedy = sampling.temperature == 0
     probs = torch.zeros_like(logits)
     if greedy.any():
@@ -56,12 +54,18 @@ def processed_probs(logits: torch.Tensor, sampling: RowSampling) -> torch.Tensor
 def greedy_tokens(logits: torch.Tensor, sampling: RowSampling) -> torch.Tensor:
     """logits [b, n, V] -> the argmax ids [b, n] after min-tokens EOS masking: what
     processed_probs' one-hot rows put their mass on, without building [b, n, V] probabilities."""
-    if sampling.eos_token_ids and sampling.eos_blocked.any():
-        logits = logits.clone()
-        blocked = sampling.eos_blocked.to(logits.device)
-        for eos in sampling.eos_token_ids:
-            logits[..., eos].masked_fill_(blocked, float("-inf"))
-    return logits.argmax(-1)
+    return _eos_masked(logits, sampling).argmax(-1)
+
+
+def _eos_masked(logits: torch.Tensor, sampling: RowSampling) -> torch.Tensor:
+    """EOS at -inf where min_tokens blocks it, in a copy; the logits themselves when nothing is blocked."""
+    if not (sampling.eos_token_ids and sampling.eos_blocked.any()):
+        return logits
+    logits = logits.clone()
+    blocked = sampling.eos_blocked.to(logits.device)
+    for eos in sampling.eos_token_ids:
+        logits[..., eos].masked_fill_(blocked, float("-inf"))
+    return logits
 
 
 def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -78,10 +78,14 @@ def toy_engine(plan: Plan, mode: str, **overrides) -> Engine:
         drafter="inline", max_model_len=256, **overrides))
 
 
-def check_greedy(plan: Plan) -> dict:
-    """Each mode's greedy output against HF's greedy decoding of the target alone, on the device."""
+def toy_target(plan: Plan):
+    """The toy pair's target alone, in HF, on the device: the reference for both checks."""
     model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR / "target").to(plan.device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR / "target")
+    return model, AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR / "target")
+
+
+def check_greedy(plan: Plan, model, tokenizer) -> dict:
+    """Each mode's greedy output against HF's greedy decoding of the target alone, on the device."""
     expected = [reference_greedy(model, tokenizer, p, 32, ignore_eos=True)[1] for p in GREEDY_PROMPTS]
     results = {}
     for mode in ("ar", "sd", "psd"):
@@ -95,11 +99,9 @@ def check_greedy(plan: Plan) -> dict:
             "passed": all(n == len(GREEDY_PROMPTS) for n in results.values())}
 
 
-def check_law(plan: Plan) -> dict:
+def check_law(plan: Plan, model, tokenizer) -> dict:
     """Seeded sampled requests whose first verification carries 3 drafts: the joint law of their
     first two tokens against the target's exact one."""
-    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR / "target").to(plan.device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR / "target")
     pvalues = {}
     for mode in ("sd", "psd"):
         engine = toy_engine(plan, mode, max_num_seqs=32)
@@ -203,9 +205,11 @@ def main(argv=None) -> int:
     started = time.monotonic()
     env = environment(plan)
     print(json.dumps(env), flush=True)
-    greedy = check_greedy(plan)
+    model, tokenizer = toy_target(plan)
+    greedy = check_greedy(plan, model, tokenizer)
     print(f"greedy identity: {greedy}", flush=True)
-    law = check_law(plan)
+    law = check_law(plan, model, tokenizer)
+    del model
     print(f"sampled law: {law}", flush=True)
     ratios = toy_sweep(plan)
     with tempfile.TemporaryDirectory() as workdir:
