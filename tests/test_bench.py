@@ -12,12 +12,14 @@ def test_bench_smoke_produces_a_well_formed_report(demo_pair, tmp_path):
     out = tmp_path / "docs"
     code = main(["bench", "--setups", "ar", "psd", "flex", "--concurrency", "1", "4", "--draft-lengths", "4",
                  "--max-tokens", "12", "--max-num-seqs", "4", "--num-prompts", "8", "--hf-prompts", "1",
-                 "--engine-concurrency", "4", "--out", str(out)])
+                 "--engine-concurrency", "4", "--label", "toy", "--out", str(out)])
     assert code == 0
     report = (out / "benchmarks.md").read_text()
-    assert "## Goals" in report and "| P3 |" in report and "| P4 |" in report and "| P5 |" in report
+    figures = out / "bench" / "toy"
+    assert report.endswith((figures / "benchmarks.md").read_text())  # the pair's section, assembled into the doc
+    assert "### Goals" in report and all(f"| {goal} |" in report for goal in ("P1", "P3", "P4", "P5", "P6", "P7"))
     assert report.count("| P2 | flex / best fixed set-up") == 2
-    raw = json.loads((out / "bench" / "raw.json").read_text())
+    raw = json.loads((figures / "raw.json").read_text())
     assert {(r["setup"], r["concurrency"]) for r in raw["rows"]} == {
         (s, c) for s in ("ar", "psd", "flex") for c in (1, 4)}
     flex = [r for r in raw["rows"] if r["setup"] == "flex"]
@@ -27,8 +29,10 @@ def test_bench_smoke_produces_a_well_formed_report(demo_pair, tmp_path):
     psd = [r for r in raw["rows"] if r["setup"] == "psd"]
     assert all(r["acceptance_rate"] is not None and 0 <= r["acceptance_rate"] <= 1 for r in psd)
     assert raw["hf_assisted"]["tokens_per_s"] > 0
-    assert (out / "bench" / "throughput.png").stat().st_size > 1000
-    assert (out / "bench" / "latency.png").stat().st_size > 1000
+    assert raw["memory"]["read_gb_s"]["1"] > 0 and raw["memory"]["target_weight_bytes"] > 1e6
+    assert raw["prompt_tokens"] > 1
+    assert (figures / "throughput.png").stat().st_size > 1000
+    assert (figures / "latency.png").stat().st_size > 1000
     # The step costs flex measured feed the simulator, which predicts the measured rows.
-    assert main(["simulate", "--costs", str(out / "bench" / "costs.json"), "--compare",
-                 str(out / "bench" / "raw.json"), "--json"]) == 0
+    assert main(["simulate", "--costs", str(figures / "costs.json"), "--compare",
+                 str(figures / "raw.json"), "--json"]) == 0

@@ -1,14 +1,17 @@
 """`minedraft bench`: AR vs SD vs PSD through the real tritonserver, driven by perf_analyzer.
 
-One server serves one model per set-up over the same demo weights. perf_analyzer streams
-held-out prompts (fixed max_tokens, ignore_eos: equal work in every mode) at each
-concurrency; its profile export gives every response's timestamp, from which throughput,
-TTFT, inter-token latency and end-to-end latency follow. Acceptance comes from the
-server's Prometheus counters. The in-process engine, HF assisted generation and PSD's
-ideal are measured in the same run. Writes docs/benchmarks.md, PNG plots and raw JSON.
+One server serves one model per set-up over the same pair of weights (`--model-dir`: the toy
+pair by default, `model_repository/smollm2/1` for the real one). perf_analyzer streams held-out
+prompts (fixed max_tokens, ignore_eos: equal work in every mode) at each concurrency; its
+profile export gives every response's timestamp, from which throughput, TTFT, inter-token
+latency and end-to-end latency follow. Acceptance comes from the server's Prometheus counters.
+The in-process engine, HF's generation, PSD's ideal and the machine's memory read bandwidth are
+measured in the same run. Writes the pair's section of docs/benchmarks.md, PNG plots and raw JSON
+under docs/bench/<label>/.
 """
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -21,8 +24,9 @@ from ..config import DEFAULT_MODEL_DIR
 from ..cost_model import STEP_MODES
 from ..launcher import TritonServer, free_port
 from ..triton_metrics import read_metrics
-from .bench_engine import engine_for, load_prompts, measure
-from .bench_report import write_report
+from ..drafter import D2T_FILE
+from .bench_engine import chat_prompts, engine_for, load_prompts, measure
+from .bench_report import report_dir, write_report
 from .perf_analyzer import run_with_export, write_input_data
 from .repository import write_repository
 from .setups import SD_SETUPS, SETUPS, best_by_tokens_per_s
@@ -102,29 +106,79 @@ def measure_server(server, setup, k, concurrency, prompts, max_tokens, workdir: 
 
 
 def hf_assisted_generation(model_dir: Path, prompts, max_tokens: int, num_prompts: int) -> dict:
-    """The peer baseline: transformers' assisted generation at batch 1, same pair and prompts,
-    at its better thread count (1 or 2), after a warm-up call."""
+    """The peer baseline: transformers' generation at batch 1, same prompts, at its better thread
+    count (1 or 2), after a warm-up call. With our draft as `assistant_model` where HF accepts it;
+    a draft with a reduced vocabulary (d2t.json) it does not, so then HF's best is the better of
+    the target alone and prompt-lookup decoding (its draft-free speculation)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_dir / "target")
     target = AutoModelForCausalLM.from_pretrained(model_dir / "target", dtype=torch.float32).eval()
-    draft = AutoModelForCausalLM.from_pretrained(model_dir / "draft", dtype=torch.float32).eval()
+    if (model_dir / "draft" / D2T_FILE).exists():
+        ways = {"target alone": {}, "prompt lookup": {"prompt_lookup_num_tokens": 4}}
+    else:
+        draft = AutoModelForCausalLM.from_pretrained(model_dir / "draft", dtype=torch.float32).eval()
+        ways = {"assisted generation": {"assistant_model": draft}}
 
-    def generate(prompt):
+    def generate(prompt, how):
         ids = tokenizer(prompt, return_tensors="pt").input_ids
-        out = target.generate(ids, assistant_model=draft, do_sample=False, max_new_tokens=max_tokens,
-                              min_new_tokens=max_tokens)
+        out = target.generate(ids, do_sample=False, max_new_tokens=max_tokens, min_new_tokens=max_tokens, **how)
         return out.size(1) - ids.size(1)
 
     runs = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        generate(prompts[0])
+    for way, how in ways.items():
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            generate(prompts[0], how)
+            started = time.perf_counter()
+            tokens = sum(generate(p, how) for p in prompts[:num_prompts])
+            runs.append({"way": way, "threads": threads, "prompts": num_prompts, "output_tokens": tokens,
+                         "tokens_per_s": round(tokens / (time.perf_counter() - started), 2)})
+    return {**best_by_tokens_per_s(runs), "runs": runs}
+
+
+def read_bandwidth(threads: int, gib: float = 1.0) -> float:
+    """The machine's memory read bandwidth in GB/s with `threads` threads: the best of five sums over
+    a buffer far larger than the caches. A batch-1 forward must read every weight once, so
+    bandwidth / weight bytes bounds AR's tokens/s (P7)."""
+    import torch
+    torch.set_num_threads(threads)
+    buffer = torch.ones(int(gib * 2**30) // 4)
+    buffer.sum()
+    best = float("inf")
+    for _ in range(5):
         started = time.perf_counter()
-        tokens = sum(generate(p) for p in prompts[:num_prompts])
-        runs.append({"threads": threads, "tokens_per_s": round(tokens / (time.perf_counter() - started), 2),
-                     "prompts": num_prompts, "output_tokens": tokens})
-    return best_by_tokens_per_s(runs)
+        buffer.sum()
+        best = min(best, time.perf_counter() - started)
+    return round(buffer.numel() * 4 / best / 1e9, 2)
+
+
+def weight_bytes(model_dir: Path) -> int:
+    """Bytes of the target's weights as stored (float32 here), from the safetensors headers."""
+    from safetensors import safe_open
+    total = 0
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                total += math.prod(piece.get_shape()) * _DTYPE_BYTES[piece.get_dtype()]
+    return total
+
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1}
+
+
+def bench_prompts(args) -> list[str]:
+    """The first num_prompts of --prompts (default: the model dir's prompts.jsonl), through the
+    target's chat template with --chat, as a chat client sends them."""
+    prompts = load_prompts(args.prompts or args.model_dir / "prompts.jsonl", args.num_prompts)
+    return chat_prompts(prompts, args.model_dir / "target") if args.chat else prompts
+
+
+def mean_prompt_tokens(prompts: list[str], target: Path) -> float:
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    return round(sum(len(tokenizer(p).input_ids) for p in prompts) / len(prompts), 2)
 
 
 def in_process(setup, k, concurrency, prompts, max_tokens, model_dir, max_num_seqs, costs_path=None) -> dict:
@@ -165,7 +219,9 @@ def best(rows, setup, concurrency):
 def run(args) -> dict:
     from rich.progress import Progress
     machine_info = machine()  # before any engine pins this thread to its cores
-    prompts = load_prompts(args.model_dir / "prompts.jsonl", args.num_prompts)
+    memory = {"read_gb_s": {threads: read_bandwidth(threads) for threads in (1, 2)},
+              "target_weight_bytes": weight_bytes(args.model_dir / "target")}
+    prompts = bench_prompts(args)
     workdir = Path(tempfile.mkdtemp(prefix="minedraft-bench-"))
     setups = args.setups
     build_repository(workdir / "repo", setups, args.max_num_seqs, max(args.draft_lengths), args.model_dir)
@@ -180,13 +236,17 @@ def run(args) -> dict:
             progress.advance(task)
     server.stop()
     with Progress() as progress:
-        checks = [(s, c) for s in ("sd_1core", "psd", "flex") if s in setups for c in args.engine_concurrency]
+        # Flex runs in-process in any case: its start-up calibration and learnt per-row overhead are
+        # the step costs the simulator is checked with.
+        checks = [(s, c) for s in ("sd_1core", "psd") if s in setups for c in args.engine_concurrency]
+        checks += [("flex", c) for c in (args.engine_concurrency if "flex" in setups else args.engine_concurrency[-1:])]
         task = progress.add_task("in-process engine", total=len(checks) + 1)
         engine_rows = []
-        (args.out / "bench").mkdir(parents=True, exist_ok=True)
+        figures = report_dir(args.out, args.label)
+        figures.mkdir(parents=True, exist_ok=True)
         for setup, c in checks:
-            k = best(rows, setup, c)["num_draft_tokens"] if best(rows, setup, c) else args.draft_lengths[0]
-            costs_path = args.out / "bench" / "costs.json" if setup == "flex" else None
+            k = best(rows, setup, c)["num_draft_tokens"] if best(rows, setup, c) else max(args.draft_lengths)
+            costs_path = figures / "costs.json" if setup == "flex" else None
             engine_rows.append({"setup": setup, **in_process(setup, k, c, prompts, args.max_tokens, args.model_dir,
                                                              args.max_num_seqs, costs_path)})
             progress.advance(task)
@@ -196,6 +256,7 @@ def run(args) -> dict:
         progress.advance(task)
     return {"machine": machine_info, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                            if k != "run"},
+            "prompt_tokens": mean_prompt_tokens(prompts, args.model_dir / "target"), "memory": memory,
             "rows": rows, **extras}
 
 
@@ -218,13 +279,17 @@ def main_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--hf-prompts", type=int, default=8)
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--prompts", type=Path, help="a JSONL of {\"prompt\": ...} (default: the model dir's prompts.jsonl)")
+    parser.add_argument("--chat", action="store_true", help="send the prompts through the target's chat template")
+    parser.add_argument("--label", help="the pair's name in the report (default: the model's name in the repository)")
     parser.add_argument("--out", type=Path, default=Path("docs"))
 
 
 def bench(args) -> int:
+    args.label = args.label or args.model_dir.resolve().parent.name
     results = run(args)
     results["command"] = " ".join(["minedraft", *sys.argv[1:]]) if sys.argv[0].endswith("minedraft") else "minedraft bench"
     write_report(results, args.out)
-    print(f"wrote {args.out / 'benchmarks.md'}")
+    print(f"wrote {report_dir(args.out, args.label)} and {args.out / 'benchmarks.md'}")
     return 0
 

@@ -207,7 +207,7 @@ def comparison_table(result: dict) -> str:
 
 
 def main_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--costs", type=Path, required=True, help="StepCosts JSON (e.g. docs/bench/costs.json)")
+    parser.add_argument("--costs", type=Path, required=True, help="StepCosts JSON (e.g. docs/bench/smollm2/costs.json)")
     parser.add_argument("--alpha", type=float, default=0.6, help="per-token acceptance rate of the draft")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--max-tokens", type=int, default=48)
@@ -233,7 +233,7 @@ def _simulate(args) -> int:
     costs = StepCosts.load(args.costs)
     if args.compare:
         raw = json.loads(args.compare.read_text())
-        prompt_tokens = args.prompt_tokens
+        prompt_tokens = args.prompt_tokens or raw.get("prompt_tokens")  # the bench records its prompts' mean
         if prompt_tokens is None:
             bench_args = raw.get("args", {})
             model_dir = Path(bench_args.get("model_dir", ""))
