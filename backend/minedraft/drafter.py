@@ -111,6 +111,11 @@ class DraftVocabulary:
         full = probs.new_zeros(probs.size(0), self.target_vocab_size)
         return full.index_copy_(1, self.d2t, probs)
 
+    def place(self, device) -> None:
+        """Keep the draft-to-target map where the drafts are drawn (t2d serves CPU id lists)."""
+        if self.d2t is not None:
+            self.d2t = self.d2t.to(device)
+
 
 class DraftModel:
     """Draft model plus one RowKVCache per internal batch."""
@@ -118,6 +123,7 @@ class DraftModel:
     def __init__(self, runner: ModelRunner, eos_token_ids: tuple[int, ...], vocabulary: DraftVocabulary):
         self.runner = runner
         self.vocabulary = vocabulary
+        vocabulary.place(runner.device)
         self.eos_token_ids = tuple(filter(lambda i: i is not None, map(vocabulary.draft_id, eos_token_ids)))
         self.caches = [runner.new_cache() for _ in range(NUM_BATCH_SLOTS)]
         self.last_span = (0.0, 0.0)  # monotonic start and end of the last run (shared clock across processes)
@@ -150,13 +156,15 @@ class DraftModel:
         drafting = caps > 0
         all_greedy = bool((sampling.temperature == 0).all())
         ids, probs = [], []
+        # Sampling runs on the draft's device; only ids (and sampled rows' q) leave it.
+        device = self.runner.device
+        device_sampling, uniforms = sampling.to(device), uniforms.to(device)
         for j in range(k):
             logits = self.vocabulary.proposable(logits)
-            if all_greedy:  # ids suffice, taken on the draft's device: no [b, V] probabilities to build and hand over
-                tokens = sampler.greedy_tokens(logits[:, None], sampling.at(j))[:, 0].cpu()
+            if all_greedy:  # ids suffice: no [b, V] probabilities to build and hand over
+                tokens = sampler.greedy_tokens(logits[:, None], device_sampling.at(j))[:, 0]
             else:
-                logits = logits.cpu()
-                step_probs = sampler.processed_probs(logits[:, None], sampling.at(j))[:, 0]
+                step_probs = sampler.processed_probs(logits[:, None], device_sampling.at(j))[:, 0]
                 tokens = sampler.sample(step_probs, uniforms[:, j])
                 probs.append(self.vocabulary.expand(step_probs))
             ids.append(self.vocabulary.to_target(tokens))
@@ -164,8 +172,9 @@ class DraftModel:
             # rows, whose processed distribution is one-hot, are cut alike. Every row keeps its first
             # token: the step that drew it is paid for. Any cut is lossless: it depends on the
             # draft alone, and the target then samples the next token itself.
-            confidence *= logits.softmax(-1).amax(-1).cpu()
-            drafting &= (confidence >= work.confidence_threshold) | (j == 0)
+            if work.confidence_threshold > 0:  # with no cut, every confidence passes: skip the softmax
+                confidence *= logits.softmax(-1).amax(-1).cpu()
+                drafting &= (confidence >= work.confidence_threshold) | (j == 0)
             lengths[drafting] = j + 1
             drafting &= caps > j + 1
             if not drafting.any():  # the last draft never needs to be fed: its successor is the target's
@@ -174,7 +183,7 @@ class DraftModel:
                                          last_only=True)
             lens = [n + 1 for n in lens]
         steps = int(lengths.max())  # a token drawn after every row stopped is no one's draft
-        return Drafts(torch.stack(ids, 1)[:, :steps], torch.stack(probs, 1)[:, :steps] if probs else None,
+        return Drafts(torch.stack(ids, 1)[:, :steps].cpu(), torch.stack(probs, 1)[:, :steps] if probs else None,
                       lengths.tolist(), catch_up_seconds)
 
     def _prefill_long_feeds(self, cache, rows: list[DraftRow]) -> list[int]:

@@ -254,17 +254,19 @@ class Engine:
             # to the CPU; no [b, k + 1, V] probabilities, no uniforms.
             return Verdict(*sampler.verify_greedy(sampler.greedy_tokens(logits, sampling).cpu(), draft_ids, num_drafts),
                            logits)
-        target_probs = sampler.processed_probs(logits.cpu(), sampling)
+        # Sampled rows: the acceptance rule runs where the logits are (the target's device).
+        device = logits.device
+        target_probs = sampler.processed_probs(logits, sampling.to(device))
         vocab = target_probs.size(-1)
-        draft_probs = torch.zeros(len(seqs), k, vocab)
+        draft_probs = torch.zeros(len(seqs), k, vocab, device=device)
         accept_uniforms = torch.zeros(len(seqs), k)
         for row, seq in enumerate(seqs):
             n = len(seq.draft_ids)
             if n:
                 if seq.draft_probs is None:  # greedy: q is one-hot at the draft
-                    draft_probs[row, torch.arange(n), draft_ids[row, :n]] = 1.0
+                    draft_probs[row, torch.arange(n), draft_ids[row, :n].to(device)] = 1.0
                 else:
-                    draft_probs[row, :n] = seq.draft_probs[:, :vocab]
+                    draft_probs[row, :n] = seq.draft_probs[:, :vocab].to(device)
                 accept_uniforms[row, :n] = seq.uniforms(n)
         resample_uniforms = torch.cat([seq.uniforms(1) for seq in seqs])
         return Verdict(*sampler.verify(target_probs, draft_ids, draft_probs, num_drafts, accept_uniforms,

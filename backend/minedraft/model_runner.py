@@ -48,19 +48,33 @@ class ModelRunner:
     def new_cache(self) -> RowKVCache:
         return RowKVCache(self.num_rows, self.capacity)
 
+    @torch.inference_mode()
     def fill(self, cache: RowKVCache, rows, start_lens: list[int], feeds: list[list[int]]) -> None:
-        """Write the feeds' keys and values to the cache (a prefill): no logits are wanted."""
-        self.forward(cache, rows, start_lens, feeds, logits_to_keep=1)
+        """Write the feeds' keys and values to the cache (a prefill): no logits are wanted, so the
+        LM head runs at one position only."""
+        self.model(**self._inputs(cache, rows, start_lens, feeds), logits_to_keep=1)
 
     @torch.inference_mode()
     def forward(self, cache: RowKVCache, rows, start_lens: list[int], feeds: list[list[int]],
-                last_only: bool = False, logits_to_keep: int | None = None) -> torch.Tensor:
+                last_only: bool = False) -> torch.Tensor:
         """Feed each row its tokens, written after its first `start_lens[r]` cached positions.
 
-        Rows are right-padded to the longest feed; padding writes only to the cache's scratch slot
-        and its outputs are garbage that no caller reads. Returns float32 logits,
-        [b, n, V], or [b, V] at each row's last real token when `last_only`.
+        Returns float32 logits, [b, n, V], or [b, V] at each row's last real token when `last_only`.
         """
+        inputs = self._inputs(cache, rows, start_lens, feeds)
+        if not last_only:
+            return self.model(**inputs).logits.float()
+        # The LM head runs only at the rows' last real positions (a prefill's other positions need
+        # no logits: for a 49k vocabulary that is a fifth of the work).
+        last = torch.tensor([len(f) - 1 for f in feeds], device=self.device)
+        keep = torch.unique(last)  # sorted
+        logits = self.model(**inputs, logits_to_keep=keep).logits
+        return logits[torch.arange(len(feeds), device=self.device), torch.searchsorted(keep, last)].float()
+
+    def _inputs(self, cache: RowKVCache, rows, start_lens: list[int], feeds: list[list[int]]) -> dict:
+        """The model's keyword arguments for these rows, with the cache aimed at them. Rows are
+        right-padded to the longest feed; padding writes only to the cache's scratch slot and its
+        outputs are garbage that no caller reads."""
         num_new = max(len(f) for f in feeds)
         input_ids = torch.tensor([f + [0] * (num_new - len(f)) for f in feeds], device=self.device)
         starts = torch.tensor(start_lens, device=self.device)
@@ -70,18 +84,8 @@ class ModelRunner:
         cache.prepare(rows, starts, lengths, num_new)
         # Padding repeats its row's last real position: it must not run past the model's position table.
         positions = starts[:, None] + torch.minimum(torch.arange(num_new, device=self.device), lengths[:, None] - 1)
-        inputs = dict(input_ids=input_ids, position_ids=positions, use_cache=True,
-                      attention_mask=self._mask(positions, cache._visible_len), **{self._cache_arg: cache})
-        if logits_to_keep is not None:
-            return self.model(**inputs, logits_to_keep=logits_to_keep).logits.float()
-        if not last_only:
-            return self.model(**inputs).logits.float()
-        # The LM head runs only at the rows' last real positions (a prefill's other positions need
-        # no logits: for a 49k vocabulary that is a fifth of the work).
-        last = torch.tensor([len(f) - 1 for f in feeds], device=self.device)
-        keep = torch.unique(last)  # sorted
-        logits = self.model(**inputs, logits_to_keep=keep).logits
-        return logits[torch.arange(len(feeds), device=self.device), torch.searchsorted(keep, last)].float()
+        return dict(input_ids=input_ids, position_ids=positions, use_cache=True,
+                    attention_mask=self._mask(positions, cache._visible_len), **{self._cache_arg: cache})
 
     def _mask(self, positions: torch.Tensor, visible_len: int) -> torch.Tensor:
         """Additive [b, 1, n, t] mask: a query at position p sees keys 0..p of its own row."""

@@ -31,6 +31,11 @@ class RowSampling:
                    eos_blocked=torch.arange(num_positions) < blocked[:, None],
                    eos_token_ids=tuple(eos_token_ids))
 
+    def to(self, device) -> "RowSampling":
+        """The same settings on `device`: sampling runs where the logits are."""
+        return replace(self, temperature=self.temperature.to(device), top_k=self.top_k.to(device),
+                       top_p=self.top_p.to(device), eos_blocked=self.eos_blocked.to(device))
+
     def at(self, position: int) -> "RowSampling":
         """The same settings for the single position `position`."""
         return replace(self, eos_blocked=self.eos_blocked[:, position:position + 1])
@@ -116,15 +121,18 @@ def verify(target_probs: torch.Tensor, draft_ids: torch.Tensor, draft_probs: tor
     drawn from the residual max(0, p - q) at the first rejection or from p_k when all pass.
     """
     b, k = draft_ids.shape
+    device = target_probs.device
+    draft_ids, draft_probs, num_drafts, accept_uniforms, resample_uniforms = (
+        t.to(device) for t in (draft_ids, draft_probs, num_drafts, accept_uniforms, resample_uniforms))
     if k == 0:
-        return torch.zeros(b, dtype=torch.long), sample(target_probs[:, 0], resample_uniforms)
+        return torch.zeros(b, dtype=torch.long, device=device), sample(target_probs[:, 0], resample_uniforms)
     p_of_d = target_probs[:, :k].gather(-1, draft_ids[..., None]).squeeze(-1)
     q_of_d = draft_probs.gather(-1, draft_ids[..., None]).squeeze(-1)
     # u < p/q, written without a division: q(d) > 0 because d was drawn from q.
     passes = accept_uniforms * q_of_d < p_of_d
-    passes &= torch.arange(k) < num_drafts[:, None]
+    passes &= torch.arange(k, device=device) < num_drafts[:, None]
     accepted = passes.long().cumprod(-1).sum(-1)
-    rows = torch.arange(b)
+    rows = torch.arange(b, device=device)
     p_next = target_probs[rows, accepted]
     q_next = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], 1)[rows, accepted]
     rejected = accepted < num_drafts

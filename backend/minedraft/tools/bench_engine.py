@@ -56,14 +56,14 @@ def measure(engine: Engine, prompts: list[str], concurrency: int, num_draft_toke
 
 def engine_for(mode: str, max_concurrency: int, max_draft: int, model_dir: Path, **overrides) -> Engine:
     per_batch = math.ceil(max_concurrency / 2) if mode in ("psd", "flex") else max_concurrency
-    return Engine(EngineConfig(target_model=str(model_dir / "target"), draft_model=str(model_dir / "draft"),
-                               mode=mode, num_draft_tokens=max_draft if mode != "ar" else 0,
-                               max_num_seqs=per_batch, **overrides))
+    weights = {"target_model": str(model_dir / "target"), "draft_model": str(model_dir / "draft"), **overrides}
+    return Engine(EngineConfig(mode=mode, num_draft_tokens=max_draft if mode != "ar" else 0, max_num_seqs=per_batch,
+                               **weights))
 
 
 def sweep(concurrencies, draft_lengths, max_tokens, model_dir: Path, prompts, requests_per_level=2, progress=print,
           **overrides):
-    """`overrides`: EngineConfig fields for every engine (devices, drafter kind)."""
+    """`overrides`: EngineConfig fields for every engine (devices, drafter kind, another draft)."""
     results = {"ar": [], "sd": [], "psd": []}
     for mode in results:
         engine = engine_for(mode, max(concurrencies), max(draft_lengths), model_dir, **overrides)
@@ -102,12 +102,14 @@ def main(argv=None) -> None:
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--prompts", type=Path, help="a JSONL of {\"prompt\": ...} (default: the model dir's prompts.jsonl)")
     parser.add_argument("--chat", action="store_true", help="send the prompts through the target's chat template")
+    parser.add_argument("--draft", help="another draft for the same target (default: the model dir's draft)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     prompts = load_prompts(args.prompts or args.model_dir / "prompts.jsonl")
     if args.chat:
         prompts = chat_prompts(prompts, args.model_dir / "target")
-    results = sweep(args.concurrency, args.draft_lengths, args.max_tokens, args.model_dir, prompts)
+    overrides = {"draft_model": args.draft} if args.draft else {}
+    results = sweep(args.concurrency, args.draft_lengths, args.max_tokens, args.model_dir, prompts, **overrides)
     report = {"cpus": len(os.sched_getaffinity(0)), "max_tokens": args.max_tokens, "results": results,
               "ratios": ratio_table(results)}
     text = json.dumps(report, indent=2)

@@ -213,6 +213,25 @@ def _cell(row, key="tokens_per_s"):
     return "–" if not row or row.get(key) is None else f"{row[key]}"
 
 
+def flex_section(table: list[dict], args: dict) -> list[str]:
+    tau = SETUPS["flex_tau"][1]["draft_confidence_threshold"]
+    lines = ["", "### Flex against the fixed modes", "",
+              "Flex serves on PSD's cores and picks AR, SD(k) or PSD(k) every step (k <= "
+              f"{max(args['draft_lengths'])}). Steps by mode are the server's `minedraft_policy_steps_total`. "
+              f"*flex τ* adds FlexDraft's confidence cut at draft_confidence_threshold = {tau}.", "",
+              "| c | flex | best fixed (set-up, k) | flex / best fixed (P2) | flex / PSD | flex steps ar/sd/psd | "
+              "flex τ | flex τ / best fixed |", "|---|---|---|---|---|---|---|---|"]
+    for t in table:
+        if t["flex"]:
+            steps = t["flex"].get("steps_by_mode") or {}
+            lines.append(f"| {t['concurrency']} | {_cell(t['flex'])} | {_cell(t['fixed_best'])} "
+                         f"({t['fixed_best']['setup']}, {t['fixed_best']['num_draft_tokens']}) | "
+                         f"{_ratio(t['flex'], t['fixed_best'])} | {_ratio(t['flex'], t['psd'])} | "
+                         f"{'/'.join(str(int(steps.get(m, 0))) for m in ('ar', 'sd', 'psd'))} | "
+                         f"{_cell(t['flex_tau'])} | {_ratio(t['flex_tau'], t['fixed_best'])} |")
+    return lines
+
+
 def markdown(results: dict, table: list[dict], goals: list[dict], figures: str) -> str:
     args = results["args"]
     prompts = args.get("prompts") or f"{args['model_dir']}/prompts.jsonl"
@@ -255,21 +274,8 @@ def markdown(results: dict, table: list[dict], goals: list[dict], figures: str) 
                      f"({_cell(t['psd'], 'num_draft_tokens')}) | {_ratio(t['psd'], t['sd_best'])} | "
                      f"{_ratio(t['psd'], t['sd'])} | {_ratio(t['psd'], t['ar_best'])} | "
                      f"{_ratio(t['sd_best'], t['ar_best'])} |")
-    tau = SETUPS["flex_tau"][1]["draft_confidence_threshold"]
-    lines += ["", "### Flex against the fixed modes", "",
-              "Flex serves on PSD's cores and picks AR, SD(k) or PSD(k) every step (k <= "
-              f"{max(args['draft_lengths'])}). Steps by mode are the server's `minedraft_policy_steps_total`. "
-              f"*flex τ* adds FlexDraft's confidence cut at draft_confidence_threshold = {tau}.", "",
-              "| c | flex | best fixed (set-up, k) | flex / best fixed (P2) | flex / PSD | flex steps ar/sd/psd | "
-              "flex τ | flex τ / best fixed |", "|---|---|---|---|---|---|---|---|"]
-    for t in table:
-        if t["flex"]:
-            steps = t["flex"].get("steps_by_mode") or {}
-            lines.append(f"| {t['concurrency']} | {_cell(t['flex'])} | {_cell(t['fixed_best'])} "
-                         f"({t['fixed_best']['setup']}, {t['fixed_best']['num_draft_tokens']}) | "
-                         f"{_ratio(t['flex'], t['fixed_best'])} | {_ratio(t['flex'], t['psd'])} | "
-                         f"{'/'.join(str(int(steps.get(m, 0))) for m in ('ar', 'sd', 'psd'))} | "
-                         f"{_cell(t['flex_tau'])} | {_ratio(t['flex_tau'], t['fixed_best'])} |")
+    if any(t["flex"] for t in table):
+        lines += flex_section(table, args)
     lines += ["", "### Latency (ms) and acceptance at each set-up's best k", "",
               "| c | set-up | k | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 | e2e p99 | acceptance |",
               "|---|---|---|---|---|---|---|---|---|---|"]
