@@ -1,4 +1,6 @@
 """Shared fixtures: tiny Llama target/draft pairs built on the spot (no hub), and the demo pair."""
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -83,4 +85,18 @@ def noisy_draft(tiny_pair, tmp_path_factory):
             p.add_(torch.randn_like(p) * 0.15 * p.std())
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny_pair[0]).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def parallel_draft(noisy_draft, tmp_path_factory):
+    """The noisy draft marked as a parallel (PARD) draft: its config names a mask token, so the
+    engine drafts all k tokens in one forward. Untrained for masks, its later positions are poor
+    proposals, which the losslessness tests want anyway."""
+    path = tmp_path_factory.mktemp("parallel")
+    for item in Path(noisy_draft).iterdir():
+        shutil.copy(item, path / item.name)
+    config = json.loads((path / "config.json").read_text())
+    config["pard_token"] = config["vocab_size"] - 1
+    (path / "config.json").write_text(json.dumps(config))
     return str(path)

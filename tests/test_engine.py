@@ -215,3 +215,29 @@ def test_a_failing_request_does_not_disturb_its_batch(tiny_pair):
     engine.close()
     assert outs[1].finish_reason == "error" and "injected" in outs[1].error
     assert all(o.finish_reason == "length" and o.num_output_tokens == 12 for i, o in enumerate(outs) if i != 1)
+
+
+@pytest.mark.parametrize("mode,drafter", [("sd", "inline"), ("psd", "process")])
+def test_a_parallel_draft_drafts_in_one_forward_and_stays_lossless(tiny_pair, parallel_draft, target_model, mode,
+                                                                    drafter):
+    """A draft whose config names a mask token (`pard_token`) drafts all k tokens in one forward:
+    its pending tokens and k - 1 masks. Greedy output still equals the target's."""
+    model, tokenizer = target_model
+    engine = make_engine(tiny_pair[0], parallel_draft, mode=mode, drafter=drafter)
+    draftings = []
+    if drafter == "inline":  # count the draft model's forwards per drafting, in this process
+        draft_model = engine.drafting.drafter.draft_model
+        forward, run = draft_model.runner.forward, draft_model.run
+        calls = []
+        draft_model.runner.forward = lambda *a, **kw: calls.append(1) or forward(*a, **kw)
+        draft_model.run = lambda work: (calls.clear(), run(work), draftings.append(len(calls)))[1]
+    try:
+        results = run_staggered(engine, PROMPTS, {"max_tokens": 24, "temperature": 0})
+        drafted = engine.spec_stats.num_draft_tokens
+    finally:
+        engine.close()
+    for i, prompt in enumerate(PROMPTS):
+        assert results[str(i)][0] == reference_greedy(model, tokenizer, prompt, 24)[1], prompt
+    assert drafted > 0
+    if drafter == "inline":
+        assert draftings and set(draftings) == {1}, draftings

@@ -77,6 +77,20 @@ def test_sampled_law_with_three_drafts(tiny_pair, noisy_draft, target_model, mod
     assert_follows_law(pairs, target_model)
 
 
+@pytest.mark.parametrize("mode,drafter", [("sd", "inline"), ("psd", "process")])
+def test_sampled_law_with_a_parallel_draft(tiny_pair, parallel_draft, target_model, mode, drafter):
+    """All k drafts from one forward: q_i does not depend on the drafts before it, and the rule stays exact."""
+    engine = make_engine(tiny_pair[0], parallel_draft, mode=mode, drafter=drafter, max_num_seqs=32,
+                         num_draft_tokens=K)
+    lengths = record_draft_lengths(engine)
+    try:
+        pairs, _ = run_seeded(engine)
+    finally:
+        engine.close()
+    assert max(lengths) == K
+    assert_follows_law(pairs, target_model)
+
+
 def test_sampled_law_under_flex_with_confidence_cuts(tiny_pair, noisy_draft, target_model):
     from test_flex import scripted_choices
     engine = make_engine(tiny_pair[0], noisy_draft, mode="flex", drafter="inline", max_num_seqs=32,

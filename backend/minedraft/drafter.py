@@ -29,6 +29,7 @@ from .model_runner import ModelRunner, load_model
 
 NUM_BATCH_SLOTS = 2
 D2T_FILE = "d2t.json"
+PARALLEL_DRAFT_KEY = "pard_token"  # in a draft's config.json: the mask token id of a parallel draft
 RESPAWN_BACKOFF_SECONDS = (1.0, 60.0)  # first and longest wait before respawning a worker that failed to start
 # Both sides poll the pipe this long before blocking on it: a blocked virtual CPU halts, and
 # waking it is slow. In one profiling run here, SD steps through the worker with both sides
@@ -64,10 +65,11 @@ class DraftWork:
 
 @dataclass
 class Drafts:
-    ids: torch.Tensor  # [b, steps]; the draft cache holds the first steps - 1 of them
+    ids: torch.Tensor  # [b, steps]
     probs: torch.Tensor | None  # [b, steps, V]; None when every row is greedy (its q is one-hot at its ids)
     lengths: list[int]  # tokens proposed per row (<= steps); the rest of the row is unused
     catch_up_seconds: float  # of the run, spent feeding rows' long backlogs (newcomers, after AR steps)
+    cached: int  # how many leading drafts every row's draft cache holds: steps - 1, or 0 for a parallel draft
 
 
 class DraftVocabulary:
@@ -124,6 +126,8 @@ class DraftModel:
         self.runner = runner
         self.vocabulary = vocabulary
         vocabulary.place(runner.device)
+        # A parallel draft (PARD) names its mask token in its config, as vLLM's parallel drafting reads it.
+        self.mask_token_id = getattr(runner.model.config, PARALLEL_DRAFT_KEY, None)
         self.eos_token_ids = tuple(filter(lambda i: i is not None, map(vocabulary.draft_id, eos_token_ids)))
         self.caches = [runner.new_cache() for _ in range(NUM_BATCH_SLOTS)]
         self.last_span = (0.0, 0.0)  # monotonic start and end of the last run (shared clock across processes)
@@ -144,8 +148,20 @@ class DraftModel:
         lens = self._prefill_long_feeds(cache, rows)
         catch_up_seconds = time.monotonic() - catch_up_started
         feeds = [self.vocabulary.to_draft(r.feed[len(r.feed) - min(len(r.feed), 2):]) for r in rows]
-        logits = self.runner.forward(cache, slice(0, len(rows)), lens, feeds, last_only=True)
-        lens = [n + len(f) for n, f in zip(lens, feeds)]
+        if self.mask_token_id is None:
+            logits = self.runner.forward(cache, slice(0, len(rows)), lens, feeds, last_only=True)
+            lens = [n + len(f) for n, f in zip(lens, feeds)]
+            def next_logits(j, tokens):
+                nonlocal lens
+                step = self.runner.forward(cache, slice(0, len(rows)), lens, [[t] for t in tokens.tolist()],
+                                           last_only=True)
+                lens = [n + 1 for n in lens]
+                return step
+        else:
+            every_position = self._parallel_logits(cache, lens, feeds, k)
+            logits = every_position[:, 0]
+            def next_logits(j, tokens):
+                return every_position[:, j]
         sampling = sampler.RowSampling.for_rows(rows, [r.num_eos_blocked for r in rows], k, self.eos_token_ids)
         # Each row brings uniforms for its own cap only: its draws never depend on its neighbours.
         uniforms = torch.tensor([r.uniforms[:k] + [0.0] * (k - len(r.uniforms[:k])) for r in rows],
@@ -179,12 +195,22 @@ class DraftModel:
             drafting &= caps > j + 1
             if not drafting.any():  # the last draft never needs to be fed: its successor is the target's
                 break
-            logits = self.runner.forward(cache, slice(0, len(rows)), lens, [[t] for t in tokens.tolist()],
-                                         last_only=True)
-            lens = [n + 1 for n in lens]
+            logits = next_logits(j + 1, tokens)
         steps = int(lengths.max())  # a token drawn after every row stopped is no one's draft
+        # A sequential draft fed its first steps - 1 drafts to its cache; a parallel one fed masks there.
+        cached = steps - 1 if self.mask_token_id is None else 0
         return Drafts(torch.stack(ids, 1)[:, :steps].cpu(), torch.stack(probs, 1)[:, :steps] if probs else None,
-                      lengths.tolist(), catch_up_seconds)
+                      lengths.tolist(), catch_up_seconds, cached)
+
+    def _parallel_logits(self, cache, lens: list[int], feeds: list[list[int]], k: int) -> torch.Tensor:
+        """PARD's drafting: each row feeds its pending tokens and k - 1 mask tokens in one forward; the
+        logits at its last pending token and at each mask are q_1..q_k, [b, k, V]. None of them depends
+        on the drafts drawn before it, which is still a proposal the rejection rule is exact for."""
+        padded = [f + [self.mask_token_id] * (k - 1) for f in feeds]
+        logits = self.runner.forward(cache, slice(0, len(feeds)), lens, padded)
+        first = torch.tensor([len(f) - 1 for f in feeds], device=logits.device)
+        positions = first[:, None] + torch.arange(k, device=logits.device)
+        return logits[torch.arange(len(feeds), device=logits.device)[:, None], positions]
 
     def _prefill_long_feeds(self, cache, rows: list[DraftRow]) -> list[int]:
         """Rows that just joined feed their whole context: run it as a sub-batch so that the
@@ -318,10 +344,11 @@ class ProcessDrafter:
 
     def finish(self) -> Drafts:
         work, self._work = self._work, None
-        self.last_span, lengths, catch_up_seconds, has_probs = self._expect_reply(self._work_number, "drafting")
+        self.last_span, lengths, catch_up_seconds, has_probs, cached = self._expect_reply(self._work_number,
+                                                                                           "drafting")
         b, steps = len(work.rows), max(lengths)
         probs = self.probs[work.batch_slot, :b, :steps] if has_probs else None
-        return Drafts(self.ids[work.batch_slot, :b, :steps], probs, lengths, catch_up_seconds)
+        return Drafts(self.ids[work.batch_slot, :b, :steps], probs, lengths, catch_up_seconds, cached)
 
     def _expect_reply(self, number: int | None, what: str):
         """The reply to work `number` (None: the start-up reply); older replies are skipped."""

@@ -52,7 +52,7 @@ def _worker_main(spec: dict) -> None:
             if drafts.probs is not None:  # all-greedy work has none: its ids say everything
                 probs[work.batch_slot, :b, :steps] = drafts.probs
             conn.send((number, "ok", (draft_model.last_span, drafts.lengths, drafts.catch_up_seconds,
-                                      drafts.probs is not None)))
+                                      drafts.probs is not None, drafts.cached)))
         except Exception:
             conn.send((number, "error", traceback.format_exc()))
     del ids, probs

@@ -139,7 +139,7 @@ class Drafting:
             # copied out of the drafter's buffer, which the drafter reuses for the batch's next drafts.
             seq.draft_probs = drafts.probs[row, :length].clone() if seq.params.temperature > 0 else None
             seq.draft_cached = len(seq.token_ids)
-            seq.draft_extent = steps - 1
+            seq.draft_extent = drafts.cached
         batch.is_drafted = True
         started, ended = drafter.last_span
         self.runs.append((len(batch), steps, ended - started - drafts.catch_up_seconds, overlapped))
