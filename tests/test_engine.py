@@ -1,4 +1,5 @@
 """The engine without Triton: losslessness in every mode, overlap, request handling."""
+import json
 import time
 
 import pytest
@@ -169,6 +170,17 @@ def test_mismatched_vocabularies_are_refused(tiny_pair, tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="vocabulary"):
         make_engine(tiny_pair[0], str(tmp_path), mode="sd")
+
+
+def test_a_reduced_vocabulary_may_add_a_mask_token_only_in_a_parallel_draft(tmp_path):
+    """d2t maps N draft ids: the draft may have N + 1 ids (the unmapped-token input), and a parallel
+    draft one more for its mask token."""
+    from minedraft.builder import check_vocabularies
+    (tmp_path / "d2t.json").write_text(json.dumps(list(range(10))))
+    check_vocabularies(None, str(tmp_path), 100, 11)
+    check_vocabularies(None, str(tmp_path), 100, 12, is_parallel=True)
+    with pytest.raises(ConfigError, match="maps 10 ids"):
+        check_vocabularies(None, str(tmp_path), 100, 12)
 
 
 def test_config_rejects_unknown_and_invalid_keys(tiny_pair):

@@ -10,7 +10,8 @@ from transformers import GenerationConfig
 from .calibration import draft_step_seconds, measure_step_costs
 from .config import ConfigError, EngineConfig
 from .cost_model import Choice
-from .drafter import D2T_FILE, DraftVocabulary, InlineDrafter, ProcessDrafter, build_draft_model
+from .drafter import (D2T_FILE, PARALLEL_DRAFT_KEY, DraftVocabulary, InlineDrafter, ProcessDrafter,
+                      build_draft_model)
 from .drafting import Drafting
 from .flex import FlexPolicy
 from .model_runner import ModelRunner, load_config, load_model, load_tokenizer
@@ -66,7 +67,8 @@ def build(config: EngineConfig) -> EngineParts:
 
 def _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity, draft_cpus):
     draft_config = load_config(config.draft_model)
-    check_vocabularies(tokenizer, config.draft_model, target_vocab_size, draft_config.vocab_size)
+    check_vocabularies(tokenizer, config.draft_model, target_vocab_size, draft_config.vocab_size,
+                       is_parallel=getattr(draft_config, PARALLEL_DRAFT_KEY, None) is not None)
     check_context(draft_config, config)
     if config.drafter_kind == "process":
         return ProcessDrafter(config.draft_model, config.draft_device, config.dtype, config.max_num_seqs, capacity,
@@ -100,11 +102,13 @@ def _pin_target(config: EngineConfig, cpus: set[int]) -> None:
         os.sched_setaffinity(0, cpus)
 
 
-def check_vocabularies(tokenizer, draft_path: str, target_vocab_size: int, draft_vocab_size: int) -> None:
+def check_vocabularies(tokenizer, draft_path: str, target_vocab_size: int, draft_vocab_size: int,
+                       is_parallel: bool = False) -> None:
     vocabulary = DraftVocabulary.load(draft_path, target_vocab_size)
     if vocabulary.d2t is not None:
-        # A reduced draft vocabulary: its ids map into the target's, plus at most one input-only id.
-        if draft_vocab_size not in (vocabulary.size, vocabulary.size + 1):
+        # A reduced draft vocabulary: its ids map into the target's, plus at most one input-only id
+        # for unmapped tokens and, in a parallel draft, its mask token.
+        if not vocabulary.size <= draft_vocab_size <= vocabulary.size + 1 + is_parallel:
             raise ConfigError(f"draft_model: {D2T_FILE} maps {vocabulary.size} ids but the draft has "
                               f"{draft_vocab_size}")
         if int(vocabulary.d2t.max()) >= target_vocab_size or int(vocabulary.d2t.min()) < 0:

@@ -32,8 +32,9 @@ from .repository import write_repository
 from .setups import SD_SETUPS, SETUPS, best_by_tokens_per_s
 
 
-def build_repository(root: Path, setups: list[str], max_num_seqs: int, max_draft: int, model_dir: Path) -> Path:
-    weights = {"target_model": str(model_dir.resolve() / "target"), "draft_model": str(model_dir.resolve() / "draft")}
+def build_repository(root: Path, setups: list[str], max_num_seqs: int, max_draft: int, model_dir: Path,
+                     draft: Path) -> Path:
+    weights = {"target_model": str(model_dir.resolve() / "target"), "draft_model": str(draft.resolve())}
     models = {SETUPS[s][0]: {**SETUPS[s][1], **weights, "max_num_seqs": max_num_seqs, "num_draft_tokens": max_draft}
               for s in setups}
     return write_repository(root, models, max_batch_size=2 * max_num_seqs, queue_size=1024)
@@ -105,7 +106,7 @@ def measure_server(server, setup, k, concurrency, prompts, max_tokens, workdir: 
             "steps_by_mode": steps}
 
 
-def hf_assisted_generation(model_dir: Path, prompts, max_tokens: int, num_prompts: int) -> dict:
+def hf_assisted_generation(model_dir: Path, draft_dir: Path, prompts, max_tokens: int, num_prompts: int) -> dict:
     """The peer baseline: transformers' generation at batch 1, same prompts, at its better thread
     count (1 or 2), after a warm-up call. With our draft as `assistant_model` where HF accepts it;
     a draft with a reduced vocabulary (d2t.json) it does not, so then HF's best is the better of
@@ -114,10 +115,10 @@ def hf_assisted_generation(model_dir: Path, prompts, max_tokens: int, num_prompt
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_dir / "target")
     target = AutoModelForCausalLM.from_pretrained(model_dir / "target", dtype=torch.float32).eval()
-    if (model_dir / "draft" / D2T_FILE).exists():
+    if (draft_dir / D2T_FILE).exists():
         ways = {"target alone": {}, "prompt lookup": {"prompt_lookup_num_tokens": 4}}
     else:
-        draft = AutoModelForCausalLM.from_pretrained(model_dir / "draft", dtype=torch.float32).eval()
+        draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).eval()
         ways = {"assisted generation": {"assistant_model": draft}}
 
     def generate(prompt, how):
@@ -181,14 +182,14 @@ def mean_prompt_tokens(prompts: list[str], target: Path) -> float:
     return round(sum(len(tokenizer(p).input_ids) for p in prompts) / len(prompts), 2)
 
 
-def in_process(setup, k, concurrency, prompts, max_tokens, model_dir, max_num_seqs, costs_path=None) -> dict:
+def in_process(setup, k, concurrency, prompts, max_tokens, model_dir, draft, max_num_seqs, costs_path=None) -> dict:
     """The engine without Triton, same cores and parameters; for PSD also its ideal. For flex,
     its step costs (start-up calibration, per-row overhead as learnt in the run) are saved to
     costs_path for `minedraft simulate`."""
     params = dict(SETUPS[setup][1])
     mode = params.pop("mode")
     engine = engine_for(mode, 2 * max_num_seqs if mode in ("psd", "flex") else max_num_seqs, max(k, 1), model_dir,
-                        **params)
+                        draft_model=str(draft), **params)
     try:
         measure(engine, prompts, 2, k, 8, 2)  # warm-up
         engine.step_log.clear()
@@ -224,7 +225,7 @@ def run(args) -> dict:
     prompts = bench_prompts(args)
     workdir = Path(tempfile.mkdtemp(prefix="minedraft-bench-"))
     setups = args.setups
-    build_repository(workdir / "repo", setups, args.max_num_seqs, max(args.draft_lengths), args.model_dir)
+    build_repository(workdir / "repo", setups, args.max_num_seqs, max(args.draft_lengths), args.model_dir, args.draft)
     plan = [(s, k, c) for s in setups for c in args.concurrency for k in draft_sweep(s, args)]
     rows, extras = [], {}
     ports = [free_port() for _ in range(3)]
@@ -248,11 +249,12 @@ def run(args) -> dict:
             k = best(rows, setup, c)["num_draft_tokens"] if best(rows, setup, c) else max(args.draft_lengths)
             costs_path = figures / "costs.json" if setup == "flex" else None
             engine_rows.append({"setup": setup, **in_process(setup, k, c, prompts, args.max_tokens, args.model_dir,
-                                                             args.max_num_seqs, costs_path)})
+                                                             args.draft, args.max_num_seqs, costs_path)})
             progress.advance(task)
         extras["engine"] = engine_rows
         progress.update(task, description="HF assisted generation")
-        extras["hf_assisted"] = hf_assisted_generation(args.model_dir, prompts, args.max_tokens, args.hf_prompts)
+        extras["hf_assisted"] = hf_assisted_generation(args.model_dir, args.draft, prompts, args.max_tokens,
+                                                       args.hf_prompts)
         progress.advance(task)
     return {"machine": machine_info, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                            if k != "run"},
@@ -281,12 +283,14 @@ def main_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--prompts", type=Path, help="a JSONL of {\"prompt\": ...} (default: the model dir's prompts.jsonl)")
     parser.add_argument("--chat", action="store_true", help="send the prompts through the target's chat template")
+    parser.add_argument("--draft", type=Path, help="another draft for the pair's target (default: the model dir's)")
     parser.add_argument("--label", help="the pair's name in the report (default: the model's name in the repository)")
     parser.add_argument("--out", type=Path, default=Path("docs"))
 
 
 def bench(args) -> int:
     args.label = args.label or args.model_dir.resolve().parent.name
+    args.draft = args.draft or args.model_dir / "draft"
     results = run(args)
     results["command"] = " ".join(["minedraft", *sys.argv[1:]]) if sys.argv[0].endswith("minedraft") else "minedraft bench"
     write_report(results, args.out)

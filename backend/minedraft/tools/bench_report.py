@@ -240,6 +240,7 @@ def markdown(results: dict, table: list[dict], goals: list[dict], figures: str) 
         "",
         f"- Machine: {results['machine']}",
         f"- Command: `{results.get('command', 'minedraft bench')}`",
+        f"- Pair: `{args['model_dir']}`, draft `{args.get('draft') or args['model_dir'] + '/draft'}`",
         f"- Work per request: a held-out prompt ({args['num_prompts']} prompts of `{prompts}` cycled"
         f"{', sent through the chat template' if args.get('chat') else ''}; {results.get('prompt_tokens', '?')} "
         f"tokens on average), `max_tokens` = {args['max_tokens']}, `ignore_eos`, greedy: equal work in every mode.",
