@@ -65,22 +65,12 @@ def record_draft_lengths(engine):
     return lengths
 
 
+@pytest.mark.parametrize("draft", ["noisy_draft", "parallel_draft"])
 @pytest.mark.parametrize("mode,drafter", [("sd", "inline"), ("psd", "process")])
-def test_sampled_law_with_three_drafts(tiny_pair, noisy_draft, target_model, mode, drafter):
-    engine = make_engine(tiny_pair[0], noisy_draft, mode=mode, drafter=drafter, max_num_seqs=32, num_draft_tokens=K)
-    lengths = record_draft_lengths(engine)
-    try:
-        pairs, _ = run_seeded(engine)
-    finally:
-        engine.close()
-    assert max(lengths) == K
-    assert_follows_law(pairs, target_model)
-
-
-@pytest.mark.parametrize("mode,drafter", [("sd", "inline"), ("psd", "process")])
-def test_sampled_law_with_a_parallel_draft(tiny_pair, parallel_draft, target_model, mode, drafter):
-    """All k drafts from one forward: q_i does not depend on the drafts before it, and the rule stays exact."""
-    engine = make_engine(tiny_pair[0], parallel_draft, mode=mode, drafter=drafter, max_num_seqs=32,
+def test_sampled_law_with_three_drafts(tiny_pair, target_model, mode, drafter, draft, request):
+    """Sequential drafts, and parallel ones (all k from one forward: q_i does not depend on the drafts
+    before it, and the rule stays exact)."""
+    engine = make_engine(tiny_pair[0], request.getfixturevalue(draft), mode=mode, drafter=drafter, max_num_seqs=32,
                          num_draft_tokens=K)
     lengths = record_draft_lengths(engine)
     try:
