@@ -143,17 +143,21 @@ class TritonServer:
             pass
 
     def wait_ready(self, timeout: float = 300, stop=None) -> None:
-        """Until /v2/health/ready answers; `stop` (a threading.Event) gives up early."""
+        """Until /v2/health/ready and the metrics endpoint both answer (tritonserver opens the
+        metrics port after HTTP reports ready); `stop` (a threading.Event) gives up early."""
         deadline = time.monotonic() + timeout
-        url = f"http://localhost:{self.http_port}/v2/health/ready"
+        pending = [f"http://localhost:{self.http_port}/v2/health/ready", self.metrics_url]
         while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
             if self.process.poll() is not None:
                 raise LaunchError(f"tritonserver exited with code {self.process.returncode}"
                                   + (f"; see {self.log_path}" if self.log_path else ""))
             try:
-                with urllib.request.urlopen(url, timeout=2) as response:
+                with urllib.request.urlopen(pending[0], timeout=2) as response:
                     if response.status == 200:
-                        return
+                        pending.pop(0)
+                        if not pending:
+                            return
+                        continue
             except OSError:
                 pass
             time.sleep(0.5)
