@@ -1,6 +1,7 @@
 """Flex: its choices under synthetic costs, confidence-truncated drafts, and losslessness
 whatever it chooses."""
 import itertools
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -213,3 +214,53 @@ def test_truncation_drafts_less_and_keeps_the_output(tiny_pair):
     print(f"drafted tokens: {drafted}")
     assert 0 < drafted[0.3] < drafted[0.0]
     assert [o.new_token_ids for o in outputs[0.3]] == [o.new_token_ids for o in outputs[0.0]]
+
+
+# -- auto: FlexDraft's batch-size switch ------------------------------------------------------------
+def test_auto_reads_its_rule_off_the_calibrated_costs_by_running_requests():
+    from minedraft.size_rule import BatchSizeRule
+    rule = BatchSizeRule(8, costs(draft_step=0.002, verify_fixed=0.004, per_token=0.0001), batch_capacity=32,
+                         max_running=64)
+    rule.plan(batches_with(1, alpha=0.9))
+    assert rule.choice.mode == "sd"  # one request: nothing to overlap
+    rule.plan(batches_with(32, alpha=0.9))
+    assert rule.choice.mode == "psd"
+    starts = [rows for rows, _ in rule.thresholds()]
+    assert starts[0] == 1 and starts == sorted(starts) and len(starts) >= 2
+    assert all(c == rule.rule[rows - 1] for rows, c in rule.thresholds())
+    rule.plan(batches_with(16, alpha=0.05))  # a draft that is never accepted: AR at every size
+    assert {c.mode for c in rule.rule} == {"ar"}
+
+
+def test_auto_greedy_output_is_token_identical_to_the_target(tiny_pair, target_model):
+    model, tokenizer = target_model
+    engine = make_engine(*tiny_pair, mode="auto", drafter="process")
+    try:
+        results = run_staggered(engine, PROMPTS, {"max_tokens": 24, "temperature": 0})
+    finally:
+        engine.close()
+    assert all(results[str(i)][0] == reference_greedy(model, tokenizer, p, 24)[1] for i, p in enumerate(PROMPTS))
+    assert sum(engine.steps_by_mode.values()) > 0
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_flex_verifies_on_every_core_unless_the_drafter_runs_beside_it(tiny_pair):
+    engine = make_engine(*tiny_pair, mode="flex", drafter="process", target_cpus="0", draft_cpus="1")
+    scripted_choices(engine)
+    plans, seen = [], set()  # (the step drafts beside verification, the target's threads when it verifies)
+    plan, forward = engine.policy.plan, engine.target.forward
+
+    def recording_plan(batches):
+        plans.append(plan(batches))
+        return plans[-1]
+
+    def recording_forward(*args, **kwargs):
+        seen.add((plans[-1].overlap is not None, torch.get_num_threads()))
+        return forward(*args, **kwargs)
+    engine.policy.plan, engine.target.forward = recording_plan, recording_forward
+    try:
+        assert (engine.step_threads.alone, engine.step_threads.overlapped) == (2, 1)
+        run_staggered(engine, PROMPTS, {"max_tokens": 16, "temperature": 0})
+    finally:
+        engine.close()
+    assert seen == {(False, 2), (True, 1)}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from .calibration import draft_step_seconds, measure_step_costs
+from .calibration import measure_step_costs
 from .config import ConfigError, EngineConfig
 from .cost_model import Choice
 from .drafter import (D2T_FILE, PARALLEL_DRAFT_KEY, DraftVocabulary, InlineDrafter, ProcessDrafter,
@@ -18,8 +18,23 @@ from .model_runner import ModelRunner, load_config, load_model, load_tokenizer
 from .output import OutputBuilder
 from .policy import Policy
 from .scheduler import Batch, Scheduler
+from .size_rule import BatchSizeRule
 
 log = logging.getLogger("minedraft")
+
+
+@dataclass(frozen=True)
+class StepThreads:
+    """Flex on a CPU with its drafter in a process: the target's thread count per step. Every core
+    when nothing runs beside verification (AR and SD steps draft in-process, so the drafter's cores
+    idle), its own share when the drafter drafts the other batch meanwhile (PSD)."""
+    alone: int
+    overlapped: int
+
+    def apply(self, overlapped: bool) -> None:
+        wanted = self.overlapped if overlapped else self.alone
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
 
 
 @dataclass
@@ -32,6 +47,7 @@ class EngineParts:
     drafting: Drafting
     policy: Policy
     outputs: OutputBuilder
+    step_threads: StepThreads | None
 
 
 def build(config: EngineConfig) -> EngineParts:
@@ -44,11 +60,14 @@ def build(config: EngineConfig) -> EngineParts:
     drafter = None
     if config.traits.drafts and config.num_draft_tokens > 0:
         drafter = _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity, draft_cpus)
+    # Flex's and auto's sequential (SD) steps draft in-process, on all the cores: with nothing to overlap, a
+    # round trip to the worker process costs more than it hides.
+    sequential_drafter, step_threads = drafter, None
+    if config.traits.per_step and isinstance(drafter, ProcessDrafter) and target_cpus and draft_cpus:
+        step_threads = StepThreads(alone=len(target_cpus | draft_cpus), overlapped=len(target_cpus))
+        target_cpus = target_cpus | draft_cpus
     _pin_target(config, target_cpus)
-    # Flex's sequential (SD) steps draft in-process, on the target's cores: with nothing to
-    # overlap, a round trip to the worker process costs more than it hides.
-    sequential_drafter = drafter
-    if config.mode == "flex" and isinstance(drafter, ProcessDrafter):
+    if config.traits.per_step and isinstance(drafter, ProcessDrafter):
         sequential_drafter = InlineDrafter(build_draft_model(
             config.draft_model, config.draft_device, config.dtype, config.max_num_seqs, capacity,
             eos_token_ids, target_vocab_size))
@@ -57,12 +76,12 @@ def build(config: EngineConfig) -> EngineParts:
     target = ModelRunner(model, config.max_num_seqs, capacity)
     batches = [Batch(slot, target.new_cache(), config.max_num_seqs) for slot in range(config.num_batches)]
     drafting = Drafting(drafter, sequential_drafter, batches, config.max_model_len, config.draft_confidence_threshold)
-    policy = _make_policy(config, target, batches[0], drafting, eos_token_ids)
+    policy = _make_policy(config, target, batches[0], drafting, eos_token_ids, step_threads)
     # No token is longer than the longest in the vocabulary, so a prompt of more characters than
     # this has more than max_model_len tokens, whatever it says.
     max_prompt_chars = config.max_model_len * longest_token_chars(tokenizer)
     return EngineParts(tokenizer, eos_token_ids, max_prompt_chars, target, Scheduler(batches), drafting, policy,
-                       OutputBuilder(tokenizer, eos_token_ids, config.max_model_len))
+                       OutputBuilder(tokenizer, eos_token_ids, config.max_model_len), step_threads)
 
 
 def _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity, draft_cpus):
@@ -77,19 +96,15 @@ def _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity
                                            config.max_num_seqs, capacity, eos_token_ids, target_vocab_size))
 
 
-def _make_policy(config, target, batch, drafting, eos_token_ids) -> Policy:
-    if config.mode != "flex":
+def _make_policy(config, target, batch, drafting, eos_token_ids, step_threads) -> Policy:
+    if not config.traits.per_step:
         return Policy(Choice(config.mode, config.num_draft_tokens if config.traits.drafts else 0))
     costs = measure_step_costs(target, batch.target_cache, drafting.sequential_drafter, config.num_draft_tokens,
-                               config.max_num_seqs, eos_token_ids)
-    log.info("flex calibration: %s", costs.to_json())
-    policy = FlexPolicy(config.num_draft_tokens, costs, config.max_num_seqs)
-    if drafting.drafter is not drafting.sequential_drafter:
-        # PSD's drafts run in the worker: start its estimates from the worker's own timings.
-        for size, inline_seconds in zip(costs.batch_sizes, costs.draft):
-            worker_seconds = draft_step_seconds(drafting.drafter, size, config.num_draft_tokens)
-            policy.costs.draft_ratio[(size, True)] = worker_seconds / inline_seconds
-    return policy
+                               config.max_num_seqs, eos_token_ids, step_threads, overlap_drafter=drafting.drafter)
+    log.info("%s calibration: %s", config.mode, costs.to_json())
+    if config.mode == "auto":
+        return BatchSizeRule(config.num_draft_tokens, costs, config.max_num_seqs, 2 * config.max_num_seqs)
+    return FlexPolicy(config.num_draft_tokens, costs, config.max_num_seqs)
 
 
 def _pin_target(config: EngineConfig, cpus: set[int]) -> None:

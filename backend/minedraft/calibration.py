@@ -23,13 +23,30 @@ def batch_ladder(max_batch: int) -> list[int]:
     return sorted(set(sizes + [max_batch]))
 
 
-def measure_step_costs(target, cache, drafter, max_k: int, max_batch: int, eos_token_ids, repeats: int = 3) -> StepCosts:
+def measure_step_costs(target, cache, drafter, max_k: int, max_batch: int, eos_token_ids, threads=None,
+                       overlap_drafter=None, repeats: int = 3) -> StepCosts:
+    """`drafter` drafts in SD steps; `overlap_drafter`, if another one, beside verification (PSD).
+    `threads` (builder.StepThreads or None): when the target's thread count depends on the step,
+    verification is timed at both counts; the SD drafter runs at the count of a step alone."""
     sizes = batch_ladder(max_batch)
+
+    def verify_table():
+        return [[_median_seconds(lambda: _verify_once(target, cache, b, k, eos_token_ids), repeats)
+                 for k in range(max_k + 1)] for b in sizes]
+
     prefill_per_token = _prefill_context(target, cache, max_batch)
-    verify = [[_median_seconds(lambda: _verify_once(target, cache, b, k, eos_token_ids), repeats)
-               for k in range(max_k + 1)] for b in sizes]
+    verify_overlapped = None
+    if threads is not None:
+        threads.apply(overlapped=True)
+        verify_overlapped = verify_table()
+        threads.apply(overlapped=False)
+    verify = verify_table()
     draft = [draft_step_seconds(drafter, b, max_k, repeats) for b in sizes]
-    return StepCosts(sizes, verify, draft, overhead_per_row=0.0, prefill_per_token=prefill_per_token)
+    draft_overlapped = None
+    if overlap_drafter is not None and overlap_drafter is not drafter:
+        draft_overlapped = [draft_step_seconds(overlap_drafter, b, max_k, repeats) for b in sizes]
+    return StepCosts(sizes, verify, draft, overhead_per_row=0.0, prefill_per_token=prefill_per_token,
+                     verify_overlapped=verify_overlapped, draft_overlapped=draft_overlapped)
 
 
 def _prefill_context(target, cache, rows: int) -> float:

@@ -11,12 +11,15 @@ from .model_runner import DTYPES
 class ModeTraits:
     two_batches: bool  # PSD's layout: two internal batches, one drafted while the other is verified
     drafts: bool  # a draft model is loaded
+    per_step: bool = False  # picks AR, SD or PSD every step, from costs calibrated at start-up
 
 
 # The one table of what each serving mode needs; a step itself is always "ar", "sd" or "psd"
-# (cost_model.STEP_MODES), chosen per step by flex.
+# (cost_model.STEP_MODES), chosen per step by flex (flex.py) or by auto's batch-size rule (size_rule.py).
 MODE_TRAITS = {"ar": ModeTraits(two_batches=False, drafts=False), "sd": ModeTraits(two_batches=False, drafts=True),
-               "psd": ModeTraits(two_batches=True, drafts=True), "flex": ModeTraits(two_batches=True, drafts=True)}
+               "psd": ModeTraits(two_batches=True, drafts=True),
+               "flex": ModeTraits(two_batches=True, drafts=True, per_step=True),
+               "auto": ModeTraits(two_batches=True, drafts=True, per_step=True)}
 SERVING_MODES = tuple(MODE_TRAITS)
 DRAFTER_KINDS = ("auto", "inline", "process")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "model_repository" / "minedraft" / "1"
@@ -31,11 +34,11 @@ class EngineConfig:
     target_model: str = str(DEFAULT_MODEL_DIR / "target")
     draft_model: str = str(DEFAULT_MODEL_DIR / "draft")
     mode: str = "psd"
-    num_draft_tokens: int = 4  # flex: the longest draft it may choose
+    num_draft_tokens: int = 4  # flex, auto: the longest draft they may choose
     # FlexDraft's cut: a row stops drafting once the product of the draft's top-1 probabilities
     # falls below this (0: never). Any value is lossless; it only trades draft and verify work.
     draft_confidence_threshold: float = 0.0
-    max_num_seqs: int = 16  # per internal batch: psd and flex hold twice this many in flight
+    max_num_seqs: int = 16  # per internal batch: psd, flex and auto hold twice this many in flight
     max_model_len: int = 1024
     target_device: str = "cpu"
     draft_device: str = "cpu"
@@ -69,8 +72,8 @@ class EngineConfig:
             raise ConfigError(f"mode must be one of {SERVING_MODES}, got {self.mode!r}")
         if not 0 <= self.num_draft_tokens <= 16:
             raise ConfigError(f"num_draft_tokens must be in [0, 16], got {self.num_draft_tokens}")
-        if self.mode == "flex" and self.num_draft_tokens == 0:
-            raise ConfigError("mode flex needs num_draft_tokens >= 1: it is the longest draft flex may choose")
+        if self.traits.per_step and self.num_draft_tokens == 0:
+            raise ConfigError(f"mode {self.mode} needs num_draft_tokens >= 1: it is the longest draft it may choose")
         if not 0 <= self.draft_confidence_threshold < 1:
             raise ConfigError(f"draft_confidence_threshold must be in [0, 1), got {self.draft_confidence_threshold}")
         if self.max_num_seqs < 1:

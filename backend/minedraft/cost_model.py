@@ -33,19 +33,25 @@ class StepCosts:
     draft: list[float]  # seconds per draft step, [batch size index]
     overhead_per_row: float = 0.0
     prefill_per_token: float = 0.0
+    # A PSD step's sides: verification on the target's own share of the cores, drafting where the
+    # drafter runs beside it (its worker process on a CPU). None: the same as a step alone.
+    verify_overlapped: list[list[float]] | None = None
+    draft_overlapped: list[float] | None = None
 
     @property
     def max_k(self) -> int:
         return len(self.verify[0]) - 1
 
-    # `overlapped`: the step runs beside the other side's work (PSD). A measured table has no
-    # separate figures for it; flex's online estimates do (contention for memory bandwidth).
+    # `overlapped`: the step runs beside the other side's work (PSD). The table measures the
+    # target's thread count for it; flex's online estimates add the contention for memory bandwidth.
     def verify_seconds(self, batch_size: float, k: int, overlapped: bool = False) -> float:
-        return self._interpolate([row[min(k, self.max_k)] for row in self.verify], batch_size)
+        table = self.verify_overlapped if overlapped and self.verify_overlapped else self.verify
+        return self._interpolate([row[min(k, self.max_k)] for row in table], batch_size)
 
     def draft_seconds(self, batch_size: float, k: int, overlapped: bool = False) -> float:
         """k draft steps; the first also feeds the newly verified tokens, which costs alike."""
-        return k * self._interpolate(self.draft, batch_size)
+        table = self.draft_overlapped if overlapped and self.draft_overlapped else self.draft
+        return k * self._interpolate(table, batch_size)
 
     def _interpolate(self, values: list[float], batch_size: float) -> float:
         sizes = self.batch_sizes
@@ -69,8 +75,10 @@ class StepCosts:
     def from_json(cls, text: str) -> "StepCosts":
         data = json.loads(text)
         costs = cls(**data)
-        if costs.batch_sizes != sorted(costs.batch_sizes) or len(costs.verify) != len(costs.batch_sizes) \
-                or len(costs.draft) != len(costs.batch_sizes) or len({len(row) for row in costs.verify}) != 1:
+        tables = [costs.verify] + ([costs.verify_overlapped] if costs.verify_overlapped else [])
+        if costs.batch_sizes != sorted(costs.batch_sizes) or any(len(t) != len(costs.batch_sizes) for t in tables) \
+                or any(len(d) != len(costs.batch_sizes) for d in (costs.draft, costs.draft_overlapped or costs.draft)) \
+                or len({len(row) for t in tables for row in t}) != 1:
             raise ValueError("step costs: batch_sizes must ascend, verify/draft need one entry per batch size, "
                              "and every verify row the same k = 0..max_k")
         return costs

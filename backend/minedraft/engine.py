@@ -91,6 +91,7 @@ class Engine:
         self.drafting = parts.drafting
         self.policy = parts.policy
         self.outputs = parts.outputs
+        self.step_threads = parts.step_threads
         self._lock = threading.Lock()  # guards the waiting queue and cancellations, filled from other threads
         self._cancelled: set[str] = set()
         self.step_log: deque[StepRecord] = deque(maxlen=4096)
@@ -183,7 +184,9 @@ class Engine:
         if plan is None:
             self._prefill(admitted)
             return outputs
+        self._set_threads(plan)
         draft_span = self.drafting.draft_for(plan)
+        self._set_threads(plan)  # drafting may not have started beside verification after all
         # Newcomers' prompts fill the target's cache after the overlap batch's drafting has started
         # (drafting reads token ids, not the target's cache): in PSD the prefill runs beside it.
         prefill_started = time.monotonic()
@@ -205,6 +208,10 @@ class Engine:
             ended - started - prefill_seconds, self.drafting.catch_up_seconds,
             sum(len(out.new_token_ids) for out in committed)))
         return outputs + committed
+
+    def _set_threads(self, plan) -> None:
+        if self.step_threads is not None:
+            self.step_threads.apply(overlapped=plan.overlap is not None)
 
     def _record(self, record: StepRecord) -> None:
         self.step_log.append(record)

@@ -17,7 +17,8 @@ Ratio = dict[tuple[int, bool], float]  # (batch-size bucket, overlapped) -> meas
 
 class OnlineCosts:
     """The calibrated StepCosts, scaled per batch-size bucket by measured/calibrated ratios,
-    kept apart for overlapped (PSD) steps, where both sides contend for memory bandwidth."""
+    kept apart for overlapped (PSD) steps, where both sides contend for memory bandwidth (and the
+    table itself may have separate figures for them: other threads, the drafter's process)."""
 
     def __init__(self, table: StepCosts, weight: float = 0.1):
         self.table = table
@@ -31,10 +32,12 @@ class OnlineCosts:
         return next((b for b in self.table.batch_sizes if batch_size <= b), self.table.batch_sizes[-1])
 
     def verify_seconds(self, batch_size: float, k: int, overlapped: bool = False) -> float:
-        return self.table.verify_seconds(batch_size, k) * self._ratio(self.verify_ratio, batch_size, overlapped)
+        return (self.table.verify_seconds(batch_size, k, overlapped)
+                * self._ratio(self.verify_ratio, batch_size, overlapped))
 
     def draft_seconds(self, batch_size: float, k: int, overlapped: bool = False) -> float:
-        return self.table.draft_seconds(batch_size, k) * self._ratio(self.draft_ratio, batch_size, overlapped)
+        return (self.table.draft_seconds(batch_size, k, overlapped)
+                * self._ratio(self.draft_ratio, batch_size, overlapped))
 
     def _ratio(self, ratios: Ratio, batch_size: float, overlapped: bool) -> float:
         # A bucket not seen yet borrows the mean correction of those seen the same way: the
@@ -46,10 +49,12 @@ class OnlineCosts:
         return sum(seen) / len(seen)
 
     def observe_verify(self, batch_size: int, k: int, overlapped: bool, seconds: float) -> None:
-        self._update(self.verify_ratio, batch_size, overlapped, seconds / self.table.verify_seconds(batch_size, k))
+        self._update(self.verify_ratio, batch_size, overlapped,
+                     seconds / self.table.verify_seconds(batch_size, k, overlapped))
 
     def observe_draft(self, batch_size: int, steps: int, overlapped: bool, seconds: float) -> None:
-        self._update(self.draft_ratio, batch_size, overlapped, seconds / self.table.draft_seconds(batch_size, steps))
+        self._update(self.draft_ratio, batch_size, overlapped,
+                     seconds / self.table.draft_seconds(batch_size, steps, overlapped))
 
     def observe_overhead(self, batch_size: int, seconds: float) -> None:
         self.overhead_per_row += self.weight * (seconds / batch_size - self.overhead_per_row)

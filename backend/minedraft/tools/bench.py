@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import DEFAULT_MODEL_DIR
+from ..config import DEFAULT_MODEL_DIR, MODE_TRAITS
 from ..cost_model import STEP_MODES
 from ..launcher import TritonServer, free_port
 from ..triton_metrics import read_metrics
@@ -188,7 +188,7 @@ def in_process(setup, k, concurrency, prompts, max_tokens, model_dir, draft, max
     costs_path for `minedraft simulate`."""
     params = dict(SETUPS[setup][1])
     mode = params.pop("mode")
-    engine = engine_for(mode, 2 * max_num_seqs if mode in ("psd", "flex") else max_num_seqs, max(k, 1), model_dir,
+    engine = engine_for(mode, 2 * max_num_seqs if MODE_TRAITS[mode].two_batches else max_num_seqs, max(k, 1), model_dir,
                         draft_model=str(draft), **params)
     try:
         measure(engine, prompts, 2, k, 8, 2)  # warm-up
@@ -208,8 +208,8 @@ def in_process(setup, k, concurrency, prompts, max_tokens, model_dir, draft, max
 def draft_sweep(setup: str, args) -> list[int]:
     if setup.startswith("ar"):
         return [0]
-    if setup.startswith("flex"):
-        return [max(args.draft_lengths)]  # a cap: flex picks k (and AR, SD or PSD) itself
+    if MODE_TRAITS[SETUPS[setup][1]["mode"]].per_step:
+        return [max(args.draft_lengths)]  # a cap: flex and auto pick k (and AR, SD or PSD) themselves
     return args.sd_draft_lengths or args.draft_lengths if setup in SD_SETUPS else args.draft_lengths
 
 

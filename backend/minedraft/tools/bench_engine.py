@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from ..config import DEFAULT_MODEL_DIR, EngineConfig
+from ..config import DEFAULT_MODEL_DIR, MODE_TRAITS, EngineConfig
 from ..engine import Engine
 from .setups import best_by_tokens_per_s
 
@@ -55,7 +55,7 @@ def measure(engine: Engine, prompts: list[str], concurrency: int, num_draft_toke
 
 
 def engine_for(mode: str, max_concurrency: int, max_draft: int, model_dir: Path, **overrides) -> Engine:
-    per_batch = math.ceil(max_concurrency / 2) if mode in ("psd", "flex") else max_concurrency
+    per_batch = math.ceil(max_concurrency / 2) if MODE_TRAITS[mode].two_batches else max_concurrency
     weights = {"target_model": str(model_dir / "target"), "draft_model": str(model_dir / "draft"), **overrides}
     return Engine(EngineConfig(mode=mode, num_draft_tokens=max_draft if mode != "ar" else 0, max_num_seqs=per_batch,
                                **weights))

@@ -9,8 +9,11 @@ SETUPS = {
     # It is also SD's one-thread tuning on the 2-core machine, and ar_1core AR's.
     "sd_1core": ("minedraft_sd_1core", {"mode": "sd", "target_cpus": "0", "drafter": "inline"}),
     "ar_1core": ("minedraft_ar_1core", {"mode": "ar", "target_cpus": "0"}),
-    # Flex on PSD's cores: it picks AR, SD (drafting in-process on core 0) or PSD every step.
+    # Flex on PSD's cores: it picks AR, SD or PSD every step. AR and SD steps draft in-process with
+    # 2 threads on cores 0-1; PSD steps verify with 1 thread while the drafter process has core 1.
     "flex": ("minedraft_flex", {"mode": "flex", "target_cpus": "0", "draft_cpus": "1", "drafter": "process"}),
+    # FlexDraft's batch-size switch on the same cores: the simple baseline beside flex.
+    "auto": ("minedraft_auto", {"mode": "auto", "target_cpus": "0", "draft_cpus": "1", "drafter": "process"}),
     # The same with FlexDraft's confidence cut, to choose draft_confidence_threshold's default.
     "flex_tau": ("minedraft_flex_tau", {"mode": "flex", "target_cpus": "0", "draft_cpus": "1", "drafter": "process",
                                         "draft_confidence_threshold": 0.1}),

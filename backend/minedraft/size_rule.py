@@ -1,0 +1,51 @@
+"""Mode `auto`: FlexDraft's batch-size switch, the simple baseline beside flex.
+
+The number of running requests alone picks the step: SD while it is small, PSD above a first
+threshold, AR above a second (or any order the costs give). The rule is read off the start-up
+calibration's costs with the cost model, at the running requests' mean acceptance rounded to
+ACCEPTANCE_STEP (so it is re-read rarely); no online cost corrections, no per-row acceptance,
+no probes.
+"""
+from .cost_model import Choice, StepCosts, rank
+from .policy import Policy, StepPlan
+from .scheduler import Batch
+
+ACCEPTANCE_STEP = 0.05
+
+
+class BatchSizeRule(Policy):
+    def __init__(self, max_draft_tokens: int, costs: StepCosts, batch_capacity: int, max_running: int):
+        super().__init__(Choice("sd", max_draft_tokens))
+        self.name = "auto"
+        self.costs = costs
+        self.batch_capacity = batch_capacity
+        self.max_running = max_running
+        self.rule: list[Choice] = []  # [running requests - 1] -> the step to run
+        self.rule_acceptance: float | None = None
+
+    @property
+    def splits_batches(self) -> bool:
+        return self.choice.mode == "psd"
+
+    def rule_for(self, acceptance: float) -> list[Choice]:
+        """The best choice for 1..max_running requests that all accept drafts at this rate."""
+        rule = []
+        for rows in range(1, self.max_running + 1):
+            ranking = rank([acceptance] * rows, self.costs, self.max_draft_tokens, self.batch_capacity)
+            rule.append(max(ranking, key=ranking.get))
+        return rule
+
+    def thresholds(self) -> list[tuple[int, Choice]]:
+        """Where the rule changes: (from this many running requests, the choice)."""
+        return [(rows, c) for rows, c in enumerate(self.rule, 1) if rows == 1 or c != self.rule[rows - 2]]
+
+    def plan(self, batches: list[Batch]) -> StepPlan | None:
+        alphas = [seq.acceptance.value for batch in batches for seq in batch.seqs]
+        if not alphas:
+            return None
+        acceptance = round(sum(alphas) / len(alphas) / ACCEPTANCE_STEP) * ACCEPTANCE_STEP
+        if acceptance != self.rule_acceptance:
+            self.rule, self.rule_acceptance = self.rule_for(acceptance), acceptance
+        self.choice = self.rule[min(len(alphas), self.max_running) - 1]
+        return self.plan_choice(batches, self.choice)
+
