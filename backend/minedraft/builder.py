@@ -23,20 +23,6 @@ from .size_rule import BatchSizeRule
 log = logging.getLogger("minedraft")
 
 
-@dataclass(frozen=True)
-class StepThreads:
-    """Flex on a CPU with its drafter in a process: the target's thread count per step. Every core
-    when nothing runs beside verification (AR and SD steps draft in-process, so the drafter's cores
-    idle), its own share when the drafter drafts the other batch meanwhile (PSD)."""
-    alone: int
-    overlapped: int
-
-    def apply(self, overlapped: bool) -> None:
-        wanted = self.overlapped if overlapped else self.alone
-        if torch.get_num_threads() != wanted:
-            torch.set_num_threads(wanted)
-
-
 @dataclass
 class EngineParts:
     tokenizer: object
@@ -47,7 +33,6 @@ class EngineParts:
     drafting: Drafting
     policy: Policy
     outputs: OutputBuilder
-    step_threads: StepThreads | None
 
 
 def build(config: EngineConfig) -> EngineParts:
@@ -62,9 +47,10 @@ def build(config: EngineConfig) -> EngineParts:
         drafter = _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity, draft_cpus)
     # Flex's and auto's sequential (SD) steps draft in-process, on all the cores: with nothing to overlap, a
     # round trip to the worker process costs more than it hides.
-    sequential_drafter, step_threads = drafter, None
+    # Their target may use the drafter's cores too when nothing runs beside it: threads per step.
+    sequential_drafter, thread_counts = drafter, None
     if config.traits.per_step and isinstance(drafter, ProcessDrafter) and target_cpus and draft_cpus:
-        step_threads = StepThreads(alone=len(target_cpus | draft_cpus), overlapped=len(target_cpus))
+        thread_counts = (len(target_cpus | draft_cpus), len(target_cpus))
         target_cpus = target_cpus | draft_cpus
     _pin_target(config, target_cpus)
     if config.traits.per_step and isinstance(drafter, ProcessDrafter):
@@ -76,12 +62,12 @@ def build(config: EngineConfig) -> EngineParts:
     target = ModelRunner(model, config.max_num_seqs, capacity)
     batches = [Batch(slot, target.new_cache(), config.max_num_seqs) for slot in range(config.num_batches)]
     drafting = Drafting(drafter, sequential_drafter, batches, config.max_model_len, config.draft_confidence_threshold)
-    policy = _make_policy(config, target, batches[0], drafting, eos_token_ids, step_threads)
+    policy = _make_policy(config, target, batches[0], drafting, eos_token_ids, thread_counts)
     # No token is longer than the longest in the vocabulary, so a prompt of more characters than
     # this has more than max_model_len tokens, whatever it says.
     max_prompt_chars = config.max_model_len * longest_token_chars(tokenizer)
     return EngineParts(tokenizer, eos_token_ids, max_prompt_chars, target, Scheduler(batches), drafting, policy,
-                       OutputBuilder(tokenizer, eos_token_ids, config.max_model_len), step_threads)
+                       OutputBuilder(tokenizer, eos_token_ids, config.max_model_len))
 
 
 def _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity, draft_cpus):
@@ -96,11 +82,11 @@ def _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity
                                            config.max_num_seqs, capacity, eos_token_ids, target_vocab_size))
 
 
-def _make_policy(config, target, batch, drafting, eos_token_ids, step_threads) -> Policy:
+def _make_policy(config, target, batch, drafting, eos_token_ids, thread_counts) -> Policy:
     if not config.traits.per_step:
         return Policy(Choice(config.mode, config.num_draft_tokens if config.traits.drafts else 0))
     costs = measure_step_costs(target, batch.target_cache, drafting.sequential_drafter, config.num_draft_tokens,
-                               config.max_num_seqs, eos_token_ids, step_threads, overlap_drafter=drafting.drafter)
+                               config.max_num_seqs, eos_token_ids, thread_counts, overlap_drafter=drafting.drafter)
     log.info("%s calibration: %s", config.mode, costs.to_json())
     if config.mode == "auto":
         return BatchSizeRule(config.num_draft_tokens, costs, config.max_num_seqs, 2 * config.max_num_seqs)

@@ -1,4 +1,4 @@
-"""Start-up calibration for flex: time the target's verification and the drafter's steps at
+"""Start-up calibration for flex and auto: time the target's verification and the drafter's steps at
 a ladder of batch sizes, on the engine's own devices and cores, before any request arrives.
 
 The rows used are scratch: every request starts its cache rows from position 0, so what
@@ -23,30 +23,56 @@ def batch_ladder(max_batch: int) -> list[int]:
     return sorted(set(sizes + [max_batch]))
 
 
-def measure_step_costs(target, cache, drafter, max_k: int, max_batch: int, eos_token_ids, threads=None,
-                       overlap_drafter=None, repeats: int = 3) -> StepCosts:
+def measure_step_costs(target, cache, drafter, max_k: int, max_batch: int, eos_token_ids,
+                       thread_counts: tuple[int, int] | None = None, overlap_drafter=None,
+                       repeats: int = 5) -> StepCosts:
     """`drafter` drafts in SD steps; `overlap_drafter`, if another one, beside verification (PSD).
-    `threads` (builder.StepThreads or None): when the target's thread count depends on the step,
-    verification is timed at both counts; the SD drafter runs at the count of a step alone."""
+    `thread_counts` (all the cores, the target's share), for a target whose threads are set per
+    step: a step alone runs at whichever count calibrates faster at its batch size (small models
+    are often faster on one thread), a PSD step's verification at the share. The counts are timed
+    in turn, shape by shape, so that drift on a shared machine hits both alike."""
     sizes = batch_ladder(max_batch)
-
-    def verify_table():
-        return [[_median_seconds(lambda: _verify_once(target, cache, b, k, eos_token_ids), repeats)
-                 for k in range(max_k + 1)] for b in sizes]
-
     prefill_per_token = _prefill_context(target, cache, max_batch)
-    verify_overlapped = None
-    if threads is not None:
-        threads.apply(overlapped=True)
-        verify_overlapped = verify_table()
-        threads.apply(overlapped=False)
-    verify = verify_table()
-    draft = [draft_step_seconds(drafter, b, max_k, repeats) for b in sizes]
+    counts = tuple(dict.fromkeys(thread_counts or (torch.get_num_threads(),)))
+    verify = {count: [] for count in counts}  # thread count -> [batch size index][k]
+    draft = {count: [] for count in counts}  # thread count -> [batch size index]
+    for b in sizes:
+        for count, seconds in _in_turn(counts, lambda: _draft_once(drafter, b, max_k), repeats,
+                                       before=lambda: _fill_drafter(drafter, b, max_k)).items():
+            draft[count].append(seconds)
+        per_k = [_in_turn(counts, lambda: _timed(lambda: _verify_once(target, cache, b, k, eos_token_ids)), repeats)
+                 for k in range(max_k + 1)]
+        for count in counts:
+            verify[count].append([medians[count] for medians in per_k])
+
+    def step_alone(count, i):  # a step alone summed over k: verify plus k draft steps
+        return sum(verify[count][i][k] + k * draft[count][i] for k in range(max_k + 1))
+    best = [min(counts, key=lambda count: step_alone(count, i)) for i in range(len(sizes))]
     draft_overlapped = None
     if overlap_drafter is not None and overlap_drafter is not drafter:
-        draft_overlapped = [draft_step_seconds(overlap_drafter, b, max_k, repeats) for b in sizes]
-    return StepCosts(sizes, verify, draft, overhead_per_row=0.0, prefill_per_token=prefill_per_token,
-                     verify_overlapped=verify_overlapped, draft_overlapped=draft_overlapped)
+        draft_overlapped = [_in_turn((None,), lambda: _draft_once(overlap_drafter, b, max_k), repeats,
+                                     before=lambda: _fill_drafter(overlap_drafter, b, max_k))[None] for b in sizes]
+    per_step = thread_counts is not None
+    return StepCosts(sizes, [verify[c][i] for i, c in enumerate(best)], [draft[c][i] for i, c in enumerate(best)],
+                     overhead_per_row=0.0, prefill_per_token=prefill_per_token,
+                     verify_overlapped=verify[counts[-1]] if per_step else None, draft_overlapped=draft_overlapped,
+                     threads_alone=best if per_step else None, threads_overlapped=counts[-1] if per_step else None)
+
+
+def _in_turn(counts, measure, repeats: int, before=None) -> dict:
+    """Median seconds of `measure()` at each thread count (None: leave threads alone), the counts
+    taking turns; a first, untimed round warms every shape up."""
+    timings = {count: [] for count in counts}
+    if before is not None:
+        before()
+    for round_ in range(repeats + 1):
+        for count in counts:
+            if count is not None:
+                torch.set_num_threads(count)
+            seconds = measure()
+            if round_:
+                timings[count].append(seconds)
+    return {count: statistics.median(values) for count, values in timings.items()}
 
 
 def _prefill_context(target, cache, rows: int) -> float:
@@ -67,31 +93,29 @@ def _verify_once(target, cache, rows: int, k: int, eos_token_ids) -> None:
     sampler.verify(probs, draft_ids, probs[:, :k], torch.full((rows,), k), torch.rand(rows, k), torch.rand(rows))
 
 
-def draft_step_seconds(drafter, rows: int, steps: int, repeats: int = 3) -> float:
-    """Seconds per draft step at this batch size, from runs of `steps` steps on a filled context."""
-    def work(cached_len, feed):
-        row = DraftRow(cached_len, feed, 0.0, 0, 1.0, 0, [0.5] * steps, steps)
-        return DraftWork(0, [], [row] * rows, steps)
+def _draft_row_work(rows: int, steps: int, cached_len: int, feed: list[int]) -> DraftWork:
+    row = DraftRow(cached_len, feed, 0.0, 0, 1.0, 0, [0.5] * steps, steps)
+    return DraftWork(0, [], [row] * rows, steps)
 
-    drafter.start(work(0, _tokens(CONTEXT_LEN)))
+
+def _fill_drafter(drafter, rows: int, steps: int) -> None:
+    drafter.start(_draft_row_work(rows, steps, 0, _tokens(CONTEXT_LEN)))
     drafter.finish()
-    timings = []
-    for _ in range(repeats):
-        drafter.start(work(CONTEXT_LEN, _tokens(1)))
-        drafter.finish()
-        started, ended = drafter.last_span
-        timings.append((ended - started) / steps)
-    return statistics.median(timings)
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: first calls at a new shape allocate
-    timings = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        timings.append(time.perf_counter() - started)
-    return statistics.median(timings)
+def _draft_once(drafter, rows: int, steps: int) -> float:
+    """Seconds per draft step: one drafting of `steps` steps after the filled context (the drafter's
+    own span: a worker's pipe round trip is not drafting)."""
+    drafter.start(_draft_row_work(rows, steps, CONTEXT_LEN, _tokens(1)))
+    drafter.finish()
+    started, ended = drafter.last_span
+    return (ended - started) / steps
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
 
 
 def _tokens(n: int) -> list[int]:

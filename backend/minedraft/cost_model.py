@@ -37,6 +37,10 @@ class StepCosts:
     # drafter runs beside it (its worker process on a CPU). None: the same as a step alone.
     verify_overlapped: list[list[float]] | None = None
     draft_overlapped: list[float] | None = None
+    # The target's thread count: per batch size for a step alone (verify and draft above were timed
+    # at it), and beside the drafter. None: the engine does not set threads per step.
+    threads_alone: list[int] | None = None
+    threads_overlapped: int | None = None
 
     @property
     def max_k(self) -> int:
@@ -52,6 +56,14 @@ class StepCosts:
         """k draft steps; the first also feeds the newly verified tokens, which costs alike."""
         table = self.draft_overlapped if overlapped and self.draft_overlapped else self.draft
         return k * self._interpolate(table, batch_size)
+
+    def step_threads(self, batch_size: int, overlapped: bool) -> int | None:
+        if self.threads_alone is None:
+            return None
+        if overlapped:
+            return self.threads_overlapped
+        return self.threads_alone[next((i for i, b in enumerate(self.batch_sizes) if batch_size <= b),
+                                       len(self.batch_sizes) - 1)]
 
     def _interpolate(self, values: list[float], batch_size: float) -> float:
         sizes = self.batch_sizes
@@ -77,7 +89,8 @@ class StepCosts:
         costs = cls(**data)
         tables = [costs.verify] + ([costs.verify_overlapped] if costs.verify_overlapped else [])
         if costs.batch_sizes != sorted(costs.batch_sizes) or any(len(t) != len(costs.batch_sizes) for t in tables) \
-                or any(len(d) != len(costs.batch_sizes) for d in (costs.draft, costs.draft_overlapped or costs.draft)) \
+                or any(len(d) != len(costs.batch_sizes)
+                       for d in (costs.draft, costs.draft_overlapped or costs.draft, costs.threads_alone or costs.draft)) \
                 or len({len(row) for t in tables for row in t}) != 1:
             raise ValueError("step costs: batch_sizes must ascend, verify/draft need one entry per batch size, "
                              "and every verify row the same k = 0..max_k")

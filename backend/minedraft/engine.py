@@ -91,7 +91,6 @@ class Engine:
         self.drafting = parts.drafting
         self.policy = parts.policy
         self.outputs = parts.outputs
-        self.step_threads = parts.step_threads
         self._lock = threading.Lock()  # guards the waiting queue and cancellations, filled from other threads
         self._cancelled: set[str] = set()
         self.step_log: deque[StepRecord] = deque(maxlen=4096)
@@ -210,8 +209,9 @@ class Engine:
         return outputs + committed
 
     def _set_threads(self, plan) -> None:
-        if self.step_threads is not None:
-            self.step_threads.apply(overlapped=plan.overlap is not None)
+        threads = self.policy.threads(plan)
+        if threads is not None and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
 
     def _record(self, record: StepRecord) -> None:
         self.step_log.append(record)

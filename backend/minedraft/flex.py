@@ -127,6 +127,9 @@ class FlexPolicy(Policy):
         plan.probe = probe
         return plan
 
+    def threads(self, plan: StepPlan) -> int | None:
+        return self.costs.table.step_threads(len(plan.verify), plan.overlap is not None)
+
     def observe(self, record) -> None:
         costs = self.costs
         overlapped = record.draft_slot is not None

@@ -49,3 +49,5 @@ class BatchSizeRule(Policy):
         self.choice = self.rule[min(len(alphas), self.max_running) - 1]
         return self.plan_choice(batches, self.choice)
 
+    def threads(self, plan: StepPlan) -> int | None:
+        return self.costs.step_threads(len(plan.verify), plan.overlap is not None)

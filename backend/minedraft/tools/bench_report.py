@@ -8,7 +8,7 @@ from ..cost_model import StepCosts
 from .setups import FIXED_SETUPS, SETUPS, best_by_tokens_per_s
 
 GOALS = {"P1": 1.5, "P1b": 1.3, "P2": 0.95, "P3": 1.5, "P4": 0.9, "P5": 0.9, "P6": 1.0, "P7": 0.6}
-SETUP_ORDER = (*FIXED_SETUPS, "flex", "flex_tau")
+SETUP_ORDER = (*FIXED_SETUPS, "flex", "flex_tau", "auto")
 PAIR_ORDER = ("smollm2", "smollm2-sequential-draft", "smollm2-parallel-draft", "minedraft")  # real pair first
 SECTION = "benchmarks.md"
 PAIR_TITLES = {"smollm2": "The real pair: SmolLM2-135M-Instruct with its trained draft",
@@ -123,10 +123,11 @@ def goal_table(results: dict, table: list[dict], costs: StepCosts | None = None)
                                  f"c={saturated['concurrency']}{_saturation(results, saturated)}"
                                  f"{_ceiling(costs, saturated['psd'], results['args']['max_num_seqs'])}",
                           _ratio(saturated["psd"], saturated["sd_1core"])))
-    for t in table:
-        if t["flex"] and t["fixed_best"]:
-            goals.append(("P2", f"flex / best fixed set-up ({t['fixed_best']['setup']}) at c={t['concurrency']}",
-                          _ratio(t["flex"], t["fixed_best"])))
+    for setup in ("flex", "auto"):
+        for t in table:
+            if t[setup] and t["fixed_best"]:
+                goals.append(("P2", f"{setup} / best fixed set-up ({t['fixed_best']['setup']}) at c={t['concurrency']}",
+                              _ratio(t[setup], t["fixed_best"])))
     first = table[0] if table and table[0]["concurrency"] == 1 else None
     if first and first["ar_best"]:
         best_mode = _faster(first["sd_best"], first["psd"])
@@ -183,7 +184,8 @@ def plot(table: list[dict], figures: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     labels = {"ar": "AR (2 threads)", "ar_1core": "AR (1 thread)", "sd": "SD (best k, 2 threads)",
-              "sd_1core": "SD (best k, 1 core)", "psd": "PSD (best k, 1+1 cores)", "flex": "flex (1+1 cores)"}
+              "sd_1core": "SD (best k, 1 core)", "psd": "PSD (best k, 1+1 cores)", "flex": "flex (1+1 cores)",
+              "auto": "auto (1+1 cores)"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for setup, label in labels.items():
         points = [(t["concurrency"], t[setup]["tokens_per_s"]) for t in table if t[setup]]
@@ -218,20 +220,27 @@ def _cell(row, key="tokens_per_s"):
 def flex_section(table: list[dict], args: dict) -> list[str]:
     tau = SETUPS["flex_tau"][1]["draft_confidence_threshold"]
     lines = ["", "### Flex against the fixed modes", "",
-              "Flex serves on PSD's cores and picks AR, SD(k) or PSD(k) every step (k <= "
-              f"{max(args['draft_lengths'])}). Steps by mode are the server's `minedraft_policy_steps_total`. "
-              f"*flex τ* adds FlexDraft's confidence cut at draft_confidence_threshold = {tau}.", "",
-              "| c | flex | best fixed (set-up, k) | flex / best fixed (P2) | flex / PSD | flex steps ar/sd/psd | "
-              "flex τ | flex τ / best fixed |", "|---|---|---|---|---|---|---|---|"]
+              "Flex and auto serve on PSD's cores and pick AR, SD(k) or PSD(k) every step (k <= "
+              f"{max(args['draft_lengths'])}): flex by the cost model and what each mode achieved, auto by the number "
+              "of running requests alone (FlexDraft's batch-size switch). Steps by mode are the server's "
+              f"`minedraft_policy_steps_total`. *flex τ* adds FlexDraft's confidence cut at "
+              f"draft_confidence_threshold = {tau}.", "",
+              "| c | best fixed (set-up, k) | flex | flex / best fixed (P2) | flex steps ar/sd/psd | auto | "
+              "auto / best fixed | auto steps ar/sd/psd | flex τ | flex τ / best fixed |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for t in table:
-        if t["flex"]:
-            steps = t["flex"].get("steps_by_mode") or {}
-            lines.append(f"| {t['concurrency']} | {_cell(t['flex'])} | {_cell(t['fixed_best'])} "
-                         f"({t['fixed_best']['setup']}, {t['fixed_best']['num_draft_tokens']}) | "
-                         f"{_ratio(t['flex'], t['fixed_best'])} | {_ratio(t['flex'], t['psd'])} | "
-                         f"{'/'.join(str(int(steps.get(m, 0))) for m in ('ar', 'sd', 'psd'))} | "
+        if (t["flex"] or t["auto"]) and t["fixed_best"]:
+            lines.append(f"| {t['concurrency']} | {_cell(t['fixed_best'])} ({t['fixed_best']['setup']}, "
+                         f"{t['fixed_best']['num_draft_tokens']}) | {_cell(t['flex'])} | "
+                         f"{_ratio(t['flex'], t['fixed_best'])} | {_steps(t['flex'])} | {_cell(t['auto'])} | "
+                         f"{_ratio(t['auto'], t['fixed_best'])} | {_steps(t['auto'])} | "
                          f"{_cell(t['flex_tau'])} | {_ratio(t['flex_tau'], t['fixed_best'])} |")
     return lines
+
+
+def _steps(row) -> str:
+    steps = (row or {}).get("steps_by_mode") or {}
+    return "/".join(str(int(steps.get(m, 0))) for m in ("ar", "sd", "psd")) if row else "–"
 
 
 def markdown(results: dict, table: list[dict], goals: list[dict], figures: str) -> str:
@@ -277,7 +286,7 @@ def markdown(results: dict, table: list[dict], goals: list[dict], figures: str) 
                      f"({_cell(t['psd'], 'num_draft_tokens')}) | {_ratio(t['psd'], t['sd_best'])} | "
                      f"{_ratio(t['psd'], t['sd'])} | {_ratio(t['psd'], t['ar_best'])} | "
                      f"{_ratio(t['sd_best'], t['ar_best'])} |")
-    if any(t["flex"] for t in table):
+    if any(t["flex"] or t["auto"] for t in table):
         lines += flex_section(table, args)
     lines += ["", "### Latency (ms) and acceptance at each set-up's best k", "",
               "| c | set-up | k | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 | e2e p99 | acceptance |",
