@@ -45,9 +45,9 @@ def build(config: EngineConfig) -> EngineParts:
     drafter = None
     if config.traits.drafts and config.num_draft_tokens > 0:
         drafter = _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity, draft_cpus)
-    # Flex's and auto's sequential (SD) steps draft in-process, on all the cores: with nothing to overlap, a
-    # round trip to the worker process costs more than it hides.
-    # Their target may use the drafter's cores too when nothing runs beside it: threads per step.
+    # Flex's and auto's sequential (SD) steps draft in-process: with nothing to overlap, a round
+    # trip to the worker process costs more than it hides. With nothing beside it, their target
+    # (and that in-process drafting) may also use the drafter's cores: threads per step.
     sequential_drafter, thread_counts = drafter, None
     if config.traits.per_step and isinstance(drafter, ProcessDrafter) and target_cpus and draft_cpus:
         thread_counts = (len(target_cpus | draft_cpus), len(target_cpus))

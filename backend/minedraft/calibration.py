@@ -28,12 +28,17 @@ def measure_step_costs(target, cache, drafter, max_k: int, max_batch: int, eos_t
                        repeats: int = 5) -> StepCosts:
     """`drafter` drafts in SD steps; `overlap_drafter`, if another one, beside verification (PSD).
     `thread_counts` (all the cores, the target's share), for a target whose threads are set per
-    step: a step alone runs at whichever count calibrates faster at its batch size (small models
-    are often faster on one thread), a PSD step's verification at the share. The counts are timed
-    in turn, shape by shape, so that drift on a shared machine hits both alike."""
+    step: a step alone (its verification and its in-process drafting, which follows the engine
+    thread's count) runs at whichever count calibrates faster at its batch size (small models are
+    often faster on one thread), a PSD step's verification at the share; a prompt's prefill, which
+    is compute-bound where decoding is not, at its own faster count. The counts are timed in turn,
+    shape by shape, so that drift on a shared machine hits both alike."""
     sizes = batch_ladder(max_batch)
-    prefill_per_token = _prefill_context(target, cache, max_batch)
     counts = tuple(dict.fromkeys(thread_counts or (torch.get_num_threads(),)))
+    target.fill(cache, slice(0, max_batch), [0] * max_batch, [_tokens(CONTEXT_LEN)] * max_batch)  # the context
+    prefill = _in_turn(counts, lambda: _timed(lambda: target.fill(cache, [0], [0], [_tokens(CONTEXT_LEN)])), repeats)
+    prefill_threads = min(prefill, key=prefill.get)
+    prefill_per_token = prefill[prefill_threads] / CONTEXT_LEN
     verify = {count: [] for count in counts}  # thread count -> [batch size index][k]
     draft = {count: [] for count in counts}  # thread count -> [batch size index]
     for b in sizes:
@@ -56,7 +61,8 @@ def measure_step_costs(target, cache, drafter, max_k: int, max_batch: int, eos_t
     return StepCosts(sizes, [verify[c][i] for i, c in enumerate(best)], [draft[c][i] for i, c in enumerate(best)],
                      overhead_per_row=0.0, prefill_per_token=prefill_per_token,
                      verify_overlapped=verify[counts[-1]] if per_step else None, draft_overlapped=draft_overlapped,
-                     threads_alone=best if per_step else None, threads_overlapped=counts[-1] if per_step else None)
+                     threads_alone=best if per_step else None, threads_overlapped=counts[-1] if per_step else None,
+                     threads_prefill=prefill_threads if per_step else None)
 
 
 def _in_turn(counts, measure, repeats: int, before=None) -> dict:
@@ -73,15 +79,6 @@ def _in_turn(counts, measure, repeats: int, before=None) -> dict:
             if round_:
                 timings[count].append(seconds)
     return {count: statistics.median(values) for count, values in timings.items()}
-
-
-def _prefill_context(target, cache, rows: int) -> float:
-    """Fill CONTEXT_LEN positions of every row; returns prefill seconds per prompt token at batch 1
-    (timed on a second call: the first allocates the cache)."""
-    target.fill(cache, slice(0, rows), [0] * rows, [_tokens(CONTEXT_LEN)] * rows)
-    started = time.perf_counter()
-    target.fill(cache, [0], [0], [_tokens(CONTEXT_LEN)])
-    return (time.perf_counter() - started) / CONTEXT_LEN
 
 
 def _verify_once(target, cache, rows: int, k: int, eos_token_ids) -> None:

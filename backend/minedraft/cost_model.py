@@ -41,6 +41,7 @@ class StepCosts:
     # at it), and beside the drafter. None: the engine does not set threads per step.
     threads_alone: list[int] | None = None
     threads_overlapped: int | None = None
+    threads_prefill: int | None = None  # a step alone's prefill of newcomers' prompts
 
     @property
     def max_k(self) -> int:
@@ -57,11 +58,13 @@ class StepCosts:
         table = self.draft_overlapped if overlapped and self.draft_overlapped else self.draft
         return k * self._interpolate(table, batch_size)
 
-    def step_threads(self, batch_size: int, overlapped: bool) -> int | None:
+    def step_threads(self, batch_size: int, overlapped: bool, prefill: bool = False) -> int | None:
         if self.threads_alone is None:
             return None
         if overlapped:
             return self.threads_overlapped
+        if prefill:
+            return self.threads_prefill
         return self.threads_alone[next((i for i, b in enumerate(self.batch_sizes) if batch_size <= b),
                                        len(self.batch_sizes) - 1)]
 

@@ -245,9 +245,13 @@ class InlineDrafter:
     ready = True
 
     def start(self, work: DraftWork) -> None:
-        self._pending = self._executor.submit(self._run, work)
+        # Draft with the asking thread's count: torch's thread count is per thread, and the engine
+        # sets its own per step (flex, auto) while this pool thread would keep its first one.
+        self._pending = self._executor.submit(self._run, work, torch.get_num_threads())
 
-    def _run(self, work: DraftWork) -> Drafts:
+    def _run(self, work: DraftWork, threads: int) -> Drafts:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         if self._stream is None:
             return self.draft_model.run(work)
         with torch.cuda.stream(self._stream):

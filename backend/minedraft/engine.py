@@ -183,13 +183,16 @@ class Engine:
         if plan is None:
             self._prefill(admitted)
             return outputs
-        self._set_threads(plan)
+        self._set_threads(plan)  # an SD step's in-process drafting runs at the step's count too
         draft_span = self.drafting.draft_for(plan)
         self._set_threads(plan)  # drafting may not have started beside verification after all
         # Newcomers' prompts fill the target's cache after the overlap batch's drafting has started
         # (drafting reads token ids, not the target's cache): in PSD the prefill runs beside it.
         prefill_started = time.monotonic()
-        self._prefill(admitted)
+        if admitted:
+            self._set_threads(plan, prefill=True)
+            self._prefill(admitted)
+            self._set_threads(plan)
         prefill_seconds = time.monotonic() - prefill_started
         verify_started = time.monotonic()
         # Snapshot the drafts being verified: a drafter failure below forgets every seq's drafts.
@@ -208,8 +211,8 @@ class Engine:
             sum(len(out.new_token_ids) for out in committed)))
         return outputs + committed
 
-    def _set_threads(self, plan) -> None:
-        threads = self.policy.threads(plan)
+    def _set_threads(self, plan, prefill: bool = False) -> None:
+        threads = self.policy.threads(plan, prefill)
         if threads is not None and threads != torch.get_num_threads():
             torch.set_num_threads(threads)
 

@@ -127,8 +127,8 @@ class FlexPolicy(Policy):
         plan.probe = probe
         return plan
 
-    def threads(self, plan: StepPlan) -> int | None:
-        return self.costs.table.step_threads(len(plan.verify), plan.overlap is not None)
+    def threads(self, plan: StepPlan, prefill: bool = False) -> int | None:
+        return self.costs.table.step_threads(len(plan.verify), plan.overlap is not None, prefill)
 
     def observe(self, record) -> None:
         costs = self.costs

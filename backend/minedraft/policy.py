@@ -36,8 +36,8 @@ class Policy:
     def observe(self, record) -> None:
         """A fixed policy learns nothing from the step just run."""
 
-    def threads(self, plan: StepPlan) -> int | None:
-        """The target's thread count for this step; None: as configured at start-up."""
+    def threads(self, plan: StepPlan, prefill: bool = False) -> int | None:
+        """The target's thread count for this step (or its prefill); None: as configured at start-up."""
         return None
 
     def plan_choice(self, batches: list[Batch], choice: Choice) -> StepPlan | None:

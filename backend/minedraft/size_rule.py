@@ -3,14 +3,16 @@
 The number of running requests alone picks the step: SD while it is small, PSD above a first
 threshold, AR above a second (or any order the costs give). The rule is read off the start-up
 calibration's costs with the cost model, at the running requests' mean acceptance rounded to
-ACCEPTANCE_STEP (so it is re-read rarely); no online cost corrections, no per-row acceptance,
-no probes.
+ACCEPTANCE_STEP (so it is re-read rarely); no online cost corrections, no per-row acceptance, no
+hysteresis. While the rule says AR, one SD step every PROBE_INTERVAL steps keeps the acceptance
+estimates alive (without it, a rule that once says AR everywhere would never see a draft again).
 """
 from .cost_model import Choice, StepCosts, rank
 from .policy import Policy, StepPlan
 from .scheduler import Batch
 
 ACCEPTANCE_STEP = 0.05
+PROBE_INTERVAL = 8
 
 
 class BatchSizeRule(Policy):
@@ -22,6 +24,7 @@ class BatchSizeRule(Policy):
         self.max_running = max_running
         self.rule: list[Choice] = []  # [running requests - 1] -> the step to run
         self.rule_acceptance: float | None = None
+        self.steps_since_draft = 0
 
     @property
     def splits_batches(self) -> bool:
@@ -47,7 +50,13 @@ class BatchSizeRule(Policy):
         if acceptance != self.rule_acceptance:
             self.rule, self.rule_acceptance = self.rule_for(acceptance), acceptance
         self.choice = self.rule[min(len(alphas), self.max_running) - 1]
-        return self.plan_choice(batches, self.choice)
+        probe = self.choice.mode == "ar" and self.steps_since_draft >= PROBE_INTERVAL
+        plan = self.plan_choice(batches, Choice("sd", 1) if probe else self.choice)
+        plan.probe = probe
+        return plan
 
-    def threads(self, plan: StepPlan) -> int | None:
-        return self.costs.step_threads(len(plan.verify), plan.overlap is not None)
+    def observe(self, record) -> None:
+        self.steps_since_draft = 0 if record.draft_runs else self.steps_since_draft + 1
+
+    def threads(self, plan: StepPlan, prefill: bool = False) -> int | None:
+        return self.costs.step_threads(len(plan.verify), plan.overlap is not None, prefill)

@@ -59,7 +59,7 @@ class EngineMetrics:
         self.batch_a = family("minedraft_batch_size_a", "Requests in internal batch A", M.GAUGE)
         self.batch_b = family("minedraft_batch_size_b", "Requests in internal batch B", M.GAUGE)
         self.max_verify_batch = family("minedraft_max_verify_batch_size", "Largest verified batch so far", M.GAUGE)
-        # What each step did: fixed for ar/sd/psd, chosen step by step under flex.
+        # What each step did: fixed for ar/sd/psd, chosen step by step under flex and auto.
         self.policy_steps = per_mode("minedraft_policy_steps_total", "Engine steps run as AR, SD or PSD", M.COUNTER)
         self.policy_mode = per_mode("minedraft_policy_mode", "1 for the mode of the last step, else 0", M.GAUGE)
         self.draft_length = family("minedraft_draft_length", "Draft length cap k of the last step", M.GAUGE)
