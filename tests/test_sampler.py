@@ -83,6 +83,18 @@ def test_top_k_and_top_p_filtering():
     assert tiny_p.tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
+def test_top_p_one_keeps_the_tail_even_where_the_cumulative_mass_rounds_to_one():
+    # One dominant token: in float32 its probability is 1.0 and the cumulative mass before every
+    # tail token reaches 1.0, yet each tail token has mass e^-30 > 0, which top_p = 1 must keep.
+    logits = torch.zeros(1, 1, 1000)
+    logits[0, 0, 0] = 30.0
+    probs = sampler._filtered_softmax(logits, torch.tensor([0]), torch.tensor([1.0]))
+    assert bool((probs[0, 0, 1:] > 0).all())
+    assert torch.allclose(probs, logits.softmax(-1), rtol=1e-6, atol=0)
+    cut = sampler._filtered_softmax(logits, torch.tensor([0]), torch.tensor([0.9]))
+    assert int((cut > 0).sum()) == 1  # below 1, the same logits keep only the dominant token
+
+
 def test_eos_is_masked_while_blocked():
     logits = torch.tensor([[[9.0, 1.0, 0.0], [9.0, 1.0, 0.0]]])
     blocked = torch.tensor([[True, False]])

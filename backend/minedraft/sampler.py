@@ -86,8 +86,10 @@ def _filtered_softmax(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     drop = ranks >= k[:, None, None]
     sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
     # top-p: drop a token when the mass strictly before it already reaches top_p (keeps >= 1 token).
+    # Only where top_p < 1: a float cumsum may reach 1.0 before the tail (at an order that depends
+    # on the thread count), which would drop tail tokens that top_p = 1 keeps.
     mass_before = sorted_probs.cumsum(-1) - sorted_probs
-    drop = drop | (mass_before >= top_p[:, None, None])
+    drop = drop | ((mass_before >= top_p[:, None, None]) & (top_p < 1)[:, None, None])
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.zeros_like(logits).scatter_(-1, order, sorted_logits.softmax(-1))
 
