@@ -32,6 +32,7 @@ def main() -> None:
         cores = ({"target_cpus": "0-1", "drafter": "inline"} if args.engine == "flex_inline"
                  else {"target_cpus": "0", "draft_cpus": "1", "drafter": "process"})
         engine = engine_for("flex", 16, 2, PAIR, **cores)
+        engine.policy.choice = Choice("ar", 0)  # AR's layout too: fill the first batch
         engine.policy.choose = lambda alphas: (Choice("ar", 0), False)
         if args.engine == "flex_ar_2t":
             table = engine.policy.costs.table
