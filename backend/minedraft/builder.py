@@ -49,14 +49,14 @@ def build(config: EngineConfig) -> EngineParts:
     # trip to the worker process costs more than it hides. With nothing beside it, their target
     # (and that in-process drafting) may also use the drafter's cores: threads per step.
     sequential_drafter, thread_counts = drafter, None
-    if config.traits.per_step and isinstance(drafter, ProcessDrafter) and target_cpus and draft_cpus:
-        thread_counts = (len(target_cpus | draft_cpus), len(target_cpus))
-        target_cpus = target_cpus | draft_cpus
-    _pin_target(config, target_cpus)
     if config.traits.per_step and isinstance(drafter, ProcessDrafter):
         sequential_drafter = InlineDrafter(build_draft_model(
             config.draft_model, config.draft_device, config.dtype, config.max_num_seqs, capacity,
             eos_token_ids, target_vocab_size))
+        if target_cpus and draft_cpus:
+            thread_counts = (len(target_cpus | draft_cpus), len(target_cpus))
+            target_cpus = target_cpus | draft_cpus
+    _pin_target(config, target_cpus)
     model = load_model(config.target_model, config.target_device, config.dtype)
     check_context(model.config, config)
     target = ModelRunner(model, config.max_num_seqs, capacity)

@@ -65,8 +65,11 @@ class StepCosts:
             return self.threads_overlapped
         if prefill:
             return self.threads_prefill
-        return self.threads_alone[next((i for i, b in enumerate(self.batch_sizes) if batch_size <= b),
-                                       len(self.batch_sizes) - 1)]
+        return self.threads_alone[self.bucket_index(batch_size)]
+
+    def bucket_index(self, batch_size: float) -> int:
+        """The calibrated batch size that a batch of this size is measured against (the last beyond)."""
+        return next((i for i, b in enumerate(self.batch_sizes) if batch_size <= b), len(self.batch_sizes) - 1)
 
     def _interpolate(self, values: list[float], batch_size: float) -> float:
         sizes = self.batch_sizes
@@ -90,11 +93,10 @@ class StepCosts:
     def from_json(cls, text: str) -> "StepCosts":
         data = json.loads(text)
         costs = cls(**data)
-        tables = [costs.verify] + ([costs.verify_overlapped] if costs.verify_overlapped else [])
-        if costs.batch_sizes != sorted(costs.batch_sizes) or any(len(t) != len(costs.batch_sizes) for t in tables) \
-                or any(len(d) != len(costs.batch_sizes)
-                       for d in (costs.draft, costs.draft_overlapped or costs.draft, costs.threads_alone or costs.draft)) \
-                or len({len(row) for t in tables for row in t}) != 1:
+        verify_tables = [t for t in (costs.verify, costs.verify_overlapped) if t is not None]
+        per_size = verify_tables + [t for t in (costs.draft, costs.draft_overlapped, costs.threads_alone) if t is not None]
+        if costs.batch_sizes != sorted(costs.batch_sizes) or any(len(t) != len(costs.batch_sizes) for t in per_size) \
+                or len({len(row) for t in verify_tables for row in t}) != 1:
             raise ValueError("step costs: batch_sizes must ascend, verify/draft need one entry per batch size, "
                              "and every verify row the same k = 0..max_k")
         return costs

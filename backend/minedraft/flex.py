@@ -29,7 +29,7 @@ class OnlineCosts:
 
     def bucket(self, batch_size: float) -> int:
         """The calibrated batch size that a batch of this size is measured against."""
-        return next((b for b in self.table.batch_sizes if batch_size <= b), self.table.batch_sizes[-1])
+        return self.table.batch_sizes[self.table.bucket_index(batch_size)]
 
     def verify_seconds(self, batch_size: float, k: int, overlapped: bool = False) -> float:
         return (self.table.verify_seconds(batch_size, k, overlapped)
