@@ -238,6 +238,15 @@ def test_auto_reads_its_rule_off_the_calibrated_costs_by_running_requests():
     assert probes.count(True) == 2 and rule.choice.mode == "ar"
 
 
+def test_auto_speculates_only_past_its_margin_over_ar():
+    from minedraft.size_rule import SPECULATION_MARGIN, pick
+    ar, sd, psd = Choice("ar", 0), Choice("sd", 2), Choice("psd", 2)
+    assert pick({ar: 100.0, sd: 105.0, psd: 108.0}) == ar  # predicted gains inside the margin
+    assert pick({ar: 100.0, sd: 100.0 * SPECULATION_MARGIN, psd: 108.0}) == sd
+    assert pick({ar: 100.0, sd: 90.0, psd: 150.0}) == psd
+    assert pick({ar: 100.0, sd: 60.0}) == ar
+
+
 def test_auto_greedy_output_is_token_identical_to_the_target(tiny_pair, target_model):
     model, tokenizer = target_model
     engine = make_engine(*tiny_pair, mode="auto", drafter="process")

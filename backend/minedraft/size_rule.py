@@ -13,6 +13,14 @@ from .scheduler import Batch
 
 ACCEPTANCE_STEP = 0.05
 PROBE_INTERVAL = 8
+SPECULATION_MARGIN = 1.1
+
+
+def pick(ranking: dict[Choice, float]) -> Choice:
+    """The highest expected goodput, but AR unless a speculative step beats it by the margin."""
+    best = max(ranking, key=ranking.get)
+    ar = Choice("ar", 0)
+    return best if best == ar or ranking[best] >= SPECULATION_MARGIN * ranking[ar] else ar
 
 
 class BatchSizeRule(Policy):
@@ -34,8 +42,7 @@ class BatchSizeRule(Policy):
         """The best choice for 1..max_running requests that all accept drafts at this rate."""
         rule = []
         for rows in range(1, self.max_running + 1):
-            ranking = rank([acceptance] * rows, self.costs, self.max_draft_tokens, self.batch_capacity)
-            rule.append(max(ranking, key=ranking.get))
+            rule.append(pick(rank([acceptance] * rows, self.costs, self.max_draft_tokens, self.batch_capacity)))
         return rule
 
     def thresholds(self) -> list[tuple[int, Choice]]:
