@@ -224,6 +224,7 @@ def run(args) -> dict:
               "target_weight_bytes": weight_bytes(args.model_dir / "target")}
     prompts = bench_prompts(args)
     workdir = Path(tempfile.mkdtemp(prefix="minedraft-bench-"))
+    print(f"server-side rows are saved as they come to {workdir / 'rows.json'}")
     setups = args.setups
     build_repository(workdir / "repo", setups, args.max_num_seqs, max(args.draft_lengths), args.model_dir, args.draft)
     plan = [(s, k, c) for s in setups for c in args.concurrency for k in draft_sweep(s, args)]
@@ -234,6 +235,7 @@ def run(args) -> dict:
         for setup, k, c in plan:
             progress.update(task, description=f"{SETUPS[setup][0]} k={k} c={c}")
             rows.append(measure_server(server, setup, k, c, prompts, args.max_tokens, workdir))
+            (workdir / "rows.json").write_text(json.dumps(rows))  # what a failed run still measured
             progress.advance(task)
     server.stop()
     with Progress() as progress:
