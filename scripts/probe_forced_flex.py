@@ -1,11 +1,13 @@
-"""Why flex and auto lose to AR at load on the real pair: the same AR steps, timed in the AR engine and
-in the two-batch engine that flex and auto run (in-process, no server).
+"""Where flex and auto lose to a fixed mode: the same steps, timed in the fixed mode's engine and in the
+two-batch engine that flex and auto run, forced to that mode (in-process, no server).
 
-  python scripts/probe_two_batch_ar.py ar flex_ar_2t --rounds 5   # paired: the engines take turns
+  python scripts/probe_forced_flex.py fixed forced --rounds 5                         # real pair, AR
+  python scripts/probe_forced_flex.py fixed forced --pair toy --mode psd --k 4 --concurrency 4
 
-Engines: ar (the AR engine, max_num_seqs 8, 2 threads); flex_ar (flex forced to AR with AR's layout,
-its threads as calibrated); flex_ar_2t (... 2 threads for every step and prefill); flex_inline (... with
-no worker process: an inline drafter, 2 threads). All are loaded in one process and measured in turn,
+Engines: fixed (the mode's own engine: AR and SD on `--fixed-cpus`, SD inline; PSD with its drafter
+process on core 1); forced (flex forced to the mode and k, its layout and threads as
+calibrated); forced_2t (... 2 threads for every step alone and prefill); forced_inline (... with no
+worker process: an inline drafter, 2 threads). All are loaded in one process and measured in turn,
 round after round, so that the machine's drift (±20 % between one-off runs here) falls on each alike.
 Prints each round's tokens/s and mean verification/prefill/step times, then each engine's median.
 `--profile` adds torch.profiler's table of each engine's first round, by self CPU time.
@@ -20,19 +22,24 @@ import torch
 from minedraft.cost_model import Choice
 from minedraft.tools.bench_engine import chat_prompts, engine_for, load_prompts, measure
 
-PAIR = Path(__file__).resolve().parents[1] / "model_repository" / "smollm2" / "1"
-ENGINES = ["ar", "flex_ar", "flex_ar_2t", "flex_inline"]
+REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+PAIRS = {"real": (REPOSITORY / "smollm2" / "1", 8, "heldout_prompts.jsonl"),  # model dir, max_num_seqs, prompts
+         "toy": (REPOSITORY / "minedraft" / "1", 32, "prompts.jsonl")}
+ENGINES = ["fixed", "forced", "forced_2t", "forced_inline"]
 
 
-def make_engine(name: str):
-    if name == "ar":
-        return engine_for("ar", 8, 2, PAIR, target_cpus="0-1")
-    cores = ({"target_cpus": "0-1", "drafter": "inline"} if name == "flex_inline"
+def make_engine(name: str, pair: Path, per_batch: int, choice: Choice, fixed_cpus: str):
+    if name == "fixed":
+        cores = ({"target_cpus": "0", "draft_cpus": "1", "drafter": "process"} if choice.mode == "psd"
+                 else {"target_cpus": fixed_cpus, "drafter": "inline"})
+        in_flight = 2 * per_batch if choice.mode == "psd" else per_batch
+        return engine_for(choice.mode, in_flight, max(choice.k, 1), pair, **cores)
+    cores = ({"target_cpus": "0-1", "drafter": "inline"} if name == "forced_inline"
              else {"target_cpus": "0", "draft_cpus": "1", "drafter": "process"})
-    engine = engine_for("flex", 16, 2, PAIR, **cores)
-    engine.policy.choice = Choice("ar", 0)  # AR's layout too: fill the first batch
-    engine.policy.choose = lambda alphas: (Choice("ar", 0), False)
-    if name in ("flex_ar_2t", "flex_inline"):
+    engine = engine_for("flex", 2 * per_batch, max(choice.k, 1), pair, **cores)
+    engine.policy.choice = choice  # the mode's layout too
+    engine.policy.choose = lambda alphas: (choice, False)
+    if name in ("forced_2t", "forced_inline"):
         table = engine.policy.costs.table
         table.threads_alone, table.threads_prefill = [2] * len(table.batch_sizes), 2
     return engine
@@ -42,7 +49,7 @@ def one_round(name, engine, prompts, args, profile: bool) -> dict:
     engine.step_log.clear()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile \
             else contextlib.nullcontext() as profiler:
-        row = measure(engine, prompts, args.concurrency, 2, args.max_tokens, 2 * args.concurrency)
+        row = measure(engine, prompts, args.concurrency, args.k, args.max_tokens, 2 * args.concurrency)
     log = list(engine.step_log)
     mean_ms = lambda values: round(1000 * sum(values) / len(log), 1)  # noqa: E731
     result = {"engine": name, "tokens_per_s": row["tokens_per_s"], "steps": len(log),
@@ -58,17 +65,25 @@ def one_round(name, engine, prompts, args, profile: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("engines", nargs="+", choices=ENGINES)
+    parser.add_argument("--pair", choices=list(PAIRS), default="real")
+    parser.add_argument("--mode", choices=["ar", "sd", "psd"], default="ar")
+    parser.add_argument("--k", type=int, default=0, help="draft length (SD, PSD)")
+    parser.add_argument("--fixed-cpus", default="0-1", help="the fixed AR or SD engine's cores")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    prompts = chat_prompts(load_prompts(PAIR / "heldout_prompts.jsonl"), PAIR / "target")
-    engines = {name: make_engine(name) for name in args.engines}
+    pair, per_batch, prompt_file = PAIRS[args.pair]
+    prompts = load_prompts(pair / prompt_file)
+    if args.pair == "real":
+        prompts = chat_prompts(prompts, pair / "target")
+    choice = Choice(args.mode, args.k if args.mode != "ar" else 0)
+    engines = {name: make_engine(name, pair, per_batch, choice, args.fixed_cpus) for name in args.engines}
     results = {name: [] for name in engines}
     try:
         for engine in engines.values():
-            measure(engine, prompts, 2, 2, 8, 2)  # warm-up
+            measure(engine, prompts, 2, args.k, 8, 2)  # warm-up
         for round_ in range(args.rounds):
             for name, engine in engines.items():
                 results[name].append(one_round(name, engine, prompts, args, args.profile and round_ == 0))
