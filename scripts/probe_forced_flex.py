@@ -55,7 +55,10 @@ def one_round(name, engine, prompts, args, profile: bool) -> dict:
     result = {"engine": name, "tokens_per_s": row["tokens_per_s"], "steps": len(log),
               "rows_per_step": round(sum(r.verify_size for r in log) / len(log), 2),
               "verify_ms": mean_ms(r.verify_span[1] - r.verify_span[0] for r in log),
-              "prefill_ms": mean_ms(r.prefill_seconds for r in log), "step_ms": mean_ms(r.seconds for r in log)}
+              "prefill_ms": mean_ms(r.prefill_seconds for r in log), "step_ms": mean_ms(r.seconds for r in log),
+              "catch_up_ms": mean_ms(r.catch_up_seconds for r in log),
+              "draft_ms": mean_ms(sum(run[2] for run in r.draft_runs) for r in log),
+              "sequential_drafts": sum(not run[3] for r in log for run in r.draft_runs)}
     print(result, flush=True)
     if profile:
         print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
