@@ -50,7 +50,8 @@ def measure(engine: Engine, prompts: list[str], concurrency: int, num_draft_toke
                 accepted += out.num_accepted_tokens
     elapsed = time.perf_counter() - started
     return {"concurrency": concurrency, "num_draft_tokens": num_draft_tokens, "requests": num_requests,
-            "output_tokens": tokens, "drafted_tokens": drafted, "seconds": round(elapsed, 3), "tokens_per_s": round(tokens / elapsed, 1),
+            "output_tokens": tokens, "drafted_tokens": drafted, "seconds": round(elapsed, 3),
+            "tokens_per_s": round(tokens / elapsed, 1),
             "acceptance_rate": round(accepted / drafted, 4) if drafted else None}
 
 
