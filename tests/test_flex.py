@@ -259,8 +259,22 @@ def test_auto_greedy_output_is_token_identical_to_the_target(tiny_pair, target_m
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
-def test_flex_sets_the_targets_threads_per_step_as_calibrated(tiny_pair):
+def test_flex_keeps_the_target_pinned_to_its_cores_by_default(tiny_pair):
+    affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()
     engine = make_engine(*tiny_pair, mode="flex", drafter="process", target_cpus="0", draft_cpus="1")
+    try:
+        assert engine.policy.costs.table.threads_alone is None  # no per-step thread counts
+        assert os.sched_getaffinity(0) == {0} and torch.get_num_threads() == 1
+    finally:
+        engine.close()
+        os.sched_setaffinity(0, affinity)
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_flex_sets_the_targets_threads_per_step_as_calibrated(tiny_pair):
+    engine = make_engine(*tiny_pair, mode="flex", drafter="process", target_cpus="0", draft_cpus="1",
+                         target_threads="per_step")
     scripted_choices(engine)
     plans, seen = [], set()  # (drafting beside verification, rows, the target's threads when it verifies)
     plan, forward = engine.policy.plan, engine.target.forward

@@ -47,13 +47,13 @@ def build(config: EngineConfig) -> EngineParts:
         drafter = _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity, draft_cpus)
     # Flex's and auto's sequential (SD) steps draft in-process: with nothing to overlap, a round
     # trip to the worker process costs more than it hides. With nothing beside it, their target
-    # (and that in-process drafting) may also use the drafter's cores: threads per step.
+    # (and that in-process drafting) may also use the drafter's cores if asked: threads per step.
     sequential_drafter, thread_counts = drafter, None
     if config.traits.per_step and isinstance(drafter, ProcessDrafter):
         sequential_drafter = InlineDrafter(build_draft_model(
             config.draft_model, config.draft_device, config.dtype, config.max_num_seqs, capacity,
             eos_token_ids, target_vocab_size))
-        if target_cpus and draft_cpus:
+        if target_cpus and draft_cpus and config.target_threads == "per_step":
             thread_counts = (len(target_cpus | draft_cpus), len(target_cpus))
             target_cpus = target_cpus | draft_cpus
     _pin_target(config, target_cpus)

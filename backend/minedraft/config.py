@@ -49,6 +49,11 @@ class EngineConfig:
     # CPU cores for each side, e.g. "0" or "0-1"; empty: psd splits the cores, sd/ar share them.
     target_cpus: str = ""
     draft_cpus: str = ""
+    # flex and auto with a worker drafter on its own cores: "pinned" keeps the target on target_cpus
+    # in every step, as the fixed modes do; "per_step" lets steps alone (AR, SD) use the drafter's
+    # cores too, at the thread count calibration found faster. Through the server per_step cost the
+    # toy pair up to half its throughput (docs/flex.md, "Threads per step"), so it is opt-in.
+    target_threads: str = "pinned"
 
     @classmethod
     def from_dict(cls, values: dict) -> "EngineConfig":
@@ -76,6 +81,8 @@ class EngineConfig:
             raise ConfigError(f"mode {self.mode} needs num_draft_tokens >= 1: it is the longest draft it may choose")
         if not 0 <= self.draft_confidence_threshold < 1:
             raise ConfigError(f"draft_confidence_threshold must be in [0, 1), got {self.draft_confidence_threshold}")
+        if self.target_threads not in ("pinned", "per_step"):
+            raise ConfigError(f"target_threads must be 'pinned' or 'per_step', got {self.target_threads!r}")
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_model_len < 2:
