@@ -44,7 +44,7 @@ def main() -> None:
     finally:
         sd.close()
         ar.close()
-    median = lambda key: statistics.median(r["tokens_per_s"] for r in rows[key])  # noqa: E731
+    median = lambda key: round(statistics.median(r["tokens_per_s"] for r in rows[key]), 2)  # noqa: E731
     print("| c | τ | tokens/s | / τ=0 | / AR 2 threads | acceptance | drafted per output token |")
     print("|---|---|---|---|---|---|---|")
     for c in args.concurrency:
