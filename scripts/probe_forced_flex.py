@@ -38,7 +38,7 @@ def make_engine(name: str, pair: Path, per_batch: int, choice: Choice, fixed_cpu
              else {"target_cpus": "0", "draft_cpus": "1", "drafter": "process"})
     engine = engine_for("flex", 2 * per_batch, max(choice.k, 1), pair, **cores)
     engine.policy.choice = choice  # the mode's layout too
-    engine.policy.choose = lambda alphas: (choice, False)
+    engine.policy.choose = lambda alphas: engine.policy.arm
     if name in ("forced_2t", "forced_inline"):
         table = engine.policy.costs.table
         table.threads_alone, table.threads_prefill = [2] * len(table.batch_sizes), 2

@@ -9,7 +9,7 @@ import torch
 
 from minedraft.cost_model import Choice, StepCosts, expected_tokens
 from minedraft.drafter import DraftRow, DraftWork, build_draft_model
-from minedraft.flex import FlexPolicy, OnlineCosts
+from minedraft.flex import Arm, FlexPolicy, OnlineCosts, arms
 from minedraft.scheduler import Batch
 from minedraft.sequence import AcceptanceEstimate
 from engine_helpers import PROMPTS, make_engine, reference_greedy, run_staggered
@@ -68,52 +68,81 @@ def test_expected_tokens():
     assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
 
 
-def test_hysteresis_and_dwell_keep_a_choice_against_small_gains():
-    # alpha 0.4, draft step 2 ms: SD(1) is best, AR 13 % behind it, SD(2) 5.4 % behind.
-    policy = FlexPolicy(8, costs(draft_step=0.002), batch_capacity=64, hysteresis=0.2, k_hysteresis=0.05,
-                        min_dwell=4)
-    batches = batches_with(1, alpha=0.4)
-    assert policy.plan(batches) and policy.choice == Choice("sd", 1)
-    # Another mode within the 20 % margin, once chosen, is kept ...
-    policy.choice, policy.steps_since_switch = Choice("ar", 0), 100
-    assert policy.plan(batches) and policy.choice == Choice("ar", 0)
-    # ... while another k of the same mode needs only 5 %.
-    policy.choice = Choice("sd", 2)
-    assert policy.plan(batches) and policy.choice == Choice("sd", 1)
-    # Acceptance collapses: AR is now far better, but the choice holds for the dwell first.
-    policy.steps_since_switch = 0
-    batches[0].seqs[0].acceptance = AcceptanceEstimate(0.01, prior_trials=1e9)
-    modes = [policy.plan(batches).mode for _ in range(5)]
-    assert modes == ["sd"] * 3 + ["ar"] * 2
+def drive(policy: FlexPolicy, batches, alpha: float, seconds_of, steps: int) -> list[Choice]:
+    """Run the policy for `steps` steps in a measured world that the calibrated costs need not
+    match: a step of choice c over `rows` verified rows takes seconds_of(c, rows) and commits
+    E(alpha, k) tokens per row."""
+    chosen = []
+    for _ in range(steps):
+        plan = policy.plan(batches)
+        chosen.append(policy.choice)
+        rows = len(plan.verify)
+        seconds = seconds_of(policy.choice, rows)
+        policy.observe(SimpleNamespace(
+            verify_size=rows, verified_drafts=plan.num_draft_tokens, draft_slot=plan.overlap.slot if plan.overlap else None,
+            verify_span=(0.0, seconds / 2), draft_runs=[], commit_seconds=0.0, seconds=seconds, prefill_seconds=0.0,
+            gap_seconds=0.0, num_tokens=rows * expected_tokens(alpha, plan.num_draft_tokens)))
+    return chosen
 
 
-def test_ar_probes_with_an_sd_step_now_and_then():
-    policy = FlexPolicy(8, costs(draft_step=0.0005), batch_capacity=64, probe_interval=5)
-    batches = batches_with(4, alpha=0.02)
-    assert policy.plan(batches).mode == "ar"
-    policy.steps_since_draft = 5
-    probe = policy.plan(batches)
-    assert probe.mode == "sd" and probe.probe and policy.choice.mode == "ar"
-
-
-def test_realised_goodput_corrects_a_modes_estimate():
-    """A mode that achieves half of what the model predicts is ranked at half from then on."""
-    policy = FlexPolicy(8, costs(draft_step=0.0005), batch_capacity=64, probe_interval=1000)
-    batches = batches_with(1, alpha=0.8)
+def test_flex_measures_every_choice_then_runs_the_fastest_measured():
+    """The calibration says SD with long drafts; the measured steps say AR is twice as fast as
+    anything else. Flex tries each choice once, then stays with what was measured fastest."""
+    policy = FlexPolicy(4, costs(draft_step=0.0005), batch_capacity=64)
+    batches = batches_with(4, alpha=0.8)
     policy.plan(batches)
-    assert policy._planned is None  # a switch's first steps are not judged: the layout is still moving
-    policy.steps_since_switch = policy.min_dwell
-    plan = policy.plan(batches)
-    chosen, predicted = policy.choice, policy.last_ranking[policy.choice]
-    verify = policy.costs.verify_seconds(1, chosen.k)  # as calibrated: the cost estimates stay put
-    seconds = 0.050  # longer than the verification, as a whole step is
-    record = SimpleNamespace(verify_size=1, verified_drafts=plan.num_draft_tokens, draft_slot=None,
-                             verify_span=(0.0, verify), draft_runs=[], commit_seconds=0.0, seconds=seconds,
-                             catch_up_seconds=0.0, num_tokens=predicted * seconds / 2)
-    policy.observe(record)
-    assert policy.realised_ratio[(chosen.mode, 1)] == pytest.approx(0.5)
-    policy.plan(batches)
-    assert policy.last_ranking[chosen] == pytest.approx(predicted / 2)
+    assert policy.choice.mode == "sd"  # the model's favourite is tried first
+
+    def seconds_of(choice, rows):  # 1 ms per token with AR, 2 ms with anything else
+        return 0.001 * rows * (1 if choice.mode == "ar" else 2 * expected_tokens(0.8, choice.k))
+    chosen = drive(policy, batches, 0.8, seconds_of, 600)
+    assert set(chosen) == {Choice("ar", 0)} | {Choice(m, k) for m in ("sd", "psd") for k in (1, 2, 4)}
+    assert set(chosen[-100:]) == {Choice("ar", 0)}
+    assert policy.rates.rate(Arm(Choice("ar", 0)), 4) == pytest.approx(1000.0)
+    assert policy.rates.rate(Arm(Choice("sd", 2)), 4) == pytest.approx(500.0)
+
+
+def test_flex_switches_only_for_a_clear_measured_gain():
+    policy = FlexPolicy(4, costs(draft_step=0.0005), batch_capacity=64, hysteresis=0.05)
+    batches = batches_with(1, alpha=0.5)
+    # Tokens per second: SD(2) 3 % ahead of AR, within the hysteresis: whichever runs keeps running.
+    rates = {Choice("ar", 0): 100.0, Choice("sd", 1): 80.0, Choice("sd", 2): 103.0, Choice("sd", 4): 70.0}
+
+    def seconds_of(choice, rows):
+        return rows * expected_tokens(0.5, choice.k) / rates[choice]
+    drive(policy, batches, 0.5, seconds_of, 300)
+    settled = policy.choice
+    assert settled in (Choice("ar", 0), Choice("sd", 2))
+    assert set(drive(policy, batches, 0.5, seconds_of, 300)) == {settled}
+    # The other one becomes clearly faster: its next measurement (after `refresh` steps) wins it over.
+    other = Choice("sd", 2) if settled.mode == "ar" else Choice("ar", 0)
+    rates[other] = 150.0
+    policy.refresh = 200
+    chosen = drive(policy, batches, 0.5, seconds_of, 600)
+    assert max(set(chosen[-300:]), key=chosen[-300:].count) == other
+
+
+def test_flex_bounds_the_steps_it_spends_measuring():
+    """Once every choice is measured, re-measuring the others costs about (min_dwell +
+    min_samples) steps each per `refresh` steps."""
+    policy = FlexPolicy(4, costs(draft_step=0.0005), batch_capacity=64)
+    batches = batches_with(4, alpha=0.8)
+    best = Choice("psd", 2)
+    chosen = drive(policy, batches, 0.8, lambda c, rows: 0.001 if c == best else 0.004, 3 * policy.refresh)
+    away = sum(c != best for c in chosen[policy.refresh:]) / (2 * policy.refresh)
+    others = 6  # AR, SD(1, 2, 4), PSD(1, 4)
+    assert 0 < away <= 1.1 * others * (policy.min_dwell + policy.min_samples) / policy.refresh
+    assert away < 0.05
+
+
+def test_flex_tries_steps_alone_at_both_thread_counts_when_set_per_step():
+    policy = FlexPolicy(2, costs(draft_step=0.0005), batch_capacity=64, thread_counts=(2, 1))
+    arms_now = set(policy.candidates([0.8] * 4))
+    assert {a for a in arms_now if a.choice.mode == "ar"} == {Arm(Choice("ar", 0), 2), Arm(Choice("ar", 0), 1)}
+    assert {a.threads for a in arms_now if a.choice.mode == "psd"} == {None}  # beside the drafter: its share
+    plan = policy.plan(batches_with(4, alpha=0.8))
+    policy.arm = Arm(Choice("sd", 1), 1)
+    assert policy.threads(plan) == 1
 
 
 def test_online_costs_follow_measurements_per_bucket():
@@ -180,7 +209,7 @@ def scripted_choices(engine, every: int = 3):
         if state["steps"] % every == 0:
             state["choice"] = next(rotation)
         engine.policy.choice = state["choice"]
-        return state["choice"], False
+        return engine.policy.arm
 
     engine.policy.choose = choose
 
@@ -259,6 +288,11 @@ def test_auto_greedy_output_is_token_identical_to_the_target(tiny_pair, target_m
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_flex_measures_draft_lengths_in_powers_of_two():
+    assert arms(1) == [1] and arms(2) == [1, 2] and arms(4) == [1, 2, 4] and arms(6) == [1, 2, 4, 6]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
 def test_flex_keeps_the_target_pinned_to_its_cores_by_default(tiny_pair):
     affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()
     engine = make_engine(*tiny_pair, mode="flex", drafter="process", target_cpus="0", draft_cpus="1")
@@ -272,11 +306,19 @@ def test_flex_keeps_the_target_pinned_to_its_cores_by_default(tiny_pair):
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
-def test_flex_sets_the_targets_threads_per_step_as_calibrated(tiny_pair):
+def test_flex_sets_the_targets_threads_and_cores_per_step(tiny_pair):
     engine = make_engine(*tiny_pair, mode="flex", drafter="process", target_cpus="0", draft_cpus="1",
                          target_threads="per_step")
+    assert engine.policy.thread_counts == (2, 1)  # steps alone are tried on both cores and on the target's
     scripted_choices(engine)
-    plans, seen = [], set()  # (drafting beside verification, rows, the target's threads when it verifies)
+    scripted, alone_threads = engine.policy.choose, itertools.cycle([1] * 5 + [2] * 5)
+
+    def with_threads(alphas):  # the rotation's steps alone alternate between the two counts
+        arm = scripted(alphas)
+        engine.policy.arm = Arm(arm.choice, None if arm.choice.mode == "psd" else next(alone_threads))
+        return engine.policy.arm
+    engine.policy.choose = with_threads
+    plans, seen = [], set()  # (drafting beside verification, the target's threads and cores when it verifies)
     plan, forward = engine.policy.plan, engine.target.forward
 
     def recording_plan(batches):
@@ -284,16 +326,17 @@ def test_flex_sets_the_targets_threads_per_step_as_calibrated(tiny_pair):
         return plans[-1]
 
     def recording_forward(*args, **kwargs):
-        seen.add((plans[-1].overlap is not None, len(plans[-1].verify), torch.get_num_threads()))
+        seen.add((plans[-1].overlap is not None, torch.get_num_threads(), frozenset(os.sched_getaffinity(0))))
         return forward(*args, **kwargs)
     engine.policy.plan, engine.target.forward = recording_plan, recording_forward
-    costs = engine.policy.costs.table
-    # Calibration picks all the cores or one alone, whichever was faster at each batch size; the
-    # target's share (one core) beside the drafter.
-    assert costs.threads_overlapped == 1 and set(costs.threads_alone) <= {1, 2}
-    costs.threads_alone = [2] * len(costs.batch_sizes)  # so that a step left at its last count would show
+    assert engine.policy.costs.table.threads_overlapped == 1
+    affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()
     try:
         run_staggered(engine, PROMPTS, {"max_tokens": 16, "temperature": 0})
     finally:
         engine.close()
-    assert {(overlapped, threads) for overlapped, _, threads in seen} == {(False, 2), (True, 1)}
+        os.sched_setaffinity(0, affinity)
+        torch.set_num_threads(threads)
+    # Beside the drafter: one thread, kept off the drafter's core. Alone: the arm's count, on both
+    # cores with two threads and on the target's own with one.
+    assert seen == {(True, 1, frozenset({0})), (False, 1, frozenset({0})), (False, 2, frozenset({0, 1}))}

@@ -33,6 +33,9 @@ class EngineParts:
     drafting: Drafting
     policy: Policy
     outputs: OutputBuilder
+    # Threads per step (`target_threads: per_step`): the target's thread count -> the cores its
+    # engine thread may run on at that count. None: threads and cores stay as pinned at start.
+    thread_cpus: dict[int, set[int]] | None = None
 
 
 def build(config: EngineConfig) -> EngineParts:
@@ -48,13 +51,14 @@ def build(config: EngineConfig) -> EngineParts:
     # Flex's and auto's sequential (SD) steps draft in-process: with nothing to overlap, a round
     # trip to the worker process costs more than it hides. With nothing beside it, their target
     # (and that in-process drafting) may also use the drafter's cores if asked: threads per step.
-    sequential_drafter, thread_counts = drafter, None
+    sequential_drafter, thread_counts, thread_cpus = drafter, None, None
     if config.traits.per_step and isinstance(drafter, ProcessDrafter):
         sequential_drafter = InlineDrafter(build_draft_model(
             config.draft_model, config.draft_device, config.dtype, config.max_num_seqs, capacity,
             eos_token_ids, target_vocab_size))
         if target_cpus and draft_cpus and config.target_threads == "per_step":
             thread_counts = (len(target_cpus | draft_cpus), len(target_cpus))
+            thread_cpus = {len(target_cpus): target_cpus, len(target_cpus | draft_cpus): target_cpus | draft_cpus}
             target_cpus = target_cpus | draft_cpus
     _pin_target(config, target_cpus)
     model = load_model(config.target_model, config.target_device, config.dtype)
@@ -67,7 +71,7 @@ def build(config: EngineConfig) -> EngineParts:
     # this has more than max_model_len tokens, whatever it says.
     max_prompt_chars = config.max_model_len * longest_token_chars(tokenizer)
     return EngineParts(tokenizer, eos_token_ids, max_prompt_chars, target, Scheduler(batches), drafting, policy,
-                       OutputBuilder(tokenizer, eos_token_ids, config.max_model_len))
+                       OutputBuilder(tokenizer, eos_token_ids, config.max_model_len), thread_cpus)
 
 
 def _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity, draft_cpus):
@@ -90,7 +94,7 @@ def _make_policy(config, target, batch, drafting, eos_token_ids, thread_counts) 
     log.info("%s calibration: %s", config.mode, costs.to_json())
     if config.mode == "auto":
         return BatchSizeRule(config.num_draft_tokens, costs, config.max_num_seqs, 2 * config.max_num_seqs)
-    return FlexPolicy(config.num_draft_tokens, costs, config.max_num_seqs)
+    return FlexPolicy(config.num_draft_tokens, costs, config.max_num_seqs, thread_counts=thread_counts)
 
 
 def _pin_target(config: EngineConfig, cpus: set[int]) -> None:

@@ -9,6 +9,7 @@ Usable without Triton:
             print(out.text_delta, end="")
 """
 import logging
+import os
 import secrets
 import threading
 import time
@@ -46,6 +47,9 @@ class StepRecord:
     seconds: float  # the whole step less prefill: drafting, verification, waits, commit
     catch_up_seconds: float  # of which drafters spent refeeding backlogs (newcomers, moved rows, after AR)
     num_tokens: int  # tokens the step committed
+    # Since the previous step ended, with work waiting all along (0 after an idle wait): what the
+    # serving loop and the threads beside the engine (sending responses) cost this step.
+    gap_seconds: float = 0.0
 
 
 @dataclass
@@ -91,6 +95,8 @@ class Engine:
         self.drafting = parts.drafting
         self.policy = parts.policy
         self.outputs = parts.outputs
+        self.thread_cpus = parts.thread_cpus
+        self._threads: int | None = None  # the count _set_threads last applied (calibration leaves its own)
         self._lock = threading.Lock()  # guards the waiting queue and cancellations, filled from other threads
         self._cancelled: set[str] = set()
         self.step_log: deque[StepRecord] = deque(maxlen=4096)
@@ -99,6 +105,7 @@ class Engine:
         self.spec_stats = SpecDecodeStats(config.num_draft_tokens)
         self.acceptance_prior = 0.5  # a newcomer's alpha before its first verification: the running mean
         self.fault_hook = None  # tests: called with each Sequence before its commit
+        self._last_step_end: float | None = None  # None: the engine has waited for work since
 
     @property
     def drafter(self):
@@ -149,6 +156,10 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         with self._lock:
             self._cancelled.add(request_id)
+
+    def note_idle(self) -> None:
+        """The caller is about to wait for work: the next step's gap would time the wait."""
+        self._last_step_end = None
 
     def has_work(self) -> bool:
         with self._lock:
@@ -208,13 +219,22 @@ class Engine:
             plan.overlap.slot if plan.overlap else None, len(plan.overlap) if plan.overlap else 0,
             draft_span, plan.num_draft_tokens, prefill_seconds, ended - commit_started, self.drafting.runs,
             ended - started - prefill_seconds, self.drafting.catch_up_seconds,
-            sum(len(out.new_token_ids) for out in committed)))
+            sum(len(out.new_token_ids) for out in committed),
+            started - self._last_step_end if self._last_step_end is not None else 0.0))
+        self._last_step_end = ended
         return outputs + committed
 
     def _set_threads(self, plan, prefill: bool = False) -> None:
         threads = self.policy.threads(plan, prefill)
-        if threads is not None and threads != torch.get_num_threads():
-            torch.set_num_threads(threads)
+        if threads is None or threads == self._threads:
+            return
+        if self.thread_cpus:
+            # The count alone is not enough: a one-thread step beside the drafter would still be
+            # free to run on the drafter's core. Cores before count, so that a pool widened now
+            # starts its worker threads with every core allowed.
+            os.sched_setaffinity(0, self.thread_cpus[threads])
+        torch.set_num_threads(threads)
+        self._threads = threads
 
     def _record(self, record: StepRecord) -> None:
         self.step_log.append(record)

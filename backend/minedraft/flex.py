@@ -1,12 +1,27 @@
-"""Flex: every step, pick AR, SD(k) or PSD(k), whichever the cost model expects to yield the
-most tokens per second for the requests now running.
+"""Flex: every step, AR, SD(k) or PSD(k), whichever yields the most tokens per second for the
+requests now running.
 
-Costs start from the engine's start-up calibration (calibration.py) and follow what the
-steps actually take: per batch-size bucket, a moving average of measured over calibrated
-time corrects the calibrated table. Acceptance is each request's own moving average
-(sequence.AcceptanceEstimate). Switching needs a clear gain (hysteresis), and while AR is
-chosen an occasional SD step keeps the acceptance estimates alive.
+Two layers. The cost model proposes: costs start from the engine's start-up calibration
+(calibration.py) and follow what the steps take (per batch-size bucket, a moving average of
+measured over calibrated time), acceptance is each request's own moving average
+(sequence.AcceptanceEstimate); it orders the choices to try. The measurements dispose: per
+batch-size bucket, every choice (AR, and SD and PSD at a few draft lengths) is run and timed whole
+(the step and the serving loop's gap after the previous one), and the one that yields the most
+tokens per second there is the one that runs. With threads per step, a step alone is also tried
+on the target's own cores and on all of them. Time per row is measured per choice and bucket;
+tokens per row per draft length, pooled over every step that drafted that many tokens: the
+tokens one step commits vary too much (1 to k + 1 per row) to tell choices 5 % apart in the few
+dozen steps each can be given, and acceptance depends on the draft length, not on the step's
+mode, threads or load. (Per-request acceptance estimates were no substitute: requests of 32
+tokens end still near their prior, which made speculation look twice as good as it was on the
+real pair.) Each fixed set-up is one of these choices, so
+after the measuring flex runs at least as fast as the best of them, less what re-measuring
+costs. In-process costs alone misjudged served ratios by more than the margins at stake
+(docs/flex.md).
 """
+from collections import deque
+from dataclasses import dataclass
+
 from .cost_model import Choice, StepCosts, rank
 from .policy import Policy, StepPlan
 from .scheduler import Batch
@@ -64,70 +79,169 @@ class OnlineCosts:
         ratios[key] = ratios[key] + self.weight * (ratio - ratios[key]) if key in ratios else ratio
 
 
-class FlexPolicy(Policy):
-    """Ranks the choices with the cost model, then scales each mode's estimate by what that mode
-    actually achieved at this load: a moving average of realised / predicted goodput over whole
-    steps, per (mode, batch-size bucket). That catches what the component costs miss (the
-    server's response sending, the GIL, pipe round trips), so the model proposes and the
-    measurements dispose."""
+@dataclass(frozen=True)
+class Arm:
+    """What flex can run: a choice, and for a step alone the target's thread count (None: as
+    pinned at start-up; a PSD step always runs on the target's own share)."""
+    choice: Choice
+    threads: int | None = None
 
-    def __init__(self, max_draft_tokens: int, costs: StepCosts, batch_capacity: int, hysteresis: float = 0.2,
-                 k_hysteresis: float = 0.05, min_dwell: int = 8, probe_interval: int = 8):
+
+class MeasuredRates:
+    """Per arm and batch-size bucket, seconds per verified row over the arm's last `window`
+    settled steps there, and when it last ran there (in steps); per draft length, tokens per
+    verified row over the last `yield_window` steps that drafted that many."""
+
+    def __init__(self, window: int = 64, yield_window: int = 1024):
+        self.window = window
+        self._time: dict[tuple[Arm, int], deque[tuple[int, float]]] = {}
+        self._yield: dict[int, deque[tuple[int, int]]] = {}
+        self.yield_window = yield_window
+        self.last_run: dict[tuple[Arm, int], int] = {}
+
+    def add_time(self, arm: Arm, bucket: int, rows: int, seconds: float, now: int) -> None:
+        self._time.setdefault((arm, bucket), deque(maxlen=self.window)).append((rows, seconds))
+        self.last_run[(arm, bucket)] = now
+
+    def add_yield(self, k: int, rows: int, tokens: int) -> None:
+        self._yield.setdefault(k, deque(maxlen=self.yield_window)).append((rows, tokens))
+
+    def forget(self, arm: Arm, bucket: int) -> None:
+        self._time.pop((arm, bucket), None)
+
+    def samples(self, arm: Arm, bucket: int) -> int:
+        return len(self._time.get((arm, bucket), ()))
+
+    def tokens_per_row(self, k: int) -> float:
+        steps = self._yield.get(k, ()) if k else ()
+        rows = sum(r for r, _ in steps)
+        return sum(t for _, t in steps) / rows if rows else 1.0
+
+    def rate(self, arm: Arm, bucket: int) -> float:
+        steps = self._time.get((arm, bucket), ())
+        seconds = sum(s for _, s in steps)
+        return sum(r for r, _ in steps) * self.tokens_per_row(arm.choice.k) / seconds if seconds else 0.0
+
+
+def arms(max_k: int) -> list[int]:
+    """The draft lengths flex measures: powers of two up to max_k, and max_k. Fewer arms, fewer
+    steps spent measuring the poor ones."""
+    lengths = {max_k}
+    k = 1
+    while k < max_k:
+        lengths.add(k)
+        k *= 2
+    return sorted(lengths)
+
+
+class FlexPolicy(Policy):
+    """Per batch-size bucket: measure every arm once, in the order the cost model ranks them,
+    then run the one measured fastest; another takes over only when its measured rate beats the
+    current one's by `hysteresis`. An arm not run in a bucket for `refresh` steps is measured
+    again (acceptance and load move), which bounds the steps spent away from the best to about
+    (min_dwell + min_samples) per `refresh` for each other arm. `thread_counts` (all the cores,
+    the target's share): steps alone are tried at both."""
+
+    def __init__(self, max_draft_tokens: int, costs: StepCosts, batch_capacity: int, hysteresis: float = 0.05,
+                 min_dwell: int = 8, min_samples: int = 16, refresh: int = 5000,
+                 thread_counts: tuple[int, int] | None = None):
         super().__init__(Choice("sd", max_draft_tokens))
         self.name = "flex"
         self.costs = OnlineCosts(costs)
         self.batch_capacity = batch_capacity
-        self.hysteresis = hysteresis  # for a change of mode, which moves requests and refeeds drafters
-        self.k_hysteresis = k_hysteresis  # for a new k in the same mode, which costs nothing
-        self.min_dwell = min_dwell
-        self.probe_interval = probe_interval
-        self.choice: Choice | None = None
+        self.draft_lengths = arms(max_draft_tokens)
+        self.thread_counts = thread_counts
+        self.hysteresis = hysteresis
+        self.min_dwell = min_dwell  # steps after a switch before an arm is judged: the layout and caches move
+        self.min_samples = min_samples  # settled steps an arm is measured on before it is compared
+        self.refresh = refresh
+        self.rates = MeasuredRates()
+        self.arm: Arm | None = None
+        self.steps = 0
         self.steps_since_switch = 0
-        self.steps_since_draft = 0
-        self.last_ranking: dict[Choice, float] = {}
-        self.realised_ratio: dict[tuple[str, int], float] = {}  # (mode, bucket of running rows)
-        self._planned: tuple[Choice, int, float] | None = None  # choice, rows, predicted goodput
+        self.bucket: int | None = None
+        self.steps_in_bucket = 0  # consecutive steps at the current bucket
+        self._planned: tuple[Arm, int] | None = None  # a settled step's arm and bucket, to judge
+
+    @property
+    def choice(self) -> Choice | None:
+        return self.arm.choice if self.arm else None
+
+    @choice.setter
+    def choice(self, choice: Choice | None) -> None:
+        self.arm = Arm(choice) if choice is not None else None
 
     @property
     def splits_batches(self) -> bool:
-        return self.choice is None or self.choice.mode == "psd"
+        return self.arm is None or self.arm.choice.mode == "psd"
 
-    def choose(self, alphas: list[float]) -> tuple[Choice, bool]:
-        """The best expected goodput. The current choice stays for min_dwell steps, and after that
-        until another beats it clearly: a switch costs more than the step (requests move between
-        the batches, and a drafter change refeeds that drafter's cache). Also says whether the
-        step is a probe."""
+    def candidates(self, alphas: list[float]) -> dict[Arm, float]:
+        """Every arm for this many rows, with the model's goodput for its choice; at equal
+        goodput the thread count calibration preferred comes first."""
         predicted = rank(alphas, self.costs, self.max_draft_tokens, self.batch_capacity)
+        preferred = self.costs.table.step_threads(len(alphas), False)
+        ranked = {}
+        for choice, goodput in predicted.items():
+            if choice.k and choice.k not in self.draft_lengths:
+                continue
+            counts = self.thread_counts if self.thread_counts and choice.mode != "psd" else (None,)
+            for count in counts:
+                ranked[Arm(choice, count)] = goodput * (1 if count == preferred else 1 - 1e-9)
+        return ranked
+
+    def choose(self, alphas: list[float]) -> Arm:
+        predicted = self.candidates(alphas)
         bucket = self.costs.bucket(len(alphas))
-        ranking = {c: g * self.realised_ratio.get((c.mode, bucket), 1.0) for c, g in predicted.items()}
-        best = max(ranking, key=ranking.get)
+        self.steps += 1
         self.steps_since_switch += 1
-        margin = self.k_hysteresis if self.choice is not None and best.mode == self.choice.mode else self.hysteresis
-        if self.choice not in ranking or (self.steps_since_switch >= self.min_dwell
-                                          and ranking[best] > (1 + margin) * ranking[self.choice]):
-            self.choice = best
-            self.steps_since_switch = 0
-        self.last_ranking = ranking
-        choice, probe = self.choice, False
-        if self.choice.mode == "ar" and self.steps_since_draft >= self.probe_interval:
-            # AR learns nothing about acceptance: one SD step now and then lets it come back.
-            choice, probe = max((c for c in ranking if c.mode == "sd"), key=ranking.get), True
-        # What a mode achieves is judged on its settled steps: right after a switch the layout and
-        # the drafters' caches are still moving, and a probe is one SD step in an AR layout.
-        settled = not probe and self.steps_since_switch >= self.min_dwell
-        self._planned = (choice, len(alphas), predicted[choice]) if settled else None
-        return choice, probe
+        self.steps_in_bucket = self.steps_in_bucket + 1 if bucket == self.bucket else 0
+        self.bucket = bucket
+        if self.arm not in predicted:  # the first step, or PSD with a single request left
+            self._switch(max(predicted, key=predicted.get))
+        elif self.steps_in_bucket < self.min_dwell:
+            pass  # a passing load (a request ending, the next arriving) is no reason to switch
+        elif self.steps_since_switch >= self.min_dwell + self.min_samples or self._measured(self.arm, bucket):
+            arm = self._arbitrate(bucket, predicted)
+            if arm != self.arm:
+                self._switch(arm)
+        return self.arm
+
+    def _measured(self, arm: Arm, bucket: int) -> bool:
+        return (self.rates.samples(arm, bucket) >= self.min_samples
+                and self.steps - self.rates.last_run.get((arm, bucket), -self.refresh) < self.refresh)
+
+    def _arbitrate(self, bucket: int, predicted: dict[Arm, float]) -> Arm:
+        """The current arm while it is being measured; then any arm not measured (lately) in this
+        bucket, the model's favourite first; then the fastest measured, if it beats the current
+        arm by the hysteresis."""
+        unmeasured = [a for a in predicted if not self._measured(a, bucket)]
+        if self.arm in unmeasured:
+            return self.arm
+        if unmeasured:
+            explore = max(unmeasured, key=predicted.get)
+            self.rates.forget(explore, bucket)  # a stale rate is measured afresh, not topped up
+            return explore
+        fastest = max(predicted, key=lambda a: self.rates.rate(a, bucket))
+        beats = self.rates.rate(fastest, bucket) > (1 + self.hysteresis) * self.rates.rate(self.arm, bucket)
+        return fastest if beats else self.arm
+
+    def _switch(self, arm: Arm) -> None:
+        self.arm = arm
+        self.steps_since_switch = 0
 
     def plan(self, batches: list[Batch]) -> StepPlan | None:
         alphas = [seq.acceptance.value for batch in batches for seq in batch.seqs]
         if not alphas:
             return None
-        choice, probe = self.choose(alphas)
-        plan = self.plan_choice(batches, choice)
-        plan.probe = probe
+        arm = self.choose(alphas)
+        plan = self.plan_choice(batches, arm.choice)
+        settled = self.steps_since_switch >= self.min_dwell
+        self._planned = (arm, self.costs.bucket(len(alphas))) if settled else None
         return plan
 
     def threads(self, plan: StepPlan, prefill: bool = False) -> int | None:
+        if plan.overlap is None and self.arm is not None and self.arm.threads is not None:
+            return self.arm.threads
         return self.costs.table.step_threads(len(plan.verify), plan.overlap is not None, prefill)
 
     def observe(self, record) -> None:
@@ -137,14 +251,17 @@ class FlexPolicy(Policy):
                              record.verify_span[1] - record.verify_span[0])
         for rows, steps, seconds, alongside in record.draft_runs:
             costs.observe_draft(rows, steps, alongside, seconds)
-        self.steps_since_draft = 0 if record.draft_runs else self.steps_since_draft + 1
         costs.observe_overhead(record.verify_size, record.commit_seconds)
-        # A backlog refeed is a one-off of the switch or the arrival, not this mode's steady cost.
-        seconds = max(record.seconds - record.catch_up_seconds, record.verify_span[1] - record.verify_span[0])
-        if self._planned is not None and seconds > 0:
-            choice, rows, predicted = self._planned
-            key = (choice.mode, costs.bucket(rows))
-            ratio = record.num_tokens / seconds / predicted
-            old = self.realised_ratio.get(key)
-            self.realised_ratio[key] = ratio if old is None else old + costs.weight * (ratio - old)
-            self._planned = None
+        if record.verified_drafts:
+            self.rates.add_yield(record.verified_drafts, record.verify_size, record.num_tokens)
+        if self._planned is None:
+            return
+        # The step's wall time with drafter refeeds, and the gap since the previous step: through the
+        # server, the thread sending responses shares the core and the GIL, and the more steps an
+        # arm takes per token the more it pays. Leaving refeeds out flattered PSD, whose drafter
+        # refeeds beside verification (flex chose it at c = 4 and made 230 tokens/s where SD made
+        # 384, toy pair). Newcomers' prefill is left out: it costs the same whatever the arm, and
+        # arrivals come in bursts that would land on whichever arm happened to be running.
+        arm, bucket = self._planned
+        self.rates.add_time(arm, bucket, record.verify_size, record.seconds + record.gap_seconds, self.steps)
+        self._planned = None

@@ -107,6 +107,7 @@ class ServingLoop:
         while True:
             with self._lock:
                 while self._running and not self.engine.has_work():
+                    self.engine.note_idle()
                     self._work_ready.wait()
                 if not self._running:
                     return

@@ -29,7 +29,7 @@ from .bench_engine import chat_prompts, engine_for, load_prompts, measure
 from .bench_report import report_dir, write_report
 from .perf_analyzer import run_with_export, write_input_data
 from .repository import write_repository
-from .setups import SD_SETUPS, SETUPS, best_by_tokens_per_s
+from .setups import LEARNING_SETUPS, SD_SETUPS, SETUPS, best_by_tokens_per_s
 
 
 def build_repository(root: Path, setups: list[str], max_num_seqs: int, max_draft: int, model_dir: Path,
@@ -86,15 +86,33 @@ def _ms(seconds):
     return round(seconds * 1000, 2)
 
 
-def measure_server(server, setup, k, concurrency, prompts, max_tokens, workdir: Path) -> dict:
+# Steps flex runs at a new load before it is measured: enough to time each of its arms (7 to 11:
+# AR, SD and PSD at up to three draft lengths, steps alone at two thread counts) for 24 steps in
+# the one or two batch-size buckets that a concurrency visits. Measuring that learning would
+# measure a start-up, not a load.
+LEARNING_STEPS = 400
+
+
+def warm_up(server, model, data: Path, concurrency: int, rows_per_step: int, max_tokens: int, export: Path) -> None:
+    """Requests at this concurrency, unmeasured, so that a policy that learns (flex) has learnt."""
+    requests = max(concurrency, math.ceil(LEARNING_STEPS * min(concurrency, rows_per_step) / max_tokens))
+    run_with_export(["-m", model, "-u", server.grpc_url, "-i", "grpc", "--streaming", "--concurrency-range",
+                     str(concurrency), "--input-data", str(data), "--request-count", str(requests)], export)
+
+
+def measure_server(server, setup, k, concurrency, prompts, max_tokens, workdir: Path, max_num_seqs: int) -> dict:
     model = SETUPS[setup][0]
     params = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     if not setup.startswith("ar"):
         params["num_draft_tokens"] = k
     data = write_input_data(workdir / f"input_k{k}.json", prompts, params)
     export = workdir / f"{model}_k{k}_c{concurrency}.json"
+    if setup in LEARNING_SETUPS:
+        warm_up(server, model, data, concurrency, max_num_seqs, max_tokens, export)
     before = read_metrics(server.metrics_url, model)
-    run_perf_analyzer(server, model, data, concurrency, export, window_requests=max(concurrency, 4))
+    # At least 8 requests a window: with 4, low-concurrency points on the real pair took a few
+    # recurring values (too few responses to tell 5 % apart).
+    run_perf_analyzer(server, model, data, concurrency, export, window_requests=max(concurrency, 8))
     after = read_metrics(server.metrics_url, model)
     def delta(name):
         return after.get(name, 0) - before.get(name, 0)
@@ -227,14 +245,16 @@ def run(args) -> dict:
     print(f"server-side rows are saved as they come to {workdir / 'rows.json'}")
     setups = args.setups
     build_repository(workdir / "repo", setups, args.max_num_seqs, max(args.draft_lengths), args.model_dir, args.draft)
-    plan = [(s, k, c) for s in setups for c in args.concurrency for k in draft_sweep(s, args)]
+    # Concurrency by concurrency, every set-up in turn: the set-ups compared at one load are measured
+    # minutes apart, not an hour (a point drifts by +-10 % over a run on this machine).
+    plan = [(s, k, c) for c in args.concurrency for s in setups for k in draft_sweep(s, args)]
     rows, extras = [], {}
     ports = [free_port() for _ in range(3)]
     with Progress() as progress, TritonServer(workdir / "repo", *ports, log_path=workdir / "server.log") as server:
         task = progress.add_task("perf_analyzer", total=len(plan))
         for setup, k, c in plan:
             progress.update(task, description=f"{SETUPS[setup][0]} k={k} c={c}")
-            rows.append(measure_server(server, setup, k, c, prompts, args.max_tokens, workdir))
+            rows.append(measure_server(server, setup, k, c, prompts, args.max_tokens, workdir, args.max_num_seqs))
             (workdir / "rows.json").write_text(json.dumps(rows))  # what a failed run still measured
             progress.advance(task)
     server.stop()

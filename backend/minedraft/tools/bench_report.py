@@ -8,16 +8,17 @@ from ..cost_model import StepCosts
 from .setups import FIXED_SETUPS, SETUPS, best_by_tokens_per_s
 
 GOALS = {"P1": 1.5, "P1b": 1.3, "P2": 0.95, "P3": 1.5, "P4": 0.9, "P5": 0.9, "P6": 1.0, "P7": 0.6}
-SETUP_ORDER = (*FIXED_SETUPS, "flex", "flex_tau", "auto")
-PAIR_ORDER = ("smollm2", "smollm2-flex-1", "smollm2-flex-2", "smollm2-sequential-draft", "smollm2-parallel-draft",
-              "minedraft", "minedraft-flex-1", "minedraft-flex-2")  # real pair first
+PER_STEP_SETUPS = ("flex", "flex_per_step", "auto", "auto_per_step", "flex_tau")  # those that choose every step
+SETUP_ORDER = (*FIXED_SETUPS, *PER_STEP_SETUPS)
+PAIR_ORDER = ("smollm2", *(f"smollm2-flex-{run}" for run in (1, 2, 3, 4)), "smollm2-sequential-draft",
+              "smollm2-parallel-draft", "minedraft", *(f"minedraft-flex-{run}" for run in (1, 2, 3, 4)))  # real pair first
 SECTION = "benchmarks.md"
 PAIR_TITLES = {"smollm2": "The real pair: SmolLM2-135M-Instruct with its trained draft",
                "smollm2-sequential-draft": "The real pair's two drafts, one after the other: the sequential draft",
                "smollm2-parallel-draft": "The real pair's two drafts, one after the other: the parallel draft",
                "minedraft": "The toy pair: the 6.7M self-trained demo models",
                **{f"{pair}-flex-{run}": f"Flex and auto against every fixed set-up, {name}, run {run}"
-                  for pair, name in (("smollm2", "real pair"), ("minedraft", "toy pair")) for run in (1, 2)}}
+                  for pair, name in (("smollm2", "real pair"), ("minedraft", "toy pair")) for run in (1, 2, 3, 4)}}
 
 
 def report_dir(out: Path, label: str) -> Path:
@@ -126,7 +127,7 @@ def goal_table(results: dict, table: list[dict], costs: StepCosts | None = None)
                                  f"c={saturated['concurrency']}{_saturation(results, saturated)}"
                                  f"{_ceiling(costs, saturated['psd'], results['args']['max_num_seqs'])}",
                           _ratio(saturated["psd"], saturated["sd_1core"])))
-    for setup in ("flex", "auto"):
+    for setup in PER_STEP_SETUPS:
         for t in table:
             if t[setup] and t["fixed_best"]:
                 goals.append(("P2", f"{setup} / best fixed set-up ({t['fixed_best']['setup']}) at c={t['concurrency']}",
@@ -188,7 +189,7 @@ def plot(table: list[dict], figures: Path) -> None:
     import matplotlib.pyplot as plt
     labels = {"ar": "AR (2 threads)", "ar_1core": "AR (1 thread)", "sd": "SD (best k, 2 threads)",
               "sd_1core": "SD (best k, 1 core)", "psd": "PSD (best k, 1+1 cores)", "flex": "flex (1+1 cores)",
-              "auto": "auto (1+1 cores)"}
+              "flex_per_step": "flex per step (1+1 cores)", "auto": "auto (1+1 cores)"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for setup, label in labels.items():
         points = [(t["concurrency"], t[setup]["tokens_per_s"]) for t in table if t[setup]]
@@ -221,23 +222,26 @@ def _cell(row, key="tokens_per_s"):
 
 
 def flex_section(table: list[dict], args: dict) -> list[str]:
+    present = [s for s in PER_STEP_SETUPS if any(t[s] for t in table)]
+    names = {"flex": "flex", "flex_per_step": "flex per step", "auto": "auto", "auto_per_step": "auto per step",
+             "flex_tau": "flex τ"}
     tau = SETUPS["flex_tau"][1]["draft_confidence_threshold"]
     lines = ["", "### Flex against the fixed modes", "",
-              "Flex and auto serve on PSD's cores and pick AR, SD(k) or PSD(k) every step (k <= "
-              f"{max(args['draft_lengths'])}): flex by the cost model and what each mode achieved, auto by the number "
-              "of running requests alone (FlexDraft's batch-size switch). Steps by mode are the server's "
-              f"`minedraft_policy_steps_total`. *flex τ* adds FlexDraft's confidence cut at "
-              f"draft_confidence_threshold = {tau}.", "",
-              "| c | best fixed (set-up, k) | flex | flex / best fixed (P2) | flex steps ar/sd/psd | auto | "
-              "auto / best fixed | auto steps ar/sd/psd | flex τ | flex τ / best fixed |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+             "Flex and auto serve on PSD's cores and pick AR, SD(k) or PSD(k) every step (k <= "
+             f"{max(args['draft_lengths'])}): flex by measuring every choice at this load and running the fastest "
+             "(docs/flex.md), auto by the number of running requests alone (FlexDraft's batch-size switch). *per "
+             "step*: steps alone may also use the drafter's core (`target_threads: per_step`). Flex is measured "
+             "after a warm-up at each concurrency; the others are not (they do not learn). Steps by mode are the "
+             "server's `minedraft_policy_steps_total`. *flex τ* adds FlexDraft's confidence cut at "
+             f"draft_confidence_threshold = {tau}.", "",
+             "| c | best fixed (set-up, k) | " + " | ".join(f"{names[s]} | / best fixed | steps ar/sd/psd"
+                                                        for s in present) + " |",
+             "|---|---|" + "---|---|---|" * len(present)]
     for t in table:
-        if (t["flex"] or t["auto"]) and t["fixed_best"]:
+        if any(t[s] for s in present) and t["fixed_best"]:
+            cells = [f"{_cell(t[s])} | {_ratio(t[s], t['fixed_best'])} | {_steps(t[s])}" for s in present]
             lines.append(f"| {t['concurrency']} | {_cell(t['fixed_best'])} ({t['fixed_best']['setup']}, "
-                         f"{t['fixed_best']['num_draft_tokens']}) | {_cell(t['flex'])} | "
-                         f"{_ratio(t['flex'], t['fixed_best'])} | {_steps(t['flex'])} | {_cell(t['auto'])} | "
-                         f"{_ratio(t['auto'], t['fixed_best'])} | {_steps(t['auto'])} | "
-                         f"{_cell(t['flex_tau'])} | {_ratio(t['flex_tau'], t['fixed_best'])} |")
+                         f"{t['fixed_best']['num_draft_tokens']}) | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -289,7 +293,7 @@ def markdown(results: dict, table: list[dict], goals: list[dict], figures: str) 
                      f"({_cell(t['psd'], 'num_draft_tokens')}) | {_ratio(t['psd'], t['sd_best'])} | "
                      f"{_ratio(t['psd'], t['sd'])} | {_ratio(t['psd'], t['ar_best'])} | "
                      f"{_ratio(t['sd_best'], t['ar_best'])} |")
-    if any(t["flex"] or t["auto"] for t in table):
+    if any(t[s] for t in table for s in PER_STEP_SETUPS):
         lines += flex_section(table, args)
     lines += ["", "### Latency (ms) and acceptance at each set-up's best k", "",
               "| c | set-up | k | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 | e2e p99 | acceptance |",

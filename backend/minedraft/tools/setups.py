@@ -14,12 +14,18 @@ SETUPS = {
     "flex": ("minedraft_flex", {"mode": "flex", "target_cpus": "0", "draft_cpus": "1", "drafter": "process"}),
     # FlexDraft's batch-size switch on the same cores: the simple baseline beside flex.
     "auto": ("minedraft_auto", {"mode": "auto", "target_cpus": "0", "draft_cpus": "1", "drafter": "process"}),
+    # Both again with threads per step: steps alone on both cores, steps beside the drafter on core 0.
+    "flex_per_step": ("minedraft_flex_per_step", {"mode": "flex", "target_cpus": "0", "draft_cpus": "1",
+                                                  "drafter": "process", "target_threads": "per_step"}),
+    "auto_per_step": ("minedraft_auto_per_step", {"mode": "auto", "target_cpus": "0", "draft_cpus": "1",
+                                                  "drafter": "process", "target_threads": "per_step"}),
     # The same with FlexDraft's confidence cut, to choose draft_confidence_threshold's default.
     "flex_tau": ("minedraft_flex_tau", {"mode": "flex", "target_cpus": "0", "draft_cpus": "1", "drafter": "process",
                                         "draft_confidence_threshold": 0.1}),
 }
 FIXED_SETUPS = ("ar", "ar_1core", "sd", "sd_1core", "psd")
 SD_SETUPS = ("sd", "sd_1core")
+LEARNING_SETUPS = ("flex", "flex_per_step", "flex_tau")  # measured after a warm-up at each concurrency
 
 
 def best_by_tokens_per_s(rows):
