@@ -14,17 +14,19 @@ tokens one step commits vary too much (1 to k + 1 per row) to tell choices 5 % a
 dozen steps each can be given, and acceptance depends on the draft length, not on the step's
 mode, threads or load. (Per-request acceptance estimates were no substitute: requests of 32
 tokens end still near their prior, which made speculation look twice as good as it was on the
-real pair.) Each fixed set-up is one of these choices, so
-after the measuring flex runs at least as fast as the best of them, less what re-measuring
-costs. In-process costs alone misjudged served ratios by more than the margins at stake
-(docs/flex.md).
+real pair.) Each fixed set-up is one of these arms, so once a load is measured flex runs about as
+fast as the best of them, less what re-measuring and the hysteresis cost. In-process costs alone
+misjudged served ratios by more than the margins at stake (docs/flex.md).
 """
+import logging
 from collections import deque
 from dataclasses import dataclass
 
 from .cost_model import Choice, StepCosts, rank
 from .policy import Policy, StepPlan
 from .scheduler import Batch
+
+log = logging.getLogger("minedraft")
 
 
 Ratio = dict[tuple[int, bool], float]  # (batch-size bucket, overlapped) -> measured / calibrated
@@ -203,6 +205,10 @@ class FlexPolicy(Policy):
         elif self.steps_since_switch >= self.min_dwell + self.min_samples or self._measured(self.arm, bucket):
             arm = self._arbitrate(bucket, predicted)
             if arm != self.arm:
+                # What flex saw, for the server log: each arm's measured tokens/s in this bucket.
+                log.info("flex: %s -> %s at bucket %d; measured %s", self.arm, arm, bucket,
+                         {f"{a.choice.mode}{a.choice.k}/{a.threads}": round(self.rates.rate(a, bucket), 1)
+                          for a in predicted if self.rates.samples(a, bucket)})
                 self._switch(arm)
         return self.arm
 
