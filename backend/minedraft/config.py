@@ -51,8 +51,8 @@ class EngineConfig:
     draft_cpus: str = ""
     # flex and auto with a worker drafter on its own cores: "pinned" keeps the target on target_cpus
     # in every step, as the fixed modes do; "per_step" lets steps alone (AR, SD) use the drafter's
-    # cores too, at the thread count calibration found faster. Through the server per_step cost the
-    # toy pair up to half its throughput (docs/flex.md, "Threads per step"), so it is opt-in.
+    # cores too: flex measures them at both thread counts, auto takes the count calibration found
+    # faster. Opt-in: through the server it has not yet beaten pinned (docs/flex.md, "Threads per step").
     target_threads: str = "pinned"
 
     @classmethod

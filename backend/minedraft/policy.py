@@ -13,7 +13,7 @@ class StepPlan:
     verify: Batch
     num_draft_tokens: int  # the server's cap for this step; 0: target only
     overlap: Batch | None  # drafted while `verify` is verified
-    probe: bool = False  # a one-off SD step to measure acceptance (flex, while AR is chosen)
+    probe: bool = False  # a one-off SD step to measure acceptance (auto, while its rule says AR)
 
 
 class Policy:

@@ -29,7 +29,7 @@ from .bench_engine import chat_prompts, engine_for, load_prompts, measure
 from .bench_report import report_dir, write_report
 from .perf_analyzer import run_with_export, write_input_data
 from .repository import write_repository
-from .setups import LEARNING_SETUPS, SD_SETUPS, SETUPS, best_by_tokens_per_s
+from .setups import SD_SETUPS, SETUPS, best_by_tokens_per_s, mode_of
 
 
 def build_repository(root: Path, setups: list[str], max_num_seqs: int, max_draft: int, model_dir: Path,
@@ -44,10 +44,15 @@ def run_perf_analyzer(server, model, data: Path, concurrency: int, export: Path,
     """Three count windows; stability is not required (the run is one sample). perf_analyzer still
     gives up on some noisy runs, so those are retried with longer windows."""
     run_with_export(lambda attempt: [
-        "-m", model, "-u", server.grpc_url, "-i", "grpc", "--streaming", "--concurrency-range", str(concurrency),
-        "--input-data", str(data), "--measurement-mode", "count_windows",
+        *_load(server, model, data, concurrency), "--measurement-mode", "count_windows",
         "--measurement-request-count", str(window_requests << attempt), "--stability-percentage", "999",
         "--max-trials", "6"], export)
+
+
+def _load(server, model, data: Path, concurrency: int) -> list[str]:
+    """perf_analyzer's arguments for streaming these requests to the model at this concurrency."""
+    return ["-m", model, "-u", server.grpc_url, "-i", "grpc", "--streaming", "--concurrency-range", str(concurrency),
+            "--input-data", str(data)]
 
 
 def summarise_profile(export: Path) -> dict:
@@ -96,8 +101,7 @@ LEARNING_STEPS = 400
 def warm_up(server, model, data: Path, concurrency: int, rows_per_step: int, max_tokens: int, export: Path) -> None:
     """Requests at this concurrency, unmeasured, so that a policy that learns (flex) has learnt."""
     requests = max(concurrency, math.ceil(LEARNING_STEPS * min(concurrency, rows_per_step) / max_tokens))
-    run_with_export(["-m", model, "-u", server.grpc_url, "-i", "grpc", "--streaming", "--concurrency-range",
-                     str(concurrency), "--input-data", str(data), "--request-count", str(requests)], export)
+    run_with_export([*_load(server, model, data, concurrency), "--request-count", str(requests)], export)
 
 
 def measure_server(server, setup, k, concurrency, prompts, max_tokens, workdir: Path, max_num_seqs: int) -> dict:
@@ -107,7 +111,7 @@ def measure_server(server, setup, k, concurrency, prompts, max_tokens, workdir: 
         params["num_draft_tokens"] = k
     data = write_input_data(workdir / f"input_k{k}.json", prompts, params)
     export = workdir / f"{model}_k{k}_c{concurrency}.json"
-    if setup in LEARNING_SETUPS:
+    if mode_of(setup) == "flex":  # the one policy that learns
         warm_up(server, model, data, concurrency, max_num_seqs, max_tokens, export)
     before = read_metrics(server.metrics_url, model)
     # At least 8 requests a window: with 4, low-concurrency points on the real pair took a few
@@ -226,7 +230,7 @@ def in_process(setup, k, concurrency, prompts, max_tokens, model_dir, draft, max
 def draft_sweep(setup: str, args) -> list[int]:
     if setup.startswith("ar"):
         return [0]
-    if MODE_TRAITS[SETUPS[setup][1]["mode"]].per_step:
+    if MODE_TRAITS[mode_of(setup)].per_step:
         return [max(args.draft_lengths)]  # a cap: flex and auto pick k (and AR, SD or PSD) themselves
     return args.sd_draft_lengths or args.draft_lengths if setup in SD_SETUPS else args.draft_lengths
 

@@ -5,10 +5,9 @@ import json
 from pathlib import Path
 
 from ..cost_model import StepCosts
-from .setups import FIXED_SETUPS, SETUPS, best_by_tokens_per_s
+from .setups import FIXED_SETUPS, PER_STEP_SETUPS, SETUPS, best_by_tokens_per_s
 
 GOALS = {"P1": 1.5, "P1b": 1.3, "P2": 0.95, "P3": 1.5, "P4": 0.9, "P5": 0.9, "P6": 1.0, "P7": 0.6}
-PER_STEP_SETUPS = ("flex", "flex_per_step", "auto", "auto_per_step", "flex_tau")  # those that choose every step
 SETUP_ORDER = (*FIXED_SETUPS, *PER_STEP_SETUPS)
 PAIR_ORDER = ("smollm2", *(f"smollm2-flex-{run}" for run in (1, 2, 3, 4)), "smollm2-sequential-draft",
               "smollm2-parallel-draft", "minedraft", *(f"minedraft-flex-{run}" for run in (1, 2, 3, 4)))  # real pair first

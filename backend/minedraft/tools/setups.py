@@ -1,4 +1,5 @@
 """The benchmark's set-ups, shared by bench and bench_report, and the best-row helper."""
+from ..config import MODE_TRAITS
 
 # Set-ups: (model name, mode, parameters). Cores: 0 and 1 of the machine's first two.
 SETUPS = {
@@ -25,7 +26,13 @@ SETUPS = {
 }
 FIXED_SETUPS = ("ar", "ar_1core", "sd", "sd_1core", "psd")
 SD_SETUPS = ("sd", "sd_1core")
-LEARNING_SETUPS = ("flex", "flex_per_step", "flex_tau")  # measured after a warm-up at each concurrency
+
+
+def mode_of(setup: str) -> str:
+    return SETUPS[setup][1]["mode"]
+
+
+PER_STEP_SETUPS = tuple(s for s in SETUPS if MODE_TRAITS[mode_of(s)].per_step)  # those that choose every step
 
 
 def best_by_tokens_per_s(rows):
