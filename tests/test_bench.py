@@ -1,18 +1,32 @@
-"""Smoke run of `minedraft bench`: two set-ups, two concurrencies, through the real server."""
+"""`minedraft bench`: its steady-rate measurement, and a smoke run (three set-ups, two concurrencies) through the real server."""
 import json
 
 import pytest
 
 from minedraft.cli import main
+from minedraft.tools.bench import steady_rate
 
-pytestmark = pytest.mark.server
+
+def test_steady_rate_counts_tokens_only_while_the_concurrency_is_held():
+    """Readings (time, tokens, finished, steps) of 6 requests at concurrency 2, 10 tokens each: 100
+    tokens/s while both are in flight, the ramp and drain at other rates that must not count."""
+    samples = [(0.0, 0, 0, 0), (0.5, 10, 0, 5),  # ramp: prefill, slow
+               (1.0, 40, 1, 10), (1.5, 90, 2, 15), (2.0, 140, 3, 20), (2.5, 190, 4, 25),  # held: 100 tokens/s
+               (3.0, 200, 5, 30), (4.0, 210, 6, 35)]  # drain: one request left, then none
+    assert steady_rate(samples, concurrency=2) == {"tokens_per_s": 100.0, "window_s": 1.5, "window_tokens": 150}
+    # A policy that learns is measured only after its learning steps.
+    assert steady_rate(samples, concurrency=2, learning_steps=15) == {
+        "tokens_per_s": 100.0, "window_s": 1.0, "window_tokens": 100}
+    assert steady_rate(samples, concurrency=2, learning_steps=30) is None  # never steady after learning
+    assert steady_rate(samples, concurrency=6) is None  # all in flight at once: no span after the ramp
 
 
+@pytest.mark.server
 def test_bench_smoke_produces_a_well_formed_report(demo_pair, tmp_path):
     out = tmp_path / "docs"
     code = main(["bench", "--setups", "ar", "psd", "flex", "--concurrency", "1", "4", "--draft-lengths", "4",
-                 "--max-tokens", "12", "--max-num-seqs", "4", "--num-prompts", "8", "--hf-prompts", "1",
-                 "--engine-concurrency", "4", "--label", "toy", "--out", str(out)])
+                 "--max-tokens", "12", "--max-num-seqs", "4", "--window-seconds", "2", "--learning-steps", "20",
+                 "--num-prompts", "8", "--hf-prompts", "1", "--engine-concurrency", "4", "--label", "toy", "--out", str(out)])
     assert code == 0
     report = (out / "benchmarks.md").read_text()
     figures = out / "bench" / "toy"
@@ -25,7 +39,7 @@ def test_bench_smoke_produces_a_well_formed_report(demo_pair, tmp_path):
     flex = [r for r in raw["rows"] if r["setup"] == "flex"]
     assert all(sum(r["steps_by_mode"].values()) > 0 for r in flex)
     for row in raw["rows"]:
-        assert row["tokens_per_s"] > 0 and row["ttft_p50_ms"] > 0 and row["e2e_p99_ms"] >= row["e2e_p50_ms"]
+        assert row["tokens_per_s"] > 0 and row["window_s"] >= 1 and row["ttft_p50_ms"] > 0 and row["e2e_p99_ms"] >= row["e2e_p50_ms"]
     psd = [r for r in raw["rows"] if r["setup"] == "psd"]
     assert all(r["acceptance_rate"] is not None and 0 <= r["acceptance_rate"] <= 1 for r in psd)
     assert raw["hf_assisted"]["tokens_per_s"] > 0

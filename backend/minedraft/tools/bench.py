@@ -16,6 +16,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -40,41 +41,79 @@ def build_repository(root: Path, setups: list[str], max_num_seqs: int, max_draft
     return write_repository(root, models, max_batch_size=2 * max_num_seqs, queue_size=1024)
 
 
-def run_perf_analyzer(server, model, data: Path, concurrency: int, export: Path, window_requests: int) -> None:
-    """Three count windows; stability is not required (the run is one sample). perf_analyzer still
-    gives up on some noisy runs, so those are retried with longer windows."""
-    run_with_export(lambda attempt: [
-        *_load(server, model, data, concurrency), "--measurement-mode", "count_windows",
-        "--measurement-request-count", str(window_requests << attempt), "--stability-percentage", "999",
-        "--max-trials", "6"], export)
-
-
 def _load(server, model, data: Path, concurrency: int) -> list[str]:
     """perf_analyzer's arguments for streaming these requests to the model at this concurrency."""
     return ["-m", model, "-u", server.grpc_url, "-i", "grpc", "--streaming", "--concurrency-range", str(concurrency),
             "--input-data", str(data)]
 
 
+class CounterSampler:
+    """The server's counters for one model, read every `period` seconds on a thread while a load runs:
+    (time, generated tokens, finished requests, steps) per reading."""
+
+    def __init__(self, metrics_url: str, model: str, period: float = 0.2):
+        self.metrics_url, self.model, self.period = metrics_url, model, period
+        self.samples: list[tuple[float, float, float, float]] = []
+        self.first: dict = {}
+        self.last: dict = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._read()
+        self.first = self.last
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._read()
+
+    def _run(self):
+        while not self._stop.wait(self.period):
+            self._read()
+
+    def _read(self):
+        now = time.perf_counter()
+        self.last = read_metrics(self.metrics_url, self.model)
+        self.samples.append((now, *(self.last.get(name, 0.0) for name in (
+            "minedraft_generation_tokens_total", "minedraft_requests_finished_total", "minedraft_steps_total"))))
+
+
+def steady_rate(samples, concurrency: int, learning_steps: int = 0) -> dict | None:
+    """Tokens per second while perf_analyzer held `concurrency` requests in flight: from the first
+    request's end (every slot has started; and, for a policy that learns, `learning_steps` steps run)
+    to the last reading before the drain (perf_analyzer sends its last request when all but
+    `concurrency` have finished, so while finished <= total - concurrency, all are in flight).
+
+    Token-exact over the span between two readings, unlike whole requests over perf_analyzer's
+    whole-second windows (docs/benchmark-analysis.md, "The benchmark's resolution")."""
+    t0, tokens0, finished0, steps0 = samples[0]
+    total = samples[-1][2] - finished0
+    held = [s for s in samples if 1 <= s[2] - finished0 <= total - concurrency and s[3] - steps0 >= learning_steps]
+    if len(held) < 2 or held[-1][0] <= held[0][0]:
+        return None
+    (start, tokens_start, _, _), (end, tokens_end, _, _) = held[0], held[-1]
+    return {"tokens_per_s": round((tokens_end - tokens_start) / (end - start), 2),
+            "window_s": round(end - start, 2), "window_tokens": int(tokens_end - tokens_start)}
+
+
 def summarise_profile(export: Path) -> dict:
-    """Token throughput inside perf_analyzer's measurement windows, and per-request latencies."""
+    """Per-request latencies from perf_analyzer's profile export."""
     experiment = json.loads(export.read_text())["experiments"][0]
-    bounds = experiment["window_boundaries"]
-    start, end = bounds[0], bounds[-1]
-    tokens_in_window, ttft, itl, e2e = 0, [], [], []
+    ttft, itl, e2e = [], [], []
     for request in experiment["requests"]:
         stamps, outputs = request["response_timestamps"], request["response_outputs"]
         # num_output_tokens is each response's new tokens (vllm_backend's meaning).
-        counts = [o.get("num_output_tokens", 0) for o in outputs]
-        tokens_in_window += sum(count for stamp, count in zip(stamps, counts) if start <= stamp <= end)
-        total = sum(counts)
+        total = sum(o.get("num_output_tokens", 0) for o in outputs)
         if not stamps or total < 1:
             continue
         ttft.append((stamps[0] - request["timestamp"]) / 1e9)
         e2e.append((stamps[-1] - request["timestamp"]) / 1e9)
         if total > 1:
             itl.append((stamps[-1] - stamps[0]) / 1e9 / (total - 1))
-    return {"tokens_per_s": round(tokens_in_window / ((end - start) / 1e9), 2),
-            "requests": len(experiment["requests"]),
+    return {"requests": len(experiment["requests"]),
             "ttft_p50_ms": _ms(_pct(ttft, 50)), "ttft_p99_ms": _ms(_pct(ttft, 99)),
             "itl_p50_ms": _ms(_pct(itl, 50)), "itl_p99_ms": _ms(_pct(itl, 99)),
             "e2e_p50_ms": _ms(_pct(e2e, 50)), "e2e_p99_ms": _ms(_pct(e2e, 99))}
@@ -91,39 +130,46 @@ def _ms(seconds):
     return round(seconds * 1000, 2)
 
 
-# Steps flex runs at a new load before it is measured: enough to time each of its arms (7 to 11:
-# AR, SD and PSD at up to three draft lengths, steps alone at two thread counts) for 24 steps in
-# the one or two batch-size buckets that a concurrency visits. Measuring that learning would
-# measure a start-up, not a load.
-LEARNING_STEPS = 400
+def load_requests(concurrency: int, max_tokens: int, window_s: float, expected_tokens_per_s: float,
+                  learning_requests: int) -> int:
+    """Requests for one perf_analyzer run: the ramp (one), a steady span of about window_s at the
+    expected rate (at least 4 requests), the learning (if any), and the drain (concurrency)."""
+    steady = max(4, math.ceil(expected_tokens_per_s * window_s / max_tokens))
+    return 1 + steady + learning_requests + concurrency
 
 
-def warm_up(server, model, data: Path, concurrency: int, rows_per_step: int, max_tokens: int, export: Path) -> None:
-    """Requests at this concurrency, unmeasured, so that a policy that learns (flex) has learnt."""
-    requests = max(concurrency, math.ceil(LEARNING_STEPS * min(concurrency, rows_per_step) / max_tokens))
-    run_with_export([*_load(server, model, data, concurrency), "--request-count", str(requests)], export)
-
-
-def measure_server(server, setup, k, concurrency, prompts, max_tokens, workdir: Path, max_num_seqs: int) -> dict:
+def measure_server(server, setup, k, concurrency, prompts, args, workdir: Path, expected_tokens_per_s: float) -> dict:
+    """One point: perf_analyzer streams a fixed number of requests at this concurrency while the
+    server's counters are read; throughput is their steady rate (`steady_rate`), latencies come from
+    the export. A run whose steady span came out under half of --window-seconds (the rate was not
+    known yet) is run again, sized by the rate it measured."""
     model = SETUPS[setup][0]
-    params = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    params = {"max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
     if not setup.startswith("ar"):
         params["num_draft_tokens"] = k
     data = write_input_data(workdir / f"input_k{k}.json", prompts, params)
     export = workdir / f"{model}_k{k}_c{concurrency}.json"
-    if mode_of(setup) == "flex":  # the one policy that learns
-        warm_up(server, model, data, concurrency, max_num_seqs, max_tokens, export)
-    before = read_metrics(server.metrics_url, model)
-    # At least 8 requests a window: with 4, low-concurrency points on the real pair took a few
-    # recurring values (too few responses to tell 5 % apart).
-    run_perf_analyzer(server, model, data, concurrency, export, window_requests=max(concurrency, 8))
-    after = read_metrics(server.metrics_url, model)
+    # Flex learns at a new load (times each of its arms); measuring that would measure a start-up.
+    learning_steps = args.learning_steps if mode_of(setup) == "flex" else 0
+    learning_requests = math.ceil(learning_steps * min(concurrency, args.max_num_seqs) / args.max_tokens)
+    for attempt in range(3):
+        requests = load_requests(concurrency, args.max_tokens, args.window_seconds, expected_tokens_per_s,
+                                 learning_requests)
+        with CounterSampler(server.metrics_url, model) as counters:
+            run_with_export([*_load(server, model, data, concurrency), "--request-count", str(requests)], export)
+        steady = steady_rate(counters.samples, concurrency, learning_steps)
+        if steady and steady["window_s"] >= args.window_seconds / 2:
+            break
+        expected_tokens_per_s = steady["tokens_per_s"] if steady else expected_tokens_per_s * 4 + 10
+    if steady is None:
+        raise RuntimeError(f"{model} at c = {concurrency}: no steady span in {requests} requests")
+
     def delta(name):
-        return after.get(name, 0) - before.get(name, 0)
+        return counters.last.get(name, 0) - counters.first.get(name, 0)
 
     drafted, accepted = delta("minedraft_draft_tokens_total"), delta("minedraft_accepted_tokens_total")
     steps = {mode: delta(f"minedraft_policy_steps_total/{mode}") for mode in STEP_MODES}
-    return {"setup": setup, "model": model, "num_draft_tokens": k, "concurrency": concurrency,
+    return {"setup": setup, "model": model, "num_draft_tokens": k, "concurrency": concurrency, **steady,
             **summarise_profile(export), "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
             "steps_by_mode": steps}
 
@@ -258,7 +304,10 @@ def run(args) -> dict:
         task = progress.add_task("perf_analyzer", total=len(plan))
         for setup, k, c in plan:
             progress.update(task, description=f"{SETUPS[setup][0]} k={k} c={c}")
-            rows.append(measure_server(server, setup, k, c, prompts, args.max_tokens, workdir, args.max_num_seqs))
+            # Sized by the fastest rate seen so far at this load or, for the first set-up, the load before.
+            seen = best_by_tokens_per_s([r for r in rows if r["concurrency"] == c]) or (rows[-1] if rows else None)
+            rows.append(measure_server(server, setup, k, c, prompts, args, workdir,
+                                       seen["tokens_per_s"] if seen else 0.0))
             (workdir / "rows.json").write_text(json.dumps(rows))  # what a failed run still measured
             progress.advance(task)
     server.stop()
@@ -303,6 +352,12 @@ def main_args(parser: argparse.ArgumentParser) -> None:
                         help="draft lengths swept for the SD set-ups (default: --draft-lengths)")
     parser.add_argument("--engine-concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--window-seconds", type=float, default=20.0,
+                        help="the steady span each point's throughput is measured over")
+    parser.add_argument("--learning-steps", type=int, default=400,
+                        help="steps flex runs at each load before its span starts: enough to time each of its arms "
+                             "(7 to 11: AR, SD and PSD at up to three draft lengths, steps alone at two thread counts) "
+                             "for 24 steps in the one or two batch-size buckets that a concurrency visits")
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--hf-prompts", type=int, default=8)
