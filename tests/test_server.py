@@ -183,6 +183,8 @@ def test_flex_streams_the_targets_output_and_reports_its_choices(server, referen
     print(f"flex steps by mode: {steps}, last k {m['minedraft_draft_length']}")
     assert sum(steps.values()) == m["minedraft_steps_total"]
     assert sum(m[f"minedraft_policy_mode/{mode}"] for mode in steps) == 1  # the last step's mode
+    # The engine's own log lines reach the server's log: here flex's start-up calibration.
+    assert "flex calibration: {" in server.log_path.read_text()
 
 
 def test_perf_analyzer_streaming_smoke(server, tmp_path):

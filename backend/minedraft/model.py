@@ -5,6 +5,7 @@ responses (TritonResponder), engine settings from the model config. The serving 
 threads, cancellation and failure handling live in minedraft.serving, which runs without Triton.
 """
 import json
+import logging
 import os
 from dataclasses import fields
 
@@ -83,6 +84,20 @@ class TritonResponder:
         return self.request.is_cancelled()
 
 
+class TritonLogHandler(logging.Handler):
+    """The engine's log records ("minedraft" logger) into tritonserver's log through pb_utils.Logger:
+    its calibration, flex's switches and drafter failures beside the server's own lines."""
+
+    def emit(self, record):
+        message = self.format(record)
+        if record.levelno >= logging.ERROR:
+            pb_utils.Logger.log_error(message)
+        elif record.levelno >= logging.WARNING:
+            pb_utils.Logger.log_warn(message)
+        else:
+            pb_utils.Logger.log_info(message)
+
+
 class TritonPythonModel:
     @staticmethod
     def auto_complete_config(config):
@@ -97,6 +112,9 @@ class TritonPythonModel:
         model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise pb_utils.TritonModelException("minedraft needs `model_transaction_policy { decoupled: true }`")
+        logger = logging.getLogger("minedraft")
+        logger.setLevel(logging.INFO)
+        logger.addHandler(TritonLogHandler())  # one model per stub process, so once per process
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         settings = _read_parameters(model_config, version_dir)
         report_metrics = settings.pop("report_metrics", "true").lower()
