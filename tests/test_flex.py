@@ -298,6 +298,9 @@ def test_flex_keeps_the_target_pinned_to_its_cores_by_default(tiny_pair):
     engine = make_engine(*tiny_pair, mode="flex", drafter="process", target_cpus="0", draft_cpus="1")
     try:
         assert engine.policy.costs.table.threads_alone is None  # no per-step thread counts
+        assert os.sched_getaffinity(0) == affinity  # building leaves the calling thread as it was
+        engine.submit("r", PROMPTS[0], {"max_tokens": 2})
+        engine.step()  # the thread that steps runs on the target's cores
         assert os.sched_getaffinity(0) == {0} and torch.get_num_threads() == 1
     finally:
         engine.close()

@@ -33,6 +33,8 @@ class EngineParts:
     drafting: Drafting
     policy: Policy
     outputs: OutputBuilder
+    # The cores of the thread that runs steps (`target_cpus`; empty: not pinned).
+    step_cpus: set[int]
     # Threads per step (`target_threads: per_step`): the target's thread count -> the cores its
     # engine thread may run on at that count. None: threads and cores stay as pinned at start.
     thread_cpus: dict[int, set[int]] | None = None
@@ -60,7 +62,9 @@ def build(config: EngineConfig) -> EngineParts:
             thread_counts = (len(target_cpus | draft_cpus), len(target_cpus))
             thread_cpus = {len(target_cpus): target_cpus, len(target_cpus | draft_cpus): target_cpus | draft_cpus}
             target_cpus = target_cpus | draft_cpus
-    _pin_target(config, target_cpus)
+    step_cpus = target_cpus if config.target_cpus else set()
+    unpinned = os.sched_getaffinity(0)
+    _pin_target(config, target_cpus)  # the start-up calibration times the target on its own cores
     model = load_model(config.target_model, config.target_device, config.dtype)
     check_context(model.config, config)
     target = ModelRunner(model, config.max_num_seqs, capacity)
@@ -70,8 +74,11 @@ def build(config: EngineConfig) -> EngineParts:
     # No token is longer than the longest in the vocabulary, so a prompt of more characters than
     # this has more than max_model_len tokens, whatever it says.
     max_prompt_chars = config.max_model_len * longest_token_chars(tokenizer)
+    # The thread that runs steps pins itself (Engine); the building one, whose later threads serve
+    # requests and responses, is let go again.
+    os.sched_setaffinity(0, unpinned)
     return EngineParts(tokenizer, eos_token_ids, max_prompt_chars, target, Scheduler(batches), drafting, policy,
-                       OutputBuilder(tokenizer, eos_token_ids, config.max_model_len), thread_cpus)
+                       OutputBuilder(tokenizer, eos_token_ids, config.max_model_len), step_cpus, thread_cpus)
 
 
 def _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity, draft_cpus):
@@ -99,7 +106,7 @@ def _make_policy(config, target, batch, drafting, eos_token_ids, thread_counts) 
 
 def _pin_target(config: EngineConfig, cpus: set[int]) -> None:
     """Size the target's thread pool to its share of cores. The affinity is only set when
-    configured: it applies to the calling thread, which an embedding program may not expect."""
+    configured (and only while building: see build)."""
     if not cpus:
         return
     torch.set_num_threads(len(cpus))

@@ -354,10 +354,10 @@ def main_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--window-seconds", type=float, default=20.0,
                         help="the steady span each point's throughput is measured over")
-    parser.add_argument("--learning-steps", type=int, default=400,
+    parser.add_argument("--learning-steps", type=int, default=600,
                         help="steps flex runs at each load before its span starts: enough to time each of its arms "
                              "(7 to 11: AR, SD and PSD at up to three draft lengths, steps alone at two thread counts) "
-                             "for 24 steps in the one or two batch-size buckets that a concurrency visits")
+                             "for 40 steps in a batch-size bucket")
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--hf-prompts", type=int, default=8)
