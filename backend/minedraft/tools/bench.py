@@ -2,9 +2,10 @@
 
 One server serves one model per set-up over the same pair of weights (`--model-dir`: the toy
 pair by default, `model_repository/smollm2/1` for the real one). perf_analyzer streams held-out
-prompts (fixed max_tokens, ignore_eos: equal work in every mode) at each concurrency; its
-profile export gives every response's timestamp, from which throughput, TTFT, inter-token
-latency and end-to-end latency follow. Acceptance comes from the server's Prometheus counters.
+prompts (fixed max_tokens, ignore_eos: equal work in every mode) at each concurrency. Throughput
+is the server's generated-token counter over the span in which perf_analyzer held the
+concurrency (`steady_rate`); TTFT, inter-token and end-to-end latency come from perf_analyzer's
+profile export, acceptance from the server's Prometheus counters.
 The in-process engine, HF's generation, PSD's ideal and the machine's memory read bandwidth are
 measured in the same run. Writes the pair's section of docs/benchmarks.md, PNG plots and raw JSON
 under docs/bench/<label>/.
