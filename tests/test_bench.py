@@ -4,7 +4,7 @@ import json
 import pytest
 
 from minedraft.cli import main
-from minedraft.tools.bench import steady_rate
+from minedraft.tools.bench import expected_rate, steady_rate
 
 
 def test_steady_rate_counts_tokens_only_while_the_concurrency_is_held():
@@ -19,6 +19,16 @@ def test_steady_rate_counts_tokens_only_while_the_concurrency_is_held():
         "tokens_per_s": 100.0, "window_s": 1.0, "window_tokens": 100}
     assert steady_rate(samples, concurrency=2, learning_steps=30) is None  # never steady after learning
     assert steady_rate(samples, concurrency=6) is None  # all in flight at once: no span after the ramp
+
+
+def test_a_point_is_sized_by_its_own_rate_at_the_load_before():
+    rows = [{"setup": "ar", "num_draft_tokens": 0, "concurrency": 1, "tokens_per_s": 10.0},
+            {"setup": "psd", "num_draft_tokens": 2, "concurrency": 1, "tokens_per_s": 5.0},
+            {"setup": "ar", "num_draft_tokens": 0, "concurrency": 2, "tokens_per_s": 20.0}]
+    assert expected_rate(rows, "psd", 2, 2) == 5.0  # its own, not the fastest at this load
+    assert expected_rate(rows, "sd", 1, 2) == 20.0  # new: the fastest at this load
+    assert expected_rate(rows, "ar", 0, 4) == 20.0  # the latest load before
+    assert expected_rate([], "ar", 0, 1) == 0.0
 
 
 @pytest.mark.server

@@ -286,6 +286,14 @@ def best(rows, setup, concurrency):
     return best_by_tokens_per_s([r for r in rows if r["setup"] == setup and r["concurrency"] == concurrency])
 
 
+def expected_rate(rows: list[dict], setup: str, k: int, concurrency: int) -> float:
+    """What a point's run is sized by: the set-up's own rate at the load before (rates rise with
+    load, so its span comes out at least as long as asked), else the fastest at this load, else 0."""
+    before = [r for r in rows if (r["setup"], r["num_draft_tokens"]) == (setup, k) and r["concurrency"] < concurrency]
+    seen = before[-1:] or [r for r in rows if r["concurrency"] == concurrency]
+    return best_by_tokens_per_s(seen)["tokens_per_s"] if seen else 0.0
+
+
 def run(args) -> dict:
     from rich.progress import Progress
     machine_info = machine()  # before any engine pins this thread to its cores
@@ -305,10 +313,7 @@ def run(args) -> dict:
         task = progress.add_task("perf_analyzer", total=len(plan))
         for setup, k, c in plan:
             progress.update(task, description=f"{SETUPS[setup][0]} k={k} c={c}")
-            # Sized by the fastest rate seen so far at this load or, for the first set-up, the load before.
-            seen = best_by_tokens_per_s([r for r in rows if r["concurrency"] == c]) or (rows[-1] if rows else None)
-            rows.append(measure_server(server, setup, k, c, prompts, args, workdir,
-                                       seen["tokens_per_s"] if seen else 0.0))
+            rows.append(measure_server(server, setup, k, c, prompts, args, workdir, expected_rate(rows, setup, k, c)))
             (workdir / "rows.json").write_text(json.dumps(rows))  # what a failed run still measured
             progress.advance(task)
     server.stop()

@@ -230,9 +230,10 @@ def flex_section(table: list[dict], args: dict) -> list[str]:
              "Flex and auto serve on PSD's cores and pick AR, SD(k) or PSD(k) every step (k <= "
              f"{max(args['draft_lengths'])}): flex by measuring every choice at this load and running the fastest "
              "(docs/flex.md), auto by the number of running requests alone (FlexDraft's batch-size switch). *per "
-             "step*: steps alone may also use the drafter's core (`target_threads: per_step`). Flex is measured "
-             "after a warm-up at each concurrency; the others are not (they do not learn). Steps by mode are the "
-             "server's `minedraft_policy_steps_total`. *flex τ* adds FlexDraft's confidence cut at "
+             "step*: steps alone may also use the drafter's core (`target_threads: per_step`). Flex's measured span "
+             f"starts after {args.get('learning_steps', 400)} steps at each concurrency (its learning); the others' "
+             "do not wait (they do not learn). Steps by mode are the server's `minedraft_policy_steps_total` over "
+             "the whole run. *flex τ* adds FlexDraft's confidence cut at "
              f"draft_confidence_threshold = {tau}.", "",
              "| c | best fixed (set-up, k) | " + " | ".join(f"{names[s]} | / best fixed | steps ar/sd/psd"
                                                         for s in present) + " |",
@@ -243,6 +244,16 @@ def flex_section(table: list[dict], args: dict) -> list[str]:
             lines.append(f"| {t['concurrency']} | {_cell(t['fixed_best'])} ({t['fixed_best']['setup']}, "
                          f"{t['fixed_best']['num_draft_tokens']}) | " + " | ".join(cells) + " |")
     return lines
+
+
+def _throughput_method(results: dict) -> str:
+    if "window_s" not in results["rows"][0]:  # runs before the counter-based span
+        return ("- Throughput: output tokens whose responses fall inside perf_analyzer's measurement windows, "
+                "divided by the windows' span (from `--profile-export-file`).")
+    return ("- Throughput: the server's `minedraft_generation_tokens_total`, read every 0.2 s, over the span in "
+            f"which perf_analyzer held the concurrency (from the first request's end to its last request's "
+            f"sending; about {results['args']['window_seconds']:g} s a point, the `window_s` of raw.json). "
+            "Latencies: perf_analyzer's profile export, every request of the run.")
 
 
 def _steps(row) -> str:
@@ -268,11 +279,10 @@ def markdown(results: dict, table: list[dict], goals: list[dict], figures: str) 
         "tiny models one thread is often faster: see the analysis); PSD puts the target on core 0 and the drafter "
         "process on core 1, the same 2 cores (iso-hardware). SD on core 0 alone is also P1b's SD (the paper's "
         "set-up: PSD gets the extra core). tritonserver's frontend and perf_analyzer share the same 2 cores in "
-        "every case.",
+        "every case (the target's cores bind only the engine thread that runs it).",
         f"- Best `num_draft_tokens` at each concurrency: PSD from {args['draft_lengths']}, SD from "
         f"{args.get('sd_draft_lengths') or args['draft_lengths']}.",
-        "- Throughput: output tokens whose responses fall inside perf_analyzer's measurement windows, divided "
-        "by the windows' span (from `--profile-export-file`). Acceptance: the server's "
+        _throughput_method(results) + " Acceptance: the server's "
         "`minedraft_accepted_tokens_total / minedraft_draft_tokens_total` over the run.",
         "",
         "### Goals",
