@@ -122,6 +122,24 @@ def test_flex_switches_only_for_a_clear_measured_gain():
     assert max(set(chosen[-300:]), key=chosen[-300:].count) == other
 
 
+def test_flex_completes_a_measurement_that_a_passing_load_interrupts():
+    """Two requests, one of which ends every 20 steps (a single row for 4 steps: no PSD then). Each
+    try at measuring PSD is cut short; its samples must add up, not start over, or flex explores
+    PSD forever (seen through the server at c = 2 on the real pair: flex 0.70x of SD)."""
+    policy = FlexPolicy(1, costs(draft_step=0.0005), batch_capacity=64)
+    two, one = batches_with(2, alpha=0.5), batches_with(1, alpha=0.5)
+    rates = {Choice("ar", 0): 100.0, Choice("sd", 1): 150.0, Choice("psd", 1): 120.0}
+
+    def seconds_of(choice, rows):
+        return rows * expected_tokens(0.5, choice.k) / rates[choice]
+    chosen = []
+    for _ in range(40):
+        chosen += drive(policy, two, 0.5, seconds_of, 20)
+        drive(policy, one, 0.5, seconds_of, 4)
+    assert policy.rates.samples(Arm(Choice("psd", 1)), 2) >= policy.min_samples
+    assert chosen[-200:].count(Choice("sd", 1)) > 0.8 * 200
+
+
 def test_flex_bounds_the_steps_it_spends_measuring():
     """Once every choice is measured, re-measuring the others costs about (min_dwell +
     min_samples) steps each per `refresh` steps."""

@@ -65,18 +65,21 @@ def build(config: EngineConfig) -> EngineParts:
     step_cpus = target_cpus if config.target_cpus else set()
     unpinned = os.sched_getaffinity(0)
     _pin_target(config, target_cpus)  # the start-up calibration times the target on its own cores
-    model = load_model(config.target_model, config.target_device, config.dtype)
-    check_context(model.config, config)
-    target = ModelRunner(model, config.max_num_seqs, capacity)
-    batches = [Batch(slot, target.new_cache(), config.max_num_seqs) for slot in range(config.num_batches)]
-    drafting = Drafting(drafter, sequential_drafter, batches, config.max_model_len, config.draft_confidence_threshold)
-    policy = _make_policy(config, target, batches[0], drafting, eos_token_ids, thread_counts)
+    try:
+        model = load_model(config.target_model, config.target_device, config.dtype)
+        check_context(model.config, config)
+        target = ModelRunner(model, config.max_num_seqs, capacity)
+        batches = [Batch(slot, target.new_cache(), config.max_num_seqs) for slot in range(config.num_batches)]
+        drafting = Drafting(drafter, sequential_drafter, batches, config.max_model_len,
+                            config.draft_confidence_threshold)
+        policy = _make_policy(config, target, batches[0], drafting, eos_token_ids, thread_counts)
+    finally:
+        # The thread that runs steps pins itself (Engine); the building one, whose later threads
+        # serve requests and responses, is let go again.
+        os.sched_setaffinity(0, unpinned)
     # No token is longer than the longest in the vocabulary, so a prompt of more characters than
     # this has more than max_model_len tokens, whatever it says.
     max_prompt_chars = config.max_model_len * longest_token_chars(tokenizer)
-    # The thread that runs steps pins itself (Engine); the building one, whose later threads serve
-    # requests and responses, is let go again.
-    os.sched_setaffinity(0, unpinned)
     return EngineParts(tokenizer, eos_token_ids, max_prompt_chars, target, Scheduler(batches), drafting, policy,
                        OutputBuilder(tokenizer, eos_token_ids, config.max_model_len), step_cpus, thread_cpus)
 

@@ -229,9 +229,9 @@ class Engine:
 
     def _pin_step_thread(self) -> None:
         """`target_cpus` binds the thread that runs steps, not the process: the server's own threads
-        (requests in, responses out) stay free to run on another core. Pinned with the target,
-        they made one-core AR through the server 0.75x of two-thread AR at 8 requests (real pair),
-        and flex's two-thread steps no faster than its one-thread ones."""
+        (requests in, responses out) stay free to run on another core. Pinned beside the target,
+        they held flex per step to 43.4 tokens/s at 8 requests on the real pair; free, 50.1 (one
+        run each, docs/benchmark-analysis.md)."""
         if self.step_cpus and self._pinned_thread != threading.get_ident():
             os.sched_setaffinity(0, self.step_cpus)
             self._pinned_thread, self._threads = threading.get_ident(), None

@@ -227,7 +227,10 @@ class FlexPolicy(Policy):
             return self.arm
         if unmeasured:
             explore = max(unmeasured, key=predicted.get)
-            self.rates.forget(explore, bucket)  # a stale rate is measured afresh, not topped up
+            # A stale rate is measured afresh, not topped up; a measurement that a passing load cut
+            # short (PSD with one request left) is continued, or flex would try it forever.
+            if self.steps - self.rates.last_run.get((explore, bucket), self.steps) >= self.refresh:
+                self.rates.forget(explore, bucket)
             return explore
         fastest = max(predicted, key=lambda a: self.rates.rate(a, bucket))
         beats = self.rates.rate(fastest, bucket) > (1 + self.hysteresis) * self.rates.rate(self.arm, bucket)

@@ -287,8 +287,9 @@ def best(rows, setup, concurrency):
 
 
 def expected_rate(rows: list[dict], setup: str, k: int, concurrency: int) -> float:
-    """What a point's run is sized by: the set-up's own rate at the load before (rates rise with
-    load, so its span comes out at least as long as asked), else the fastest at this load, else 0."""
+    """What a point's run is sized by: the set-up's own rate at the load before, else the fastest
+    at this load, else 0. Where the rate rose with the load the span comes out shorter than asked
+    (the same requests finish sooner); under half of it, the point is run again (measure_server)."""
     before = [r for r in rows if (r["setup"], r["num_draft_tokens"]) == (setup, k) and r["concurrency"] < concurrency]
     seen = before[-1:] or [r for r in rows if r["concurrency"] == concurrency]
     return best_by_tokens_per_s(seen)["tokens_per_s"] if seen else 0.0
