@@ -11,10 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from minedraft import Engine, EngineConfig
-from minedraft.drafter import DraftRow, DraftWork, build_draft_model
+from minedraft.drafter import DraftRow, DraftWork, build_draft_model, is_feature_draft
 from minedraft.model_runner import ModelRunner, load_config, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,30 +55,40 @@ def acceptance(target: str, draft: str, prompts: list[dict], k: int, max_tokens:
 
 
 def forward_seconds(path: str, context: int = 64, repeats: int = 60) -> float:
-    """Median time of one single-token forward at batch 1 after `context` cached tokens."""
+    """Median time of one single-token forward at batch 1 after `context` cached tokens (for a
+    feature draft, with its input projection)."""
     runner = ModelRunner(load_model(path, "cpu", "float32"), 1, context + 8)
     cache = runner.new_cache()
     runner.forward(cache, [0], [0], [list(range(5, 5 + context))], last_only=True)
+    step = lambda: runner.forward(cache, [0], [context], [[7]], last_only=True)  # noqa: E731
+    if is_feature_draft(path):
+        draft = build_draft_model(path, "cpu", "float32", 1, context + 8, (), runner.vocab_size)
+        state = torch.randn(1, runner.model.config.hidden_size)
+        step = lambda: draft.runner.forward(cache, [0], [context], [[7]], last_only=True, with_hidden=True,  # noqa: E731
+                                            embeds=[draft._pair_embeds([7], state)])
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        runner.forward(cache, [0], [context], [[7]], last_only=True)
+        step()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
 
 def drafting_seconds(path: str, target_vocab_size: int, k: int, context: int = 64, repeats: int = 30) -> float:
     """Median time of one whole drafting of k tokens at batch 1 after `context` cached tokens: k draft
-    forwards for a sequential draft, one for a parallel draft."""
+    forwards for a sequential draft or a feature draft (whose first feeds the pairs of the last
+    verification, two here), one for a parallel draft."""
     draft = build_draft_model(path, "cpu", "float32", 1, context + k + 8, (), target_vocab_size)
+    hidden_size = draft.runner.model.config.hidden_size
 
     def work(cached_len, feed):
-        return DraftWork(0, [], [DraftRow(cached_len, feed, 0.0, 0, 1.0, 0, [0.5] * k, k)], k)
+        states = np.random.randn(len(feed), hidden_size).astype(np.float32) if draft.projection is not None else None
+        return DraftWork(0, [], [DraftRow(cached_len, feed, 0.0, 0, 1.0, 0, [0.5] * k, k, states)], k)
     draft.run(work(0, list(range(5, 5 + context))))
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        draft.run(work(context, [7]))
+        draft.run(work(context, [7, 8]))
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 

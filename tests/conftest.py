@@ -100,3 +100,29 @@ def parallel_draft(noisy_draft, tmp_path_factory):
     config["pard_token"] = config["vocab_size"] - 1
     (path / "config.json").write_text(json.dumps(config))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def feature_draft(tiny_pair, tmp_path_factory):
+    """A feature draft (EAGLE) for the tiny target: one layer that passes the target's state
+    through (attention and MLP outputs zeroed, the projection picks the state, a unit final norm
+    only rescales it), so from the pair (state at t, token t + 1) it proposes the target's argmax at
+    t, i.e. token t + 1 again. Greedy, its first draft is always the row's last token: right when
+    the target repeats itself, which the tiny random target often does."""
+    from safetensors.torch import save_file
+    path = tmp_path_factory.mktemp("feature")
+    target = AutoModelForCausalLM.from_pretrained(tiny_pair[0])
+    config = LlamaConfig(**{**target.config.to_dict(), "num_hidden_layers": 1})
+    draft = LlamaForCausalLM(config)
+    with torch.no_grad():
+        draft.model.embed_tokens.weight.copy_(target.model.embed_tokens.weight)
+        draft.lm_head.weight.copy_(target.lm_head.weight)
+        draft.model.norm.weight.fill_(1.0)
+        draft.model.layers[0].self_attn.o_proj.weight.zero_()
+        draft.model.layers[0].mlp.down_proj.weight.zero_()
+    draft.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_pair[0]).save_pretrained(path)
+    hidden = config.hidden_size
+    save_file({"weight": torch.cat([torch.zeros(hidden, hidden), torch.eye(hidden)], 1).contiguous(),
+               "bias": torch.zeros(hidden)}, path / "feature_projection.safetensors")
+    return str(path)

@@ -253,3 +253,37 @@ def test_a_parallel_draft_drafts_in_one_forward_and_stays_lossless(tiny_pair, pa
     assert drafted > 0
     if drafter == "inline":
         assert draftings and set(draftings) == {1}, draftings
+
+
+@pytest.mark.parametrize("mode,drafter", [("sd", "inline"), ("psd", "process")])
+def test_a_feature_draft_reads_the_targets_states_and_stays_lossless(tiny_pair, feature_draft, target_model, mode,
+                                                                     drafter):
+    """A feature draft (EAGLE: `feature_projection.safetensors` in its directory) drafts from the
+    target's last hidden states. The engine keeps them per request; at every commit they equal a
+    fresh forward of the target over the tokens its cache holds, and the fixture's draft, which
+    proposes the target's argmax from the state it reads, always proposes the row's last generated
+    token: states and tokens are paired at the right positions. Greedy output equals the target's."""
+    model, tokenizer = target_model
+    engine = make_engine(tiny_pair[0], feature_draft, mode=mode, drafter=drafter)
+    checked, first_drafts = [], []
+
+    def check(seq):
+        if seq.target_cached == 0:  # a one-token prompt: nothing read yet
+            return
+        with torch.no_grad():
+            states = model.model(input_ids=torch.tensor([seq.token_ids[:seq.target_cached]])).last_hidden_state[0]
+        torch.testing.assert_close(seq.target_features.span(0, seq.target_cached), states, atol=1e-4, rtol=1e-4)
+        checked.append(seq.target_cached)
+        if seq.draft_ids and seq.num_generated:  # a prompt's last token need not be the target's argmax
+            first_drafts.append((seq.draft_ids[0], seq.token_ids[-1]))
+    engine.fault_hook = check
+    try:
+        results = run_staggered(engine, PROMPTS, {"max_tokens": 24, "temperature": 0})
+        stats = engine.spec_stats
+    finally:
+        engine.close()
+    for i, prompt in enumerate(PROMPTS):
+        assert results[str(i)][0] == reference_greedy(model, tokenizer, prompt, 24)[1], prompt
+    assert len(checked) > len(PROMPTS) and len(first_drafts) > len(PROMPTS)
+    assert all(draft == last for draft, last in first_drafts)
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens

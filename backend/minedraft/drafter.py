@@ -23,12 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from . import sampler
 from .model_runner import ModelRunner, load_model
 
 NUM_BATCH_SLOTS = 2
 D2T_FILE = "d2t.json"
+# In a draft's directory: what makes it a feature draft (EAGLE), the projection of [token embedding;
+# target hidden state] to the draft's input, `weight` [H, 2H] and `bias` [H].
+FEATURE_PROJECTION_FILE = "feature_projection.safetensors"
 PARALLEL_DRAFT_KEY = "pard_token"  # in a draft's config.json: the mask token id of a parallel draft
 RESPAWN_BACKOFF_SECONDS = (1.0, 60.0)  # first and longest wait before respawning a worker that failed to start
 # Both sides poll the pipe this long before blocking on it: a blocked virtual CPU halts, and
@@ -52,6 +56,10 @@ class DraftRow:
     num_eos_blocked: int  # leading draft positions where EOS is masked (min_tokens)
     uniforms: list[float]  # one per drafted position; drawn by the engine from the request's RNG
     max_tokens: int  # this row's draft length cap
+    # A feature draft's input (EAGLE): the target's last hidden state at each fed position, [len(feed), H],
+    # float32 (numpy: it crosses to a worker process by value). Its pair at position p is
+    # (features[p], feed[p]), feed[p] being the token after that position.
+    features: np.ndarray | None = None
 
 
 @dataclass
@@ -122,12 +130,14 @@ class DraftVocabulary:
 class DraftModel:
     """Draft model plus one RowKVCache per internal batch."""
 
-    def __init__(self, runner: ModelRunner, eos_token_ids: tuple[int, ...], vocabulary: DraftVocabulary):
+    def __init__(self, runner: ModelRunner, eos_token_ids: tuple[int, ...], vocabulary: DraftVocabulary,
+                 projection: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.runner = runner
         self.vocabulary = vocabulary
         vocabulary.place(runner.device)
         # A parallel draft (PARD) names its mask token in its config, as vLLM's parallel drafting reads it.
         self.mask_token_id = getattr(runner.model.config, PARALLEL_DRAFT_KEY, None)
+        self.projection = projection  # (weight, bias) of a feature draft, else None
         self.eos_token_ids = tuple(filter(lambda i: i is not None, map(vocabulary.draft_id, eos_token_ids)))
         self.caches = [runner.new_cache() for _ in range(NUM_BATCH_SLOTS)]
         self.last_span = (0.0, 0.0)  # monotonic start and end of the last run (shared clock across processes)
@@ -148,7 +158,9 @@ class DraftModel:
         lens = self._prefill_long_feeds(cache, rows)
         catch_up_seconds = time.monotonic() - catch_up_started
         feeds = [self.vocabulary.to_draft(r.feed[len(r.feed) - min(len(r.feed), 2):]) for r in rows]
-        if self.mask_token_id is None:
+        if self.projection is not None:
+            logits, next_logits = self._feature_drafting(cache, lens, feeds, rows)
+        elif self.mask_token_id is None:
             logits = self.runner.forward(cache, slice(0, len(rows)), lens, feeds, last_only=True)
             lens = [n + len(f) for n, f in zip(lens, feeds)]
             def next_logits(j, tokens):
@@ -197,10 +209,42 @@ class DraftModel:
                 break
             logits = next_logits(j + 1, tokens)
         steps = int(lengths.max())  # a token drawn after every row stopped is no one's draft
-        # A sequential draft fed its first steps - 1 drafts to its cache; a parallel one fed masks there.
-        cached = steps - 1 if self.mask_token_id is None else 0
+        # A sequential draft fed its first steps - 1 drafts to its cache; a parallel one fed masks
+        # there, and a feature draft fed its own guesses of the target's states, which the target's
+        # real ones replace once verified.
+        cached = steps - 1 if self.mask_token_id is None and self.projection is None else 0
         return Drafts(torch.stack(ids, 1)[:, :steps].cpu(), torch.stack(probs, 1)[:, :steps] if probs else None,
                       lengths.tolist(), catch_up_seconds, cached)
+
+    def _feature_drafting(self, cache, lens: list[int], feeds: list[list[int]], rows: list[DraftRow]):
+        """EAGLE's drafting: each row feeds its pending pairs (target state, next token); the draft's
+        output state at the last one is its guess of the target's next state, whose logits give the
+        first draft, and which is fed back with that draft to guess the one after."""
+        # A row with nothing to feed (a newcomer whose prompt the target has not read yet; its cap
+        # is 0) feeds a placeholder pair that its cache length, kept by the engine, does not count.
+        hidden_size = self.runner.model.config.hidden_size
+        features = [torch.from_numpy(r.features[len(r.features) - len(f):]).to(self.runner.device, self.runner.model.dtype) if f
+                    else torch.zeros(1, hidden_size, device=self.runner.device, dtype=self.runner.model.dtype) for r, f in zip(rows, feeds)]
+        feeds = [f or [0] for f in feeds]
+        logits, hidden = self.runner.forward(cache, slice(0, len(rows)), lens, feeds, last_only=True, with_hidden=True,
+                                             embeds=list(map(self._pair_embeds, feeds, features)))
+        lens = [n + len(f) for n, f in zip(lens, feeds)]
+
+        def next_logits(j, tokens):
+            nonlocal lens, hidden
+            pairs = self._pair_embeds(tokens, hidden)
+            step, hidden = self.runner.forward(cache, slice(0, len(rows)), lens, [[0]] * len(rows), last_only=True,
+                                               with_hidden=True, embeds=list(pairs[:, None]))
+            lens = [n + 1 for n in lens]
+            return step
+        return logits, next_logits
+
+    def _pair_embeds(self, tokens, features: torch.Tensor) -> torch.Tensor:
+        """A feature draft's input for pairs (token, the target's state before it): [n, H]."""
+        tokens = torch.as_tensor(tokens, device=self.runner.device)
+        weight, bias = self.projection
+        return torch.nn.functional.linear(torch.cat([self.runner.model.get_input_embeddings()(tokens), features], -1),
+                                          weight, bias)
 
     def _parallel_logits(self, cache, lens: list[int], feeds: list[list[int]], k: int) -> torch.Tensor:
         """PARD's drafting: each row feeds its pending tokens and k - 1 mask tokens in one forward; the
@@ -218,17 +262,30 @@ class DraftModel:
         long_rows = [i for i, r in enumerate(rows) if len(r.feed) > 2]
         lens = [r.cached_len for r in rows]
         if long_rows:
-            self.runner.fill(cache, long_rows, [lens[i] for i in long_rows],
-                             [self.vocabulary.to_draft(rows[i].feed[:-2]) for i in long_rows])
+            feeds = [self.vocabulary.to_draft(rows[i].feed[:-2]) for i in long_rows]
+            embeds = None
+            if self.projection is not None:
+                embeds = [self._pair_embeds(f, torch.from_numpy(rows[i].features[:-2]).to(self.runner.device, self.runner.model.dtype))
+                          for i, f in zip(long_rows, feeds)]
+            self.runner.fill(cache, long_rows, [lens[i] for i in long_rows], feeds, embeds=embeds)
             for i in long_rows:
                 lens[i] += len(rows[i].feed) - 2
         return lens
 
 
+def is_feature_draft(path: str) -> bool:
+    return (Path(path) / FEATURE_PROJECTION_FILE).is_file()
+
+
 def build_draft_model(path: str, device: str, dtype: str, num_rows: int, capacity: int, eos_token_ids,
                       target_vocab_size: int) -> DraftModel:
-    return DraftModel(ModelRunner(load_model(path, device, dtype), num_rows, capacity), eos_token_ids,
-                      DraftVocabulary.load(path, target_vocab_size))
+    model = load_model(path, device, dtype)
+    projection = None
+    if is_feature_draft(path):
+        weights = load_file(Path(path) / FEATURE_PROJECTION_FILE, device=str(model.device))
+        projection = (weights["weight"].to(model.dtype), weights["bias"].to(model.dtype))
+    return DraftModel(ModelRunner(model, num_rows, capacity), eos_token_ids,
+                      DraftVocabulary.load(path, target_vocab_size), projection)
 
 
 class InlineDrafter:
@@ -241,6 +298,7 @@ class InlineDrafter:
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._pending = None
         self.last_span = (0.0, 0.0)
+        self.reads_features = draft_model.projection is not None
 
     ready = True
 
@@ -286,6 +344,7 @@ class ProcessDrafter:
     def __init__(self, path, device, dtype, num_rows, capacity, eos_token_ids, vocab_size, max_tokens, cpus,
                  reply_timeout: float = 60.0):
         self._spec = (path, device, dtype, num_rows, capacity, list(eos_token_ids), vocab_size, sorted(cpus))
+        self.reads_features = is_feature_draft(path)
         self._ids_shape = (NUM_BATCH_SLOTS, num_rows, max_tokens)
         self._probs_shape = (NUM_BATCH_SLOTS, num_rows, max_tokens, vocab_size)
         self._ids_shm = SharedMemory(create=True, size=int(np.prod(self._ids_shape)) * 8)

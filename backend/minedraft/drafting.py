@@ -9,6 +9,8 @@ their consistency is what keeps output lossless. (`Batch.remove` queues its row 
 """
 import logging
 
+import numpy as np
+
 from .drafter import DraftRow, DraftWork, DrafterError
 from .policy import StepPlan
 from .scheduler import Batch
@@ -31,8 +33,14 @@ class Drafting:
         # This step's draftings, for the step record: (rows, steps, seconds less catch-up, overlapped).
         self.runs: list[tuple[int, int, float, bool]] = []
         self.catch_up_seconds = 0.0
+        self._fed_to: dict[int, list[int]] = {}  # per batch slot being drafted: each row's draft cache length after
 
     # -- what the engine calls ------------------------------------------------------------------------
+    @property
+    def reads_features(self) -> bool:
+        """Whether the drafter is a feature draft: then the engine keeps the target's states."""
+        return self.drafter is not None and self.drafter.reads_features
+
     def draft_for(self, plan: StepPlan):
         """Draft the batch about to be verified if it has no drafts yet (sequential), then start
         drafting the overlap batch, which runs while the target verifies. Returns the sequential
@@ -107,7 +115,8 @@ class Drafting:
             return False
 
     def _work(self, batch: Batch, step_cap: int, drafter) -> DraftWork | None:
-        caps = [seq.draft_budget(self.max_model_len, step_cap) for seq in batch.seqs]
+        caps = [seq.draft_budget(self.max_model_len, step_cap) if self._has_input(seq, drafter) else 0
+                for seq in batch.seqs]
         num_tokens = max(caps)
         if num_tokens == 0:
             return None
@@ -117,14 +126,35 @@ class Drafting:
                 seq.draft_cached = seq.draft_extent = 0
             batch.draft_moves.clear()
             batch.drafter = drafter
-        rows = [DraftRow(cached_len=seq.draft_cached, feed=seq.token_ids[seq.draft_cached:],
-                         temperature=seq.params.temperature, top_k=seq.params.top_k, top_p=seq.params.top_p,
+        inputs = [self._inputs(seq, drafter) for seq in batch.seqs]
+        rows = [DraftRow(cached_len=seq.draft_cached, feed=feed, temperature=seq.params.temperature,
+                         top_k=seq.params.top_k, top_p=seq.params.top_p,
                          num_eos_blocked=max(0, seq.params.min_tokens - seq.num_generated),
-                         uniforms=seq.uniforms(cap).tolist(), max_tokens=cap)
-                for seq, cap in zip(batch.seqs, caps)]
+                         uniforms=seq.uniforms(cap).tolist(), max_tokens=cap, features=features)
+                for seq, cap, (feed, features) in zip(batch.seqs, caps, inputs)]
         work = DraftWork(batch.slot, list(batch.draft_moves), rows, num_tokens, self.confidence_threshold)
         batch.draft_moves.clear()
+        self._fed_to[batch.slot] = [seq.draft_cached + len(feed) for seq, (feed, _) in zip(batch.seqs, inputs)]
         return work
+
+    @staticmethod
+    def _has_input(seq: Sequence, drafter) -> bool:
+        """A feature draft feeds at least one pair and reads the target's states up to the last
+        verified token's predecessor: a newcomer has none until the target has read its prompt (and
+        a one-token prompt has no pair to feed)."""
+        end = len(seq.token_ids) - 1
+        return not drafter.reads_features or seq.draft_cached < end <= seq.target_features.length
+
+    def _inputs(self, seq: Sequence, drafter) -> tuple[list[int], np.ndarray | None]:
+        """What a row feeds its drafter: the verified tokens its draft cache lacks, and for a
+        feature draft, whose position p holds the pair (the target's state at p, token p + 1), the
+        target's states with them (a row without them feeds nothing)."""
+        if not drafter.reads_features:
+            return seq.token_ids[seq.draft_cached:], None
+        if not self._has_input(seq, drafter):
+            return [], None
+        features = seq.target_features.span(seq.draft_cached, len(seq.token_ids) - 1).float().cpu().numpy()
+        return seq.token_ids[seq.draft_cached + 1:], features
 
     def _collect(self, batch: Batch, drafter, overlapped: bool):
         try:
@@ -133,12 +163,13 @@ class Drafting:
             self._on_failure(exc, drafter)
             return None
         steps = drafts.ids.size(1)
-        for row, (seq, length) in enumerate(zip(batch.seqs, drafts.lengths)):
+        fed = self._fed_to.pop(batch.slot)
+        for row, (seq, length, fed_to) in enumerate(zip(batch.seqs, drafts.lengths, fed)):
             seq.draft_ids = drafts.ids[row, :length].tolist()
             # A greedy row's q is one-hot at its drafts (rebuilt at verification); a sampled row's is
             # copied out of the drafter's buffer, which the drafter reuses for the batch's next drafts.
             seq.draft_probs = drafts.probs[row, :length].clone() if seq.params.temperature > 0 else None
-            seq.draft_cached = len(seq.token_ids)
+            seq.draft_cached = fed_to
             seq.draft_extent = drafts.cached
         batch.is_drafted = True
         started, ended = drafter.last_span

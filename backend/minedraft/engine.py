@@ -59,6 +59,7 @@ class Verdict:
     accepted: torch.Tensor
     next_tokens: torch.Tensor
     logits: torch.Tensor
+    hidden: torch.Tensor | None = None  # [b, n, H] the target's states over the rows' feeds, for a feature draft
 
 
 class SpecDecodeStats:
@@ -271,7 +272,10 @@ class Engine:
             seqs = [seq for seq, b in admitted if b is batch and len(seq.token_ids) > 1]
             if seqs:
                 rows = [batch.seqs.index(seq) for seq in seqs]
-                self.target.fill(batch.target_cache, rows, [0] * len(seqs), [seq.token_ids[:-1] for seq in seqs])
+                hidden = self.target.fill(batch.target_cache, rows, [0] * len(seqs),
+                                          [seq.token_ids[:-1] for seq in seqs], with_hidden=self.drafting.reads_features)
+                for row, seq in enumerate(seqs if hidden is not None else []):
+                    seq.target_features.append(hidden[row, :len(seq.token_ids) - 1])
             for seq, b in admitted:
                 if b is batch:
                     seq.target_cached = len(seq.token_ids) - 1
@@ -282,7 +286,12 @@ class Engine:
         num_drafts = torch.tensor([len(s.draft_ids) for s in seqs])
         k = int(num_drafts.max())
         feeds = [s.token_ids[s.target_cached:] + s.draft_ids for s in seqs]
-        logits = self.target.forward(batch.target_cache, slice(0, len(seqs)), [s.target_cached for s in seqs], feeds)
+        hidden = None
+        if self.drafting.reads_features:
+            logits, hidden = self.target.forward(batch.target_cache, slice(0, len(seqs)), [s.target_cached for s in seqs],
+                                                 feeds, with_hidden=True)
+        else:
+            logits = self.target.forward(batch.target_cache, slice(0, len(seqs)), [s.target_cached for s in seqs], feeds)
         # Row r's p_i sits at offset (pending tokens - 1) + i of its feed; pad rows repeat the last.
         first = torch.tensor([len(f) - 1 - len(s.draft_ids) for f, s in zip(feeds, seqs)])
         positions = (first[:, None] + torch.arange(k + 1)).clamp(max=logits.size(1) - 1)
@@ -295,7 +304,7 @@ class Engine:
             # Greedy rows need ids only: the argmax runs on the target's device and only ids cross
             # to the CPU; no [b, k + 1, V] probabilities, no uniforms.
             return Verdict(*sampler.verify_greedy(sampler.greedy_tokens(logits, sampling).cpu(), draft_ids, num_drafts),
-                           logits)
+                           logits, hidden)
         # Sampled rows: the acceptance rule runs where the logits are (the target's device).
         device = logits.device
         target_probs = sampler.processed_probs(logits, sampling.to(device))
@@ -312,7 +321,7 @@ class Engine:
                 accept_uniforms[row, :n] = seq.uniforms(n)
         resample_uniforms = torch.cat([seq.uniforms(1) for seq in seqs])
         return Verdict(*sampler.verify(target_probs, draft_ids, draft_probs, num_drafts, accept_uniforms,
-                                       resample_uniforms), logits)
+                                       resample_uniforms), logits, hidden)
 
     def _row_sampling(self, seqs: list[Sequence], num_positions: int) -> sampler.RowSampling:
         return sampler.RowSampling.for_rows([s.params for s in seqs],
@@ -326,6 +335,8 @@ class Engine:
             try:
                 if self.fault_hook is not None:
                     self.fault_hook(seq)
+                if verdict.hidden is not None:  # the states of the pending token(s) and the accepted drafts
+                    seq.target_features.append(verdict.hidden[row, :len(seq.token_ids) - seq.target_cached + num_accepted])
                 self._book(seq, len(drafted), num_accepted)
                 appended = self.outputs.append(seq, drafted[:num_accepted] + [next_token])
                 logprobs = self.outputs.logprobs(seq, verdict.logits[row], appended)

@@ -49,34 +49,52 @@ class ModelRunner:
         return RowKVCache(self.num_rows, self.capacity)
 
     @torch.inference_mode()
-    def fill(self, cache: RowKVCache, rows, start_lens: list[int], feeds: list[list[int]]) -> None:
-        """Write the feeds' keys and values to the cache (a prefill): no logits are wanted, so the
-        LM head runs at one position only."""
-        self.model(**self._inputs(cache, rows, start_lens, feeds), logits_to_keep=1)
+    def fill(self, cache: RowKVCache, rows, start_lens: list[int], feeds: list[list[int]], with_hidden: bool = False,
+             embeds: list[torch.Tensor] | None = None):
+        """Write the feeds' keys and values to the cache (a prefill). No logits are wanted, so the LM
+        head runs at one position only; `with_hidden` returns the last hidden states [b, n, H]
+        instead (what a feature draft reads) and runs no LM head at all."""
+        inputs = self._inputs(cache, rows, start_lens, feeds, embeds)
+        if with_hidden:
+            return self.model.get_decoder()(**inputs).last_hidden_state
+        self.model(**inputs, logits_to_keep=1)
+        return None
 
     @torch.inference_mode()
     def forward(self, cache: RowKVCache, rows, start_lens: list[int], feeds: list[list[int]],
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, with_hidden: bool = False, embeds: list[torch.Tensor] | None = None):
         """Feed each row its tokens, written after its first `start_lens[r]` cached positions.
 
         Returns float32 logits, [b, n, V], or [b, V] at each row's last real token when `last_only`.
+        `with_hidden` returns (logits, last hidden states) alike: the states are the LM head's
+        input, which a feature draft reads. `embeds` (a feature draft's inputs, [n_r, H] per row)
+        replaces the feeds' token embeddings; the feeds still give the rows' lengths.
         """
-        inputs = self._inputs(cache, rows, start_lens, feeds)
+        inputs = self._inputs(cache, rows, start_lens, feeds, embeds)
+        last = torch.tensor([len(f) - 1 for f in feeds], device=self.device)
+        if with_hidden:
+            hidden = self.model.get_decoder()(**inputs).last_hidden_state
+            if last_only:
+                hidden = hidden[torch.arange(len(feeds), device=self.device), last]
+            return self.model.get_output_embeddings()(hidden).float(), hidden
         if not last_only:
             return self.model(**inputs).logits.float()
         # The LM head runs only at the rows' last real positions (a prefill's other positions need
         # no logits: for a 49k vocabulary that is a fifth of the work).
-        last = torch.tensor([len(f) - 1 for f in feeds], device=self.device)
         keep = torch.unique(last)  # sorted
         logits = self.model(**inputs, logits_to_keep=keep).logits
         return logits[torch.arange(len(feeds), device=self.device), torch.searchsorted(keep, last)].float()
 
-    def _inputs(self, cache: RowKVCache, rows, start_lens: list[int], feeds: list[list[int]]) -> dict:
+    def _inputs(self, cache: RowKVCache, rows, start_lens: list[int], feeds: list[list[int]],
+                embeds: list[torch.Tensor] | None = None) -> dict:
         """The model's keyword arguments for these rows, with the cache aimed at them. Rows are
         right-padded to the longest feed; padding writes only to the cache's scratch slot and its
         outputs are garbage that no caller reads."""
         num_new = max(len(f) for f in feeds)
-        input_ids = torch.tensor([f + [0] * (num_new - len(f)) for f in feeds], device=self.device)
+        if embeds is None:
+            tokens = {"input_ids": torch.tensor([f + [0] * (num_new - len(f)) for f in feeds], device=self.device)}
+        else:
+            tokens = {"inputs_embeds": torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)}
         starts = torch.tensor(start_lens, device=self.device)
         lengths = torch.tensor([len(f) for f in feeds], device=self.device)
         if isinstance(rows, list):
@@ -84,7 +102,7 @@ class ModelRunner:
         cache.prepare(rows, starts, lengths, num_new)
         # Padding repeats its row's last real position: it must not run past the model's position table.
         positions = starts[:, None] + torch.minimum(torch.arange(num_new, device=self.device), lengths[:, None] - 1)
-        return dict(input_ids=input_ids, position_ids=positions, use_cache=True,
+        return dict(**tokens, position_ids=positions, use_cache=True,
                     attention_mask=self._mask(positions, cache._visible_len), **{self._cache_arg: cache})
 
     def _mask(self, positions: torch.Tensor, visible_len: int) -> torch.Tensor:

@@ -51,6 +51,30 @@ class AcceptanceEstimate:
         return self.successes / self.trials
 
 
+class FeatureBuffer:
+    """The target's last hidden state at positions 0, 1, ... of a request, for a feature draft
+    (EAGLE), which reads them as its input. Grows by doubling: a step appends a few positions,
+    and a draft whose cache was reset reads them all again from position 0."""
+
+    def __init__(self):
+        self._data: torch.Tensor | None = None
+        self.length = 0
+
+    def append(self, features: torch.Tensor) -> None:
+        end = self.length + features.size(0)
+        if self._data is None or end > self._data.size(0):
+            grown = features.new_empty(max(end, 2 * (0 if self._data is None else self._data.size(0)), 64),
+                                       features.size(1))
+            if self._data is not None:
+                grown[:self.length] = self._data[:self.length]
+            self._data = grown
+        self._data[self.length:end] = features
+        self.length = end
+
+    def span(self, start: int, end: int) -> torch.Tensor:
+        return self._data[start:end]
+
+
 class Sequence:
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, num_draft_tokens: int,
                  generator: torch.Generator, acceptance_prior: float = 0.5):
@@ -64,6 +88,8 @@ class Sequence:
         # token pending (fed at the next verification); the drafter catches up when it drafts.
         self.target_cached = 0
         self.draft_cached = 0
+        # The target's hidden states at the positions its cache holds (kept only for a feature draft).
+        self.target_features = FeatureBuffer()
         # Drafts waiting for verification: token ids and their [k, V] probabilities.
         self.draft_ids: list[int] = []
         self.draft_probs: torch.Tensor | None = None

