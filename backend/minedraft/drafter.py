@@ -56,9 +56,9 @@ class DraftRow:
     num_eos_blocked: int  # leading draft positions where EOS is masked (min_tokens)
     uniforms: list[float]  # one per drafted position; drawn by the engine from the request's RNG
     max_tokens: int  # this row's draft length cap
-    # A feature draft's input (EAGLE): the target's last hidden state at each fed position, [len(feed), H],
-    # float32 (numpy: it crosses to a worker process by value). Its pair at position p is
-    # (features[p], feed[p]), feed[p] being the token after that position.
+    # A feature draft's input (EAGLE): with each fed token, the target's last hidden state at the
+    # position before it, float32 (numpy: it crosses to a worker process by value); a row fed from
+    # position 0 has no state before its first token (the draft reads zeros there), one fewer.
     features: np.ndarray | None = None
 
 
@@ -217,17 +217,17 @@ class DraftModel:
                       lengths.tolist(), catch_up_seconds, cached)
 
     def _feature_drafting(self, cache, lens: list[int], feeds: list[list[int]], rows: list[DraftRow]):
-        """EAGLE's drafting: each row feeds its pending pairs (target state, next token); the draft's
-        output state at the last one is its guess of the target's next state, whose logits give the
-        first draft, and which is fed back with that draft to guess the one after."""
+        """EAGLE's drafting: each row feeds its pending tokens, each with the target's state at the
+        position before; the draft's output state at the last one is its guess of the target's
+        state there, whose logits give the first draft, and which is fed back with that draft to
+        guess the next one."""
         # A row with nothing to feed (a newcomer whose prompt the target has not read yet; its cap
-        # is 0) feeds a placeholder pair that its cache length, kept by the engine, does not count.
-        hidden_size = self.runner.model.config.hidden_size
-        features = [torch.from_numpy(r.features[len(r.features) - len(f):]).to(self.runner.device, self.runner.model.dtype) if f
-                    else torch.zeros(1, hidden_size, device=self.runner.device, dtype=self.runner.model.dtype) for r, f in zip(rows, feeds)]
+        # is 0) feeds a placeholder that its cache length, kept by the engine, does not count.
+        states = [self._states(r)[len(r.feed) - len(f):] if f else self._states(r, placeholder=True)
+                  for r, f in zip(rows, feeds)]
         feeds = [f or [0] for f in feeds]
         logits, hidden = self.runner.forward(cache, slice(0, len(rows)), lens, feeds, last_only=True, with_hidden=True,
-                                             embeds=list(map(self._pair_embeds, feeds, features)))
+                                             embeds=list(map(self._pair_embeds, feeds, states)))
         lens = [n + len(f) for n, f in zip(lens, feeds)]
 
         def next_logits(j, tokens):
@@ -239,8 +239,19 @@ class DraftModel:
             return step
         return logits, next_logits
 
+    def _states(self, row: DraftRow, placeholder: bool = False) -> torch.Tensor:
+        """A row's states, one per fed token: [len(feed), H] (zeros before position 0)."""
+        state_size = self.projection[0].size(1) - self.runner.model.config.hidden_size  # the target's
+        zeros = torch.zeros(1, state_size, device=self.runner.device, dtype=self.runner.model.dtype)
+        if placeholder:
+            return zeros
+        states = torch.from_numpy(row.features).to(self.runner.device, self.runner.model.dtype)
+        if row.cached_len == 0:
+            states = torch.cat([zeros, states.reshape(-1, state_size)])
+        return states
+
     def _pair_embeds(self, tokens, features: torch.Tensor) -> torch.Tensor:
-        """A feature draft's input for pairs (token, the target's state before it): [n, H]."""
+        """A feature draft's input for (token, the target's state at the position before it): [n, H]."""
         tokens = torch.as_tensor(tokens, device=self.runner.device)
         weight, bias = self.projection
         return torch.nn.functional.linear(torch.cat([self.runner.model.get_input_embeddings()(tokens), features], -1),
@@ -265,8 +276,7 @@ class DraftModel:
             feeds = [self.vocabulary.to_draft(rows[i].feed[:-2]) for i in long_rows]
             embeds = None
             if self.projection is not None:
-                embeds = [self._pair_embeds(f, torch.from_numpy(rows[i].features[:-2]).to(self.runner.device, self.runner.model.dtype))
-                          for i, f in zip(long_rows, feeds)]
+                embeds = [self._pair_embeds(f, self._states(rows[i])[:-2]) for i, f in zip(long_rows, feeds)]
             self.runner.fill(cache, long_rows, [lens[i] for i in long_rows], feeds, embeds=embeds)
             for i in long_rows:
                 lens[i] += len(rows[i].feed) - 2

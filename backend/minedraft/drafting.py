@@ -139,22 +139,21 @@ class Drafting:
 
     @staticmethod
     def _has_input(seq: Sequence, drafter) -> bool:
-        """A feature draft feeds at least one pair and reads the target's states up to the last
-        verified token's predecessor: a newcomer has none until the target has read its prompt (and
-        a one-token prompt has no pair to feed)."""
-        end = len(seq.token_ids) - 1
-        return not drafter.reads_features or seq.draft_cached < end <= seq.target_features.length
+        """A feature draft reads with each token the target's state at the token before it: a
+        newcomer has none until the target has read its prompt."""
+        return not drafter.reads_features or seq.target_features.length >= len(seq.token_ids) - 1
 
     def _inputs(self, seq: Sequence, drafter) -> tuple[list[int], np.ndarray | None]:
         """What a row feeds its drafter: the verified tokens its draft cache lacks, and for a
-        feature draft, whose position p holds the pair (the target's state at p, token p + 1), the
-        target's states with them (a row without them feeds nothing)."""
+        feature draft the target's states at the positions before them (a row without those feeds
+        nothing)."""
+        feed = seq.token_ids[seq.draft_cached:]
         if not drafter.reads_features:
-            return seq.token_ids[seq.draft_cached:], None
+            return feed, None
         if not self._has_input(seq, drafter):
             return [], None
-        features = seq.target_features.span(seq.draft_cached, len(seq.token_ids) - 1).float().cpu().numpy()
-        return seq.token_ids[seq.draft_cached + 1:], features
+        states = seq.target_features.span(max(0, seq.draft_cached - 1), len(seq.token_ids) - 1)
+        return feed, states.float().cpu().numpy()
 
     def _collect(self, batch: Batch, drafter, overlapped: bool):
         try:

@@ -72,7 +72,7 @@ class FeatureBuffer:
         self.length = end
 
     def span(self, start: int, end: int) -> torch.Tensor:
-        return self._data[start:end]
+        return self._data[start:end] if self._data is not None else torch.zeros(0, 0)
 
 
 class Sequence:
