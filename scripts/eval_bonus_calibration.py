@@ -26,6 +26,8 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+from minedraft.drafter import DraftVocabulary
+
 from train_smollm2_draft import VERSION_DIR, load_records
 from train_smollm2_parallel_draft import parallel_batch
 
@@ -124,8 +126,7 @@ def main() -> int:
     draft = LlamaForCausalLM.from_pretrained(args.draft, dtype=torch.float32).eval()
     d2t = json.loads((args.draft / "d2t.json").read_text())
     num_draft, mask_id = len(d2t), draft.config.pard_token
-    t2d = torch.full((target.config.vocab_size,), num_draft, dtype=torch.long)
-    t2d[torch.tensor(d2t)] = torch.arange(num_draft)
+    t2d = DraftVocabulary(d2t, target.config.vocab_size).t2d  # unmapped target ids: num_draft
     records = load_records(args.data / "shards")
     heldout, records = records[:len(records) // 20], records[len(records) // 20:]  # the drafts' own split
     records += load_records(args.data / "text_shards")

@@ -30,6 +30,8 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from minedraft.drafter import DraftVocabulary
+
 ROOT = Path(__file__).resolve().parents[1]
 VERSION_DIR = ROOT / "model_repository" / "smollm2" / "1"
 DRAFT_VOCAB = 8192
@@ -360,8 +362,7 @@ def export(student, d2t: list[int], tokenizer, out: Path, report: dict) -> None:
 
 def train(student, records, heldout_records, d2t, tokenizer, args, work: Path) -> None:
     num_draft = len(d2t)
-    t2d = torch.full((len(tokenizer),), num_draft, dtype=torch.long)
-    t2d[torch.tensor(d2t)] = torch.arange(num_draft)
+    t2d = DraftVocabulary(d2t, len(tokenizer)).t2d  # unmapped target ids: num_draft
     optimiser = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.01)
     state_path = work / "student.pt"
     step, elapsed = 0, 0.0

@@ -45,7 +45,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from train_smollm2_draft import VERSION_DIR, batch_tensors, load_records
+from minedraft.drafter import DraftVocabulary
+
+from train_smollm2_draft import VERSION_DIR, batch_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECTION_FILE = "feature_projection.safetensors"  # what makes a draft directory a feature draft
@@ -247,8 +249,7 @@ def main() -> int:
     records, features = records[cut:], features[cut:]
     d2t = json.loads((args.vocabulary_from / "d2t.json").read_text())
     num_draft = len(d2t)
-    t2d = torch.full((len(tokenizer),), num_draft, dtype=torch.long)
-    t2d[torch.tensor(d2t)] = torch.arange(num_draft)
+    t2d = DraftVocabulary(d2t, len(tokenizer)).t2d  # unmapped target ids: num_draft
     if args.init_from:
         draft, projection = draft_from_token_draft(args.init_from)
     else:

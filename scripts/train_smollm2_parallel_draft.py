@@ -27,6 +27,8 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from minedraft.drafter import DraftVocabulary
+
 from train_smollm2_draft import TOP_K, VERSION_DIR, batch_tensors, load_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,8 +108,7 @@ def main() -> int:
     heldout, records = records[:len(records) // 20], records[len(records) // 20:]  # the sequential draft's split
     records += load_records(args.data / "text_shards")
     num_draft = len(d2t)
-    t2d = torch.full((len(tokenizer),), num_draft, dtype=torch.long)
-    t2d[torch.tensor(d2t)] = torch.arange(num_draft)
+    t2d = DraftVocabulary(d2t, len(tokenizer)).t2d  # unmapped target ids: num_draft
     optimiser = torch.optim.AdamW(draft.parameters(), lr=args.lr, weight_decay=0.01)
     state_path = args.work / "student.pt"
     step, elapsed, history = 0, 0.0, []
