@@ -155,11 +155,12 @@ class DraftModel:
             cache.move_row(src, dst, length)
         rows, k = work.rows, work.num_tokens
         catch_up_started = time.monotonic()
-        lens = self._prefill_long_feeds(cache, rows)
+        states = [self._states(r) for r in rows] if self.projection is not None else None
+        lens = self._prefill_long_feeds(cache, rows, states)
         catch_up_seconds = time.monotonic() - catch_up_started
         feeds = [self.vocabulary.to_draft(r.feed[len(r.feed) - min(len(r.feed), 2):]) for r in rows]
-        if self.projection is not None:
-            logits, next_logits = self._feature_drafting(cache, lens, feeds, rows)
+        if states is not None:
+            logits, next_logits = self._feature_drafting(cache, lens, feeds, rows, states)
         elif self.mask_token_id is None:
             logits = self.runner.forward(cache, slice(0, len(rows)), lens, feeds, last_only=True)
             lens = [n + len(f) for n, f in zip(lens, feeds)]
@@ -216,16 +217,14 @@ class DraftModel:
         return Drafts(torch.stack(ids, 1)[:, :steps].cpu(), torch.stack(probs, 1)[:, :steps] if probs else None,
                       lengths.tolist(), catch_up_seconds, cached)
 
-    def _feature_drafting(self, cache, lens: list[int], feeds: list[list[int]], rows: list[DraftRow]):
+    def _feature_drafting(self, cache, lens: list[int], feeds: list[list[int]], rows: list[DraftRow],
+                          states: list[torch.Tensor]):
         """EAGLE's drafting: each row feeds its pending tokens, each with the target's state at the
         position before; the draft's output state at the last one is its guess of the target's
         state there, whose logits give the first draft, and which is fed back with that draft to
         guess the next one."""
-        # A row with nothing to feed (a newcomer whose prompt the target has not read yet; its cap
-        # is 0) feeds a placeholder that its cache length, kept by the engine, does not count.
-        states = [self._states(r)[len(r.feed) - len(f):] if f else self._states(r, placeholder=True)
-                  for r, f in zip(rows, feeds)]
-        feeds = [f or [0] for f in feeds]
+        states = [row_states[len(r.feed) - len(f):] for r, f, row_states in zip(rows, feeds, states)]
+        feeds = [f or [0] for f in feeds]  # a placeholder row's token (see _states)
         logits, hidden = self.runner.forward(cache, slice(0, len(rows)), lens, feeds, last_only=True, with_hidden=True,
                                              embeds=list(map(self._pair_embeds, feeds, states)))
         lens = [n + len(f) for n, f in zip(lens, feeds)]
@@ -240,11 +239,13 @@ class DraftModel:
             return step
         return logits, next_logits
 
-    def _states(self, row: DraftRow, placeholder: bool = False) -> torch.Tensor:
-        """A row's states, one per fed token: [len(feed), H] (zeros before position 0)."""
+    def _states(self, row: DraftRow) -> torch.Tensor:
+        """A row's states, one per fed token: [len(feed), H] (zeros before position 0). A row with
+        nothing to feed (a newcomer whose prompt the target has not read yet; its cap is 0) feeds a
+        placeholder, one zero state, that its cache length, kept by the engine, does not count."""
         state_size = self.projection[0].size(1) - self.runner.model.config.hidden_size  # the target's
         zeros = torch.zeros(1, state_size, device=self.runner.device, dtype=self.runner.model.dtype)
-        if placeholder:
+        if row.features is None:
             return zeros
         states = torch.from_numpy(row.features).to(self.runner.device, self.runner.model.dtype)
         if row.cached_len == 0:  # (a one-token prompt brings an empty array of no shape)
@@ -268,16 +269,17 @@ class DraftModel:
         positions = first[:, None] + torch.arange(k, device=logits.device)
         return logits[torch.arange(len(feeds), device=logits.device)[:, None], positions]
 
-    def _prefill_long_feeds(self, cache, rows: list[DraftRow]) -> list[int]:
+    def _prefill_long_feeds(self, cache, rows: list[DraftRow], states: list[torch.Tensor] | None) -> list[int]:
         """Rows that just joined feed their whole context: run it as a sub-batch so that the
-        common one-or-two-token feeds of everyone else carry no padding."""
+        common one-or-two-token feeds of everyone else carry no padding. `states`: a feature
+        draft's, per row."""
         long_rows = [i for i, r in enumerate(rows) if len(r.feed) > 2]
         lens = [r.cached_len for r in rows]
         if long_rows:
             feeds = [self.vocabulary.to_draft(rows[i].feed[:-2]) for i in long_rows]
             embeds = None
-            if self.projection is not None:
-                embeds = [self._pair_embeds(f, self._states(rows[i])[:-2]) for i, f in zip(long_rows, feeds)]
+            if states is not None:
+                embeds = [self._pair_embeds(f, states[i][:-2]) for i, f in zip(long_rows, feeds)]
             self.runner.fill(cache, long_rows, [lens[i] for i in long_rows], feeds, embeds=embeds)
             for i in long_rows:
                 lens[i] += len(rows[i].feed) - 2
