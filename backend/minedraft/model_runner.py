@@ -71,7 +71,7 @@ class ModelRunner:
         replaces the feeds' token embeddings; the feeds still give the rows' lengths.
         """
         inputs = self._inputs(cache, rows, start_lens, feeds, embeds)
-        last = torch.tensor([len(f) - 1 for f in feeds], device=self.device)
+        last = torch.tensor([len(f) - 1 for f in feeds], device=self.device) if last_only else None
         if with_hidden:
             hidden = self.model.get_decoder()(**inputs).last_hidden_state
             if last_only:
