@@ -57,15 +57,24 @@ def acceptance(target: str, draft: str, prompts: list[dict], k: int, max_tokens:
 def forward_seconds(path: str, target_vocab_size: int, context: int = 64, repeats: int = 60) -> float:
     """Median time of one single-token forward at batch 1 after `context` cached tokens (for a
     feature draft, with its input projection)."""
-    runner = ModelRunner(load_model(path, "cpu", "float32"), 1, context + 8)
+    if not is_feature_draft(path):
+        return model_forward_seconds(load_model(path, "cpu", "float32"), context, repeats)
+    draft = build_draft_model(path, "cpu", "float32", 1, context + 8, (), target_vocab_size)
+    state = torch.randn(1, draft.runner.model.config.hidden_size)
+    return model_forward_seconds(draft.runner.model, context, repeats, with_hidden=True,
+                                 embeds=[draft._pair_embeds([7], state)])
+
+
+def model_forward_seconds(model, context: int = 64, repeats: int = 60, **step_inputs) -> float:
+    """The same for a model in memory, run by the engine's ModelRunner; `step_inputs` go to the
+    timed forward."""
+    runner = ModelRunner(model, 1, context + 8)
     cache = runner.new_cache()
     runner.forward(cache, [0], [0], [list(range(5, 5 + context))], last_only=True)
-    step = lambda: runner.forward(cache, [0], [context], [[7]], last_only=True)  # noqa: E731
-    if is_feature_draft(path):
-        draft = build_draft_model(path, "cpu", "float32", 1, context + 8, (), target_vocab_size)
-        state = torch.randn(1, runner.model.config.hidden_size)
-        step = lambda: draft.runner.forward(cache, [0], [context], [[7]], last_only=True, with_hidden=True,  # noqa: E731
-                                            embeds=[draft._pair_embeds([7], state)])
+    return median_seconds(lambda: runner.forward(cache, [0], [context], [[7]], last_only=True, **step_inputs), repeats)
+
+
+def median_seconds(step, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         started = time.perf_counter()

@@ -11,8 +11,6 @@ the target's. It asks whether any draft this cheap can keep the target's choices
 import argparse
 import copy
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -20,6 +18,8 @@ from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from minedraft.drafter import DraftVocabulary
+
+from eval_draft import model_forward_seconds
 
 VERSION_DIR = Path(__file__).resolve().parents[1] / "model_repository" / "smollm2" / "1"
 
@@ -48,19 +48,6 @@ def agreement(model, answers, vocabulary: DraftVocabulary) -> dict:
     total = sum(t for _, t in by_category.values())
     return {"agreement": round(hits / total, 4),
             "by_category": {c: round(h / t, 4) for c, (h, t) in sorted(by_category.items())}}
-
-
-def forward_ms(model, context: int = 64, repeats: int = 40) -> float:
-    """Median single-token forward at batch 1 after `context` cached tokens."""
-    ids = torch.arange(5, 6 + context).unsqueeze(0)
-    cache = model(ids[:, :context], use_cache=True).past_key_values
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        model(ids[:, context:], past_key_values=cache, use_cache=True)
-        times.append(time.perf_counter() - started)
-        cache.crop(-1)
-    return statistics.median(times) * 1e3
 
 
 class WeightOnlyInt8Linear(torch.nn.Module):
@@ -135,10 +122,10 @@ def main() -> int:
         f"target, every other layer (15 of {layers})":
             (without_layers(target, list(range(0, layers, 2))), DraftVocabulary(None, vocab_size)),
     }
-    target_ms = forward_ms(target)
+    target_ms = 1000 * model_forward_seconds(target)
     rows = {}
     for name, (model, vocabulary) in candidates.items():
-        ms = forward_ms(model)
+        ms = 1000 * model_forward_seconds(model)
         rows[name] = {"forward_ms": round(ms, 2), "cost_vs_target": round(ms / target_ms, 3),
                       **agreement(model, answers, vocabulary)}
         print(f"{name}: cost {rows[name]['cost_vs_target']}, agreement {rows[name]['agreement']} "
