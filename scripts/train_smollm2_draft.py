@@ -423,6 +423,13 @@ def evaluate(student, records, t2d, num_draft) -> tuple[float, float]:
     return sum(losses) / len(losses), sum(agrees) / len(agrees)
 
 
+def start_run(args) -> None:
+    """What every training script here does first: a fixed seed, its thread count, its work folder."""
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", type=Path, default=VERSION_DIR / "target")
@@ -439,9 +446,7 @@ def main() -> int:
     parser.add_argument("--gen-minutes", type=float, default=45, help="generating stops here, wherever it is")
     parser.add_argument("--text-tokens", type=int, default=250_000, help="plain text the teacher labels")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    args.work.mkdir(parents=True, exist_ok=True)
+    start_run(args)
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32).eval()
     heldout = {json.loads(line)["prompt"] for line in (VERSION_DIR / "heldout_prompts.jsonl").open()}

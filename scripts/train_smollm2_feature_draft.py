@@ -45,12 +45,11 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from minedraft.drafter import DraftVocabulary
+from minedraft.drafter import FEATURE_PROJECTION_FILE, DraftVocabulary
 
-from train_smollm2_draft import VERSION_DIR, batch_tensors
+from train_smollm2_draft import VERSION_DIR, batch_tensors, start_run
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECTION_FILE = "feature_projection.safetensors"  # what makes a draft directory a feature draft
 
 
 # -- 1. the target's hidden states --------------------------------------------------------------
@@ -197,7 +196,7 @@ def export(draft, projection, scale, d2t, tokenizer, out: Path, report: dict) ->
     hidden = draft.config.hidden_size
     weight[:, hidden:] /= scale  # the drafter feeds raw states
     save_file({"weight": weight.half().contiguous(), "bias": projection.bias.detach().half().contiguous()},
-              out / PROJECTION_FILE)
+              out / FEATURE_PROJECTION_FILE)
     tokenizer.save_pretrained(out)
     (out / "d2t.json").write_text(json.dumps(d2t))
     (out / "training_report.json").write_text(json.dumps(report, indent=2))
@@ -233,9 +232,7 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=60, help="training stops here, wherever it is")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    args.work.mkdir(parents=True, exist_ok=True)
+    start_run(args)
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32).eval()
     shards = sorted((args.data / "shards").glob("*.pt")) + sorted((args.data / "text_shards").glob("*.pt"))[:args.text_shards]

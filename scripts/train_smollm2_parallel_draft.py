@@ -29,7 +29,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from minedraft.drafter import DraftVocabulary
 
-from train_smollm2_draft import TOP_K, VERSION_DIR, batch_tensors, load_records
+from train_smollm2_draft import VERSION_DIR, batch_tensors, load_records, start_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,9 +98,7 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=60, help="training stops here, wherever it is")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    args.work.mkdir(parents=True, exist_ok=True)
+    start_run(args)
     tokenizer = AutoTokenizer.from_pretrained(args.draft)
     d2t = json.loads((args.draft / "d2t.json").read_text())
     draft, mask_id = with_mask_token(LlamaForCausalLM.from_pretrained(args.draft, dtype=torch.float32))
