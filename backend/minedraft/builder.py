@@ -57,7 +57,7 @@ def build(config: EngineConfig) -> EngineParts:
     if config.traits.per_step and isinstance(drafter, ProcessDrafter):
         sequential_drafter = InlineDrafter(build_draft_model(
             config.draft_model, config.draft_device, config.dtype, config.max_num_seqs, capacity,
-            eos_token_ids, target_vocab_size))
+            eos_token_ids, target_vocab_size, config.draft_quantization))
         if target_cpus and draft_cpus and config.target_threads == "per_step":
             thread_counts = (len(target_cpus | draft_cpus), len(target_cpus))
             thread_cpus = {len(target_cpus): target_cpus, len(target_cpus | draft_cpus): target_cpus | draft_cpus}
@@ -91,9 +91,11 @@ def _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity
     check_context(draft_config, config)
     if config.drafter_kind == "process":
         return ProcessDrafter(config.draft_model, config.draft_device, config.dtype, config.max_num_seqs, capacity,
-                              eos_token_ids, target_vocab_size, config.num_draft_tokens, draft_cpus)
+                              eos_token_ids, target_vocab_size, config.num_draft_tokens, draft_cpus,
+                              quantization=config.draft_quantization)
     return InlineDrafter(build_draft_model(config.draft_model, config.draft_device, config.dtype,
-                                           config.max_num_seqs, capacity, eos_token_ids, target_vocab_size))
+                                           config.max_num_seqs, capacity, eos_token_ids, target_vocab_size,
+                                           config.draft_quantization))
 
 
 def _make_policy(config, target, batch, drafting, eos_token_ids, thread_counts) -> Policy:

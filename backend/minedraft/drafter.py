@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from . import sampler
 from .model_runner import ModelRunner, load_model
+from .quantization import quantize_linears
 
 NUM_BATCH_SLOTS = 2
 D2T_FILE = "d2t.json"
@@ -291,8 +292,8 @@ def is_feature_draft(path: str) -> bool:
 
 
 def build_draft_model(path: str, device: str, dtype: str, num_rows: int, capacity: int, eos_token_ids,
-                      target_vocab_size: int) -> DraftModel:
-    model = load_model(path, device, dtype)
+                      target_vocab_size: int, quantization: str = "none") -> DraftModel:
+    model = quantize_linears(load_model(path, device, dtype), quantization)
     projection = None
     if is_feature_draft(path):
         weights = load_file(Path(path) / FEATURE_PROJECTION_FILE, device=str(model.device))
@@ -355,8 +356,9 @@ class ProcessDrafter:
     is False and the engine decodes with the target alone."""
 
     def __init__(self, path, device, dtype, num_rows, capacity, eos_token_ids, vocab_size, max_tokens, cpus,
-                 reply_timeout: float = 60.0):
-        self._spec = (path, device, dtype, num_rows, capacity, list(eos_token_ids), vocab_size, sorted(cpus))
+                 reply_timeout: float = 60.0, quantization: str = "none"):
+        self._spec = (path, device, dtype, num_rows, capacity, list(eos_token_ids), vocab_size, sorted(cpus),
+                      quantization)
         self.reads_features = is_feature_draft(path)
         self._ids_shape = (NUM_BATCH_SLOTS, num_rows, max_tokens)
         self._probs_shape = (NUM_BATCH_SLOTS, num_rows, max_tokens, vocab_size)

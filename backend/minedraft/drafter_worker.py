@@ -20,7 +20,7 @@ def _attach(name: str) -> SharedMemory:
 
 
 def _worker_main(spec: dict) -> None:
-    path, device, dtype, num_rows, capacity, eos_token_ids, vocab_size, cpus = spec["model"]
+    path, device, dtype, num_rows, capacity, eos_token_ids, vocab_size, cpus, quantization = spec["model"]
     conn = Connection(spec["fd"])
     ids_shape, probs_shape = tuple(spec["ids_shape"]), tuple(spec["probs_shape"])
     if cpus:
@@ -30,7 +30,8 @@ def _worker_main(spec: dict) -> None:
     ids = torch.frombuffer(ids_shm.buf, dtype=torch.int64).view(ids_shape)
     probs = torch.frombuffer(probs_shm.buf, dtype=torch.float32).view(probs_shape)
     try:
-        draft_model = build_draft_model(path, device, dtype, num_rows, capacity, eos_token_ids, vocab_size)
+        draft_model = build_draft_model(path, device, dtype, num_rows, capacity, eos_token_ids, vocab_size,
+                                        quantization)
         conn.send((None, "ok", None))
     except Exception:
         conn.send((None, "error", traceback.format_exc()))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 STAMP = ".prepared-from"
@@ -140,7 +140,7 @@ def prepare_source(source: GgufSource) -> Path:
     # Work next to the cache (same file system): the finished directory is renamed into place, so
     # an interrupted run never leaves a directory that looks prepared.
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".partial-") as tmp:
-        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+        with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
                       console=console, transient=False) as progress:
             gguf = assemble(source, Path(tmp), progress)
         converted = Path(tmp) / "converted"
