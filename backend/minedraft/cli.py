@@ -103,6 +103,10 @@ def main(argv=None) -> int:
     from .tools.simulate import main_args as simulate_args, simulate
     simulate_args(s)
     s.set_defaults(run=simulate)
+    e = commands.add_parser("eval-draft", help="a draft's acceptance and cost against its target, in-process")
+    from .tools.eval_draft import evaluate, main_args as eval_draft_args
+    eval_draft_args(e)
+    e.set_defaults(run=evaluate)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -293,6 +293,8 @@ def is_feature_draft(path: str) -> bool:
 
 def build_draft_model(path: str, device: str, dtype: str, num_rows: int, capacity: int, eos_token_ids,
                       target_vocab_size: int, quantization: str = "none") -> DraftModel:
+    # torch's CPU weight-only kernels have fast code for bfloat16 activations only.
+    dtype = "bfloat16" if quantization != "none" and device == "cpu" else dtype
     model = quantize_linears(load_model(path, device, dtype), quantization)
     projection = None
     if is_feature_draft(path):

@@ -95,5 +95,7 @@ def quantize_linears(model: nn.Module, kind: str) -> nn.Module:
 
 def _fits(kind: str, linear: nn.Linear) -> bool:
     if kind == "int4":
-        return linear.in_features % (16 * INT4_INNER_K_TILES) == 0 and linear.in_features % INT4_GROUP_SIZE == 0
+        # tinygemm's tiles: outputs in multiples of 16, inputs of 16 * inner k tiles and whole groups.
+        return (linear.out_features % 16 == 0 and linear.in_features % (16 * INT4_INNER_K_TILES) == 0
+                and linear.in_features % INT4_GROUP_SIZE == 0)
     return True

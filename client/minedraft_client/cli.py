@@ -105,7 +105,7 @@ def run_turn(args, url, prompt, echo) -> tuple[str, int]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="minedraft-client", description=__doc__)
     parser.add_argument("prompt", nargs="?", help="omit it to chat turn by turn")
-    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--model", default="qwen-coder")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--url", help="host:port (default localhost:8001 for gRPC, localhost:8000 for HTTP)")
     parser.add_argument("--tokenizer", help="directory with the model's tokenizer and chat template "
