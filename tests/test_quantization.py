@@ -7,7 +7,8 @@ from torch import nn
 from minedraft import Engine, EngineConfig
 from minedraft.config import ConfigError
 from minedraft.drafter import build_draft_model
-from minedraft.quantization import INT4_GROUP_SIZE, Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_linears
+from minedraft.quantization import (INT4_GROUP_SIZE, MAX_QUANTIZED_ROWS, Int4WeightOnlyLinear, Int8WeightOnlyLinear,
+                                    quantize_linears)
 
 
 @pytest.fixture
@@ -17,19 +18,19 @@ def linear():
 
 
 def test_int8_computes_with_its_rounded_weights_per_output_channel(linear):
-    x = torch.randn(2, 3, 128, dtype=torch.bfloat16)
+    x = torch.randn(2, 2, 128, dtype=torch.bfloat16)  # 4 rows: the quantized kernel
     quantized = Int8WeightOnlyLinear(linear)
     weights = quantized.weight.float() * quantized.scales.float()[:, None]
     assert (weights - linear.weight.float()).abs().max() <= quantized.scales.float().max() / 2 + 1e-3
     with torch.inference_mode():
         got = quantized(x).float()
     want = x.float() @ weights.T + linear.bias.float()
-    assert got.shape == (2, 3, 96)
+    assert got.shape == (2, 2, 96)
     assert (got - want).norm() / want.norm() < 0.01
 
 
 def test_int4_computes_with_its_groups_of_sixteen_levels(linear):
-    x = torch.randn(5, 128, dtype=torch.bfloat16)
+    x = torch.randn(MAX_QUANTIZED_ROWS, 128, dtype=torch.bfloat16)
     quantized = Int4WeightOnlyLinear(linear)
     groups = linear.weight.float().reshape(-1, INT4_GROUP_SIZE)
     low, high = groups.amin(1, keepdim=True), groups.amax(1, keepdim=True)
@@ -42,6 +43,14 @@ def test_int4_computes_with_its_groups_of_sixteen_levels(linear):
     # ... and that is a coarse copy of the original layer, not a different one.
     exact = linear(x).float()
     assert (got - exact).norm() / exact.norm() < 0.15
+
+
+@pytest.mark.parametrize("kind", [Int8WeightOnlyLinear, Int4WeightOnlyLinear])
+def test_wide_inputs_run_on_the_dense_weights(linear, kind):
+    """The CPU kernels read the quantized weights once per input row: a prefill takes bfloat16."""
+    x = torch.randn(3, MAX_QUANTIZED_ROWS, 128, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(kind(linear)(x), linear(x))
 
 
 def test_every_linear_of_the_draft_is_replaced(tiny_pair):

@@ -35,8 +35,9 @@ from .setups import SD_SETUPS, SETUPS, best_by_tokens_per_s, mode_of
 
 
 def build_repository(root: Path, setups: list[str], max_num_seqs: int, max_draft: int, model_dir: Path,
-                     draft: Path) -> Path:
-    weights = {"target_model": str(model_dir.resolve() / "target"), "draft_model": str(draft.resolve())}
+                     draft: Path, precision: dict) -> Path:
+    """`precision`: dtype and draft_quantization, the same for every set-up."""
+    weights = {"target_model": str(model_dir.resolve() / "target"), "draft_model": str(draft.resolve()), **precision}
     models = {SETUPS[s][0]: {**SETUPS[s][1], **weights, "max_num_seqs": max_num_seqs, "num_draft_tokens": max_draft}
               for s in setups}
     return write_repository(root, models, max_batch_size=2 * max_num_seqs, queue_size=1024)
@@ -175,20 +176,28 @@ def measure_server(server, setup, k, concurrency, prompts, args, workdir: Path, 
             "steps_by_mode": steps}
 
 
-def hf_assisted_generation(model_dir: Path, draft_dir: Path, prompts, max_tokens: int, num_prompts: int) -> dict:
-    """The peer baseline: transformers' generation at batch 1, same prompts, at its better thread
-    count (1 or 2), after a warm-up call. With our draft as `assistant_model` where HF accepts it;
-    a draft with a reduced vocabulary (d2t.json) it does not, so then HF's best is the better of
-    the target alone and prompt-lookup decoding (its draft-free speculation)."""
+def hf_assisted_generation(model_dir: Path, draft_dir: Path, prompts, max_tokens: int, num_prompts: int,
+                           dtype: str = "float32", quantization: str = "none") -> dict:
+    """The peer baseline: transformers' generation at batch 1, same prompts, same dtype, at its
+    better thread count (1 or 2), after a warm-up call. With our draft as `assistant_model` where
+    HF accepts it (also with our quantized draft's layers, which HF runs as it is); a draft with a
+    reduced vocabulary (d2t.json) it does not, so then HF's best is the better of the target alone
+    and prompt-lookup decoding (its draft-free speculation)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..quantization import quantize_linears
     tokenizer = AutoTokenizer.from_pretrained(model_dir / "target")
-    target = AutoModelForCausalLM.from_pretrained(model_dir / "target", dtype=torch.float32).eval()
+    target = AutoModelForCausalLM.from_pretrained(model_dir / "target", dtype=getattr(torch, dtype)).eval()
     if (draft_dir / D2T_FILE).exists():
         ways = {"target alone": {}, "prompt lookup": {"prompt_lookup_num_tokens": 4}}
     else:
-        draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).eval()
+        draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=getattr(torch, dtype)).eval()
         ways = {"assisted generation": {"assistant_model": draft}}
+        if quantization != "none":
+            quantized = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.bfloat16).eval()
+            ways[f"assisted generation, {quantization} draft"] = {
+                "assistant_model": quantize_linears(quantized, quantization)}
 
     def generate(prompt, how):
         ids = tokenizer(prompt, return_tensors="pt").input_ids
@@ -251,14 +260,15 @@ def mean_prompt_tokens(prompts: list[str], target: Path) -> float:
     return round(sum(len(tokenizer(p).input_ids) for p in prompts) / len(prompts), 2)
 
 
-def in_process(setup, k, concurrency, prompts, max_tokens, model_dir, draft, max_num_seqs, costs_path=None) -> dict:
+def in_process(setup, k, concurrency, prompts, max_tokens, model_dir, draft, max_num_seqs, precision: dict,
+               costs_path=None) -> dict:
     """The engine without Triton, same cores and parameters; for PSD also its ideal. For flex,
     its step costs (start-up calibration, per-row overhead as learnt in the run) are saved to
     costs_path for `minedraft simulate`."""
     params = dict(SETUPS[setup][1])
     mode = params.pop("mode")
     engine = engine_for(mode, 2 * max_num_seqs if MODE_TRAITS[mode].two_batches else max_num_seqs, max(k, 1), model_dir,
-                        draft_model=str(draft), **params)
+                        draft_model=str(draft), **params, **precision)
     try:
         measure(engine, prompts, 2, k, 8, 2)  # warm-up
         engine.step_log.clear()
@@ -304,7 +314,9 @@ def run(args) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="minedraft-bench-"))
     print(f"server-side rows are saved as they come to {workdir / 'rows.json'}")
     setups = args.setups
-    build_repository(workdir / "repo", setups, args.max_num_seqs, max(args.draft_lengths), args.model_dir, args.draft)
+    precision = {"dtype": args.dtype, "draft_quantization": args.draft_quantization}
+    build_repository(workdir / "repo", setups, args.max_num_seqs, max(args.draft_lengths), args.model_dir, args.draft,
+                     precision)
     # Concurrency by concurrency, every set-up in turn: the set-ups compared at one load are measured
     # minutes apart, not an hour (a point drifts by +-10 % over a run on this machine).
     plan = [(s, k, c) for c in args.concurrency for s in setups for k in draft_sweep(s, args)]
@@ -331,12 +343,12 @@ def run(args) -> dict:
             k = best(rows, setup, c)["num_draft_tokens"] if best(rows, setup, c) else max(args.draft_lengths)
             costs_path = figures / "costs.json" if setup == "flex" else None
             engine_rows.append({"setup": setup, **in_process(setup, k, c, prompts, args.max_tokens, args.model_dir,
-                                                             args.draft, args.max_num_seqs, costs_path)})
+                                                             args.draft, args.max_num_seqs, precision, costs_path)})
             progress.advance(task)
         extras["engine"] = engine_rows
         progress.update(task, description="HF assisted generation")
         extras["hf_assisted"] = hf_assisted_generation(args.model_dir, args.draft, prompts, args.max_tokens,
-                                                       args.hf_prompts)
+                                                       args.hf_prompts, args.dtype, args.draft_quantization)
         progress.advance(task)
     return {"machine": machine_info, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                            if k != "run"},
@@ -372,6 +384,8 @@ def main_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=Path, help="a JSONL of {\"prompt\": ...} (default: the model dir's prompts.jsonl)")
     parser.add_argument("--chat", action="store_true", help="send the prompts through the target's chat template")
     parser.add_argument("--draft", type=Path, help="another draft for the pair's target (default: the model dir's)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--draft-quantization", default="none", choices=("none", "int8", "int4"))
     parser.add_argument("--label", help="the pair's name in the report (default: the model's name in the repository)")
     parser.add_argument("--out", type=Path, default=Path("docs"))
 
