@@ -53,6 +53,13 @@ def test_wide_inputs_run_on_the_dense_weights(linear, kind):
         assert torch.equal(kind(linear)(x), linear(x))
 
 
+@pytest.mark.parametrize("kind", [Int8WeightOnlyLinear, Int4WeightOnlyLinear])
+def test_a_strided_input_is_taken(linear, kind):
+    wide = torch.randn(2, 256, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(kind(linear)(wide[:, ::2]), kind(linear)(wide[:, ::2].contiguous()))
+
+
 def test_every_linear_of_the_draft_is_replaced(tiny_pair):
     draft = build_draft_model(tiny_pair[1], "cpu", "bfloat16", 2, 64, (0,), 300, quantization="int4")
     layers = draft.runner.model.model.layers

@@ -4,9 +4,9 @@ In bfloat16 a kernel rounds differently for a different batch shape, so a verifi
 tokens, an AR step and HF's batch-1 `generate` may pick different tokens where the target's top
 two logits are nearly tied. Exact identity stays the test in float32 (test_engine.py, every mode);
 here every divergence from the target alone must sit at such a near-tie: at the first differing
-token, the reference's top-2 logit gap is below NEAR_TIE_GAP and the engine chose the reference's
-runner-up. NEAR_TIE_GAP comes from measuring the gaps at real divergences against the gaps
-elsewhere (docs/qwen-coder.md, "Losslessness in bfloat16")."""
+token, the reference's top-2 logit gap is below NEAR_TIE_GAP and the engine's token is within it of
+the reference's best. NEAR_TIE_GAP comes from measuring the gaps at real divergences against the
+gaps elsewhere (docs/qwen-coder.md, "Losslessness in bfloat16")."""
 import os
 
 import pytest
@@ -24,10 +24,10 @@ QUESTIONS = ["Write a Python function that checks whether a number is prime.",
              "Give me two tips for writing readable code.",
              "Write a SQL query that counts the orders per customer."]
 NEW_TOKENS = 24
-# bfloat16 keeps 8 bits of mantissa: logits around 20-30 are a quarter apart, and a forward of
-# another shape may move one by a step or two of that. Measured: divergences at gaps of at most
-# 0.25; 8 % of all positions have gaps below this bound (docs/qwen-coder.md).
-NEAR_TIE_GAP = 0.5
+# bfloat16 keeps 8 bits of mantissa: logits between 16 and 32 are 0.125 apart. Measured on 20
+# held-out prompts x 48 tokens: every divergence (AR 2, SD 4, PSD 4) at a gap of 0 or 0.125, one
+# step; 3.4 % of all positions have gaps below this bound (docs/bench/qwen-coder/bf16-divergences.json).
+NEAR_TIE_GAP = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,8 @@ def assert_divergences_are_near_ties(outputs, reference) -> int:
         top2 = logits[first].topk(2)
         gap = float(top2.values[0] - top2.values[1])
         assert gap < NEAR_TIE_GAP, f"token {first}: engine {got[first]}, target {expected[first]}, top-2 gap {gap}"
-        assert got[first] == int(top2.indices[1]), "a divergence must take the target's runner-up"
+        # ... and the engine's choice is one of the near-tied tokens (on an exact tie, either).
+        assert float(top2.values[0] - logits[first, got[first]]) < NEAR_TIE_GAP
     return diverged
 
 

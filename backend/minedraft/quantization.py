@@ -38,7 +38,8 @@ class WeightOnlyLinear(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         if self.dense is not None and flat.shape[0] > MAX_QUANTIZED_ROWS:
             return F.linear(x.to(self.dense.dtype), self.dense, self.bias).to(x.dtype)
-        out = self.quantized_matmul(flat).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        # The kernels want a contiguous input; a slice of a wider tensor (an attention output) is not.
+        out = self.quantized_matmul(flat.contiguous()).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
 

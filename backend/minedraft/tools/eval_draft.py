@@ -26,9 +26,9 @@ HELDOUT_PROMPTS = ROOT / "model_repository" / "smollm2" / "1" / "heldout_prompts
 
 
 def acceptance(target: str, draft: str, prompts: list[dict], k: int, max_tokens: int, dtype: str = "float32",
-               quantization: str = "none") -> dict:
+               quantization: str = "none", batch: int = 8) -> dict:
     engine = Engine(EngineConfig(target_model=target, draft_model=draft, mode="sd", drafter="inline",
-                                 num_draft_tokens=k, max_num_seqs=8, max_model_len=2048, dtype=dtype,
+                                 num_draft_tokens=k, max_num_seqs=batch, max_model_len=2048, dtype=dtype,
                                  draft_quantization=quantization))
     texts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}], tokenize=False,
                                                   add_generation_prompt=True) for p in prompts]
@@ -118,7 +118,7 @@ def evaluate(args) -> int:
     target, draft = str(args.model_dir / "target"), str(args.model_dir / "draft")
     target_vocab_size = load_config(target).vocab_size
     report = {"model_dir": str(args.model_dir), "dtype": args.dtype, "k": args.k, "cost": {}, "greedy": {}}
-    for threads in args.threads:
+    for threads in [] if args.skip_costs else args.threads:
         torch.set_num_threads(threads)
         # Interleaved, so that every model sees the same machine state; the best of three rounds.
         times = {"target": [], **{q: [] for q in args.quantization}, **{f"drafting {q}": [] for q in args.quantization}}
@@ -136,11 +136,11 @@ def evaluate(args) -> int:
                               f"drafting_{args.k}_tokens_ms": round(1000 * best[f"drafting {q}"], 2)}
                for q in args.quantization}}
         print(json.dumps(report["cost"][f"{threads} threads"]), flush=True)
-    report["cost"]["how"] = (f"batch 1, one new token after 64 cached, {args.dtype}, median of 60, best of 3 "
+    report["cost"]["how"] = None if args.skip_costs else (f"batch 1, one new token after 64 cached, {args.dtype}, median of 60, best of 3 "
                              f"interleaved; a drafting is {args.k} tokens (k forwards), median of 30")
     torch.set_num_threads(max(args.threads))
     for q in args.quantization:
-        report["greedy"][q] = acceptance(target, draft, prompts, args.k, args.max_tokens, args.dtype, q)
+        report["greedy"][q] = acceptance(target, draft, prompts, args.k, args.max_tokens, args.dtype, q, args.batch)
         print(q, json.dumps({key: report["greedy"][q][key] for key in ("alpha", "alpha_by_category")}), flush=True)
         if args.out:  # partial results as they come: each option takes minutes
             args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -157,6 +157,9 @@ def main_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--quantization", nargs="+", default=["none"], choices=QUANTIZATIONS)
+    parser.add_argument("--batch", type=int, default=8, help="requests drafted and verified together (a quantized "
+                        "draft runs its quantized kernels at up to 4 rows, its bfloat16 weights above)")
+    parser.add_argument("--skip-costs", action="store_true", help="measure acceptance only")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to time at")
     parser.add_argument("--out", type=Path)
 

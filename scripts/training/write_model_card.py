@@ -1,6 +1,6 @@
 """Render the demo pair's model card (README.md) from the figures train_demo_pair.py measured.
 
-    python scripts/write_model_card.py [model_repository/minedraft/1]
+    python scripts/training/write_model_card.py [model_repository/minedraft/1]
 """
 import json
 import sys
@@ -21,7 +21,7 @@ def card(r: dict) -> str:
 
     return f"""# minedraft demo pair: a small Python code-completion target and its draft
 
-Trained from scratch on this project's 2-core CPU machine by `scripts/train_demo_pair.py`
+Trained from scratch on this project's 2-core CPU machine by `scripts/training/train_demo_pair.py`
 (seeded; {r['total_seconds'] / 60:.0f} minutes for everything). It exists because nothing can be
 downloaded at run time: it is the embedded default of `model_repository/minedraft` and the
 workload of every benchmark. It is a toy for measuring speculative decoding, not a useful assistant.

@@ -6,7 +6,7 @@ cores. Output (HF format) goes to model_repository/minedraft/1/{target,draft}, t
 held-out prompts to model_repository/minedraft/1/prompts.jsonl, and the figures of the
 model card to model_repository/minedraft/1/training_report.json.
 
-    python scripts/train_demo_pair.py [--out model_repository/minedraft/1]
+    python scripts/training/train_demo_pair.py [--out model_repository/minedraft/1]
 """
 import argparse
 import ast

@@ -14,7 +14,7 @@ Stages (each resumable; outputs under --work, the draft under --out):
               every answer position (soft cross-entropy on the top-32, renormalised over the draft
               vocabulary). Checkpoints every 25 steps; the draft directory is exported every 100.
 
-  python scripts/train_smollm2_draft.py --minutes 70
+  python scripts/training/train_smollm2_draft.py --minutes 70
 """
 import argparse
 import json
@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from minedraft.drafter import DraftVocabulary
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VERSION_DIR = ROOT / "model_repository" / "smollm2" / "1"
 DRAFT_VOCAB = 8192
 TOP_K = 32

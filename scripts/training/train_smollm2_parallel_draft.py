@@ -10,10 +10,10 @@ attention mask), and learns the target's distribution at t + j (soft cross-entro
 top-32, as the sequential draft was trained). The real tokens keep their sequential objective.
 
 It starts from the trained sequential draft and reads the teacher data that
-scripts/train_smollm2_draft.py generated (build/smollm2-draft/shards and text_shards): run that
+scripts/training/train_smollm2_draft.py generated (build/smollm2-draft/shards and text_shards): run that
 first. Checkpoints every 25 steps; the draft directory is exported every 100.
 
-  python scripts/train_smollm2_parallel_draft.py --minutes 60 --out build/smollm2-parallel-draft
+  python scripts/training/train_smollm2_parallel_draft.py --minutes 60 --out build/smollm2-parallel-draft
 """
 import argparse
 import json
@@ -31,7 +31,7 @@ from minedraft.drafter import DraftVocabulary
 
 from train_smollm2_draft import VERSION_DIR, batch_tensors, load_records, start_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def with_mask_token(draft: LlamaForCausalLM) -> tuple[LlamaForCausalLM, int]:

@@ -22,14 +22,14 @@ the real pairs up to t - c and copies 1..c on the diagonal (a 4-D attention mask
 draft step c + 1 sees at inference. Loss: soft cross-entropy against the target's top-32 (as the
 token draft was trained), plus --feature-weight times a smooth-L1 pull of f' towards the target's f.
 
-It reads the teacher data that scripts/train_smollm2_draft.py generated (build/smollm2-draft:
+It reads the teacher data that scripts/training/train_smollm2_draft.py generated (build/smollm2-draft:
 the target's answers to the script's own prompts, and plain text from the standard library, with
 the target's top-32 log-probabilities) and reuses that draft's vocabulary (d2t.json). Stages,
 each resumable: the target's hidden states for those sequences (float16 shards), then training
 (checkpoints every 25 steps, the draft exported every 100). What was tried and measured:
 docs/feature-draft.md.
 
-  python scripts/train_smollm2_feature_draft.py --init-from model_repository/smollm2/1/draft \
+  python scripts/training/train_smollm2_feature_draft.py --init-from model_repository/smollm2/1/draft \
       --checkpoint draft-warm3.pt --lr 0 --projection-lr 3e-4 --feature-weight 0 --unroll 3 --minutes 35
 """
 import argparse
@@ -49,7 +49,7 @@ from minedraft.drafter import FEATURE_PROJECTION_FILE, DraftVocabulary
 
 from train_smollm2_draft import VERSION_DIR, batch_tensors, start_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- 1. the target's hidden states --------------------------------------------------------------
