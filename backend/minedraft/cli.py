@@ -1,6 +1,5 @@
 """`minedraft serve` runs tritonserver with the minedraft backend on a model repository."""
 import argparse
-import re
 import signal
 import sys
 import threading
@@ -62,9 +61,12 @@ def _skip_unprepared_models(repository: Path) -> list[str]:
 
 
 def _weights_present(model_dir: Path) -> bool:
-    for key, value in re.findall(r'key: "(target_model|draft_model)", value: \{ string_value: "([^"]*)" \}',
-                                 (model_dir / "config.pbtxt").read_text()):
-        path = Path(value) if Path(value).is_absolute() else model_dir / "1" / value
+    from .tools.repository import parameters, read_config
+    settings = parameters(read_config(model_dir / "config.pbtxt"))
+    for key in ("target_model", "draft_model"):
+        if key not in settings:
+            continue
+        path = Path(settings[key]) if Path(settings[key]).is_absolute() else model_dir / "1" / settings[key]
         if not ((path / "config.json").is_file() or (path.suffix == ".gguf" and path.is_file())):
             return False
     return True

@@ -3,29 +3,37 @@
 The benchmark serves minedraft_ar / _sd / _psd side by side over the same weights; the tests
 serve variants of the default. All start from model_repository/minedraft/config.pbtxt.
 """
-import re
 from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 
 from ..launcher import DEFAULT_REPOSITORY
 
 TEMPLATE = DEFAULT_REPOSITORY / "minedraft" / "config.pbtxt"
 DEMO_VERSION_DIR = DEFAULT_REPOSITORY / "minedraft" / "1"
-_PARAMETER = re.compile(r'\{ key: "(\w+)", value: \{ string_value: "([^"]*)" \} \}')
+
+
+def read_config(path: Path) -> model_config_pb2.ModelConfig:
+    """A config.pbtxt as Triton's own ModelConfig message (tritonclient ships its protobuf)."""
+    return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
+
+
+def parameters(config: model_config_pb2.ModelConfig) -> dict[str, str]:
+    return {key: value.string_value for key, value in config.parameters.items()}
 
 
 def config_text(name: str, parameters: dict, max_batch_size: int | None = None, queue_size: int | None = None) -> str:
     """The shipped config renamed, with `parameters` overriding or extending its own."""
-    text = TEMPLATE.read_text()
-    merged = dict(_PARAMETER.findall(text))
-    merged.update({k: str(v) for k, v in parameters.items()})
-    entries = ",\n".join(f'  {{ key: "{k}", value: {{ string_value: "{v}" }} }}' for k, v in merged.items())
-    text = re.sub(r"parameters \[.*?\n\]", f"parameters [\n{entries}\n]", text, flags=re.S)
-    text = re.sub(r'^name: ".*"$', f'name: "{name}"', text, flags=re.M)
+    config = read_config(TEMPLATE)
+    config.name = name
+    for key, value in parameters.items():
+        config.parameters[key].string_value = str(value)
     if max_batch_size is not None:
-        text = re.sub(r"^max_batch_size: \d+$", f"max_batch_size: {max_batch_size}", text, flags=re.M)
+        config.max_batch_size = max_batch_size
     if queue_size is not None:
-        text = re.sub(r"max_queue_size: \d+", f"max_queue_size: {queue_size}", text)
-    return text
+        config.dynamic_batching.default_queue_policy.max_queue_size = queue_size
+    return text_format.MessageToString(config)
 
 
 def write_repository(root: Path, models: dict[str, dict], **config_kwargs) -> Path:
