@@ -29,7 +29,6 @@ import time
 import socket
 from multiprocessing.connection import Connection
 
-import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
@@ -59,9 +58,10 @@ def rank_device(target_device: str, rank: int) -> str:
     return f"cuda:{base + rank}"
 
 
-def init_process_group(init_method: str, rank: int, world_size: int, device: str) -> None:
+def init_process_group(init_method: str, rank: int, world_size: int, device: str, timeout: float) -> None:
+    """`timeout` bounds every collective: a rank that hangs fails its peers' calls after it."""
     dist.init_process_group("gloo" if device == "cpu" else "nccl", init_method=init_method, rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=LOCKSTEP_TIMEOUT_SECONDS))
+                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
 
 
 def load_shard(path: str, device: str, dtype: str, world_size: int):
@@ -134,8 +134,10 @@ class RankProcesses:
                 raise TensorParallelError(f"{self._describe(worker)} is gone: {exc}") from exc
             self.pending[worker] += 1
 
-    def wait_acknowledged(self, what: str, timeout: float = LOCKSTEP_TIMEOUT_SECONDS) -> None:
-        """Every call sent so far has been run by every worker; else a TensorParallelError."""
+    def wait_acknowledged(self, what: str, timeout: float | None = None) -> None:
+        """Every call sent so far has been run by every worker (within `timeout`, by default the
+        lockstep's); else a TensorParallelError."""
+        timeout = LOCKSTEP_TIMEOUT_SECONDS if timeout is None else timeout
         deadline = time.monotonic() + timeout
         for worker, conn in enumerate(self.conns):
             while self.pending[worker]:
@@ -286,10 +288,11 @@ class TensorParallelRunner:
 
     def _start_ranks(self) -> None:
         init_method = f"tcp://127.0.0.1:{free_port()}"  # rank 0 hosts the process group's store there
-        self.ranks = RankProcesses({**self._spec, "init_method": init_method}, self.world_size)
+        spec = {**self._spec, "init_method": init_method, "timeout": LOCKSTEP_TIMEOUT_SECONDS}
+        self.ranks = RankProcesses(spec, self.world_size)
         try:
             device = rank_device(self._spec["device"], 0)
-            init_process_group(init_method, 0, self.world_size, device)
+            init_process_group(init_method, 0, self.world_size, device, LOCKSTEP_TIMEOUT_SECONDS)
             self.local = ModelRunner(load_shard(self._spec["path"], device, self._spec["dtype"], self.world_size),
                                      self.num_rows, self.capacity)
             self.ranks.pending = [1] * (self.world_size - 1)  # each worker says when its shard is loaded

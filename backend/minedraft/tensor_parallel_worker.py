@@ -62,7 +62,7 @@ def _worker_main(spec: dict) -> None:
         torch.set_num_threads(len(spec["cpus"]))
     try:
         device = rank_device(spec["device"], spec["rank"])
-        init_process_group(spec["init_method"], spec["rank"], spec["world_size"], device)
+        init_process_group(spec["init_method"], spec["rank"], spec["world_size"], device, spec["timeout"])
         runner = ModelRunner(load_shard(spec["path"], device, spec["dtype"], spec["world_size"]),
                              spec["num_rows"], spec["capacity"])
         conn.send((0, "ok", None))
