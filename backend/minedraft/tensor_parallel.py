@@ -24,9 +24,9 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
-import socket
 from multiprocessing.connection import Connection
 
 import torch.distributed as dist
@@ -161,7 +161,7 @@ class RankProcesses:
             self.wait_acknowledged(what, timeout=2.0)
         except TensorParallelError as exc:
             return str(exc)
-        return f"a collective failed during {what} with every worker still answering"
+        return f"a collective failed during {what} with every worker answering"
 
     def _describe(self, worker: int) -> str:
         process = self.processes[worker]
@@ -276,6 +276,9 @@ class TensorParallelRunner:
             self._fail(exc)
         except RuntimeError as exc:  # the collective broke (gloo: connection reset; timeout): find out who
             self._fail(TensorParallelError(f"{self.ranks.describe_failure(method)} ({exc})"))
+        except Exception as exc:  # rank 0's own shard failed: the workers wait in a collective it never joins
+            self._fail(TensorParallelError(f"tensor-parallel rank 0 failed during {method}: "
+                                           f"{type(exc).__name__}: {exc}"))
         for row in row_ids:
             cache.row_epochs[row] = self.epoch
         return result

@@ -30,6 +30,11 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 def _serve(conn: Connection, runner: ModelRunner) -> None:
     caches = {}
+
+    def cache(cache_id: int):  # created the first time rank 0 names it, as rank 0's are on first use
+        if cache_id not in caches:
+            caches[cache_id] = runner.new_cache()
+        return caches[cache_id]
     while True:
         try:
             message = conn.recv()
@@ -39,15 +44,13 @@ def _serve(conn: Connection, runner: ModelRunner) -> None:
             return
         number, method, cache_id, args, kwargs = message
         try:
-            if cache_id not in caches:
-                caches[cache_id] = runner.new_cache()
             if method == "copy_row_from":
                 other_id, *rest = args
-                caches[cache_id].copy_row_from(caches[other_id], *rest)
+                cache(cache_id).copy_row_from(cache(other_id), *rest)
             elif method == "move_row":
-                caches[cache_id].move_row(*args)
+                cache(cache_id).move_row(*args)
             else:  # fill or forward: rank 0 keeps the outputs, this rank only takes part in the collectives
-                getattr(runner, method)(caches[cache_id], *args, **kwargs)
+                getattr(runner, method)(cache(cache_id), *args, **kwargs)
             conn.send((number, "ok", None))
         except Exception:
             conn.send((number, "error", traceback.format_exc()))
