@@ -197,7 +197,8 @@ def qwen():
 QWEN_PROMPTS = ["def fibonacci(n):", "import numpy as np\n\n# a 3x3 identity matrix\n", "class Stack:\n"]
 QWEN_GREEDY = {"max_tokens": 16, "temperature": 0}
 # The largest top-2 logit gap at which two float32 runs that only sum in another order (the
-# row-wise layers' all-reduce) may pick different tokens.
+# row-wise layers' all-reduce) may pick different tokens: measured here, one rank against two over
+# these prompts, logits differ by at most 1.7e-5; the bound leaves some 60 times that.
 NEAR_TIE = 1e-3
 
 
