@@ -19,6 +19,7 @@ from .output import OutputBuilder
 from .policy import Policy
 from .scheduler import Batch, Scheduler
 from .size_rule import BatchSizeRule
+from .tensor_parallel import TensorParallelRunner, rank_device
 
 log = logging.getLogger("minedraft")
 
@@ -66,9 +67,8 @@ def build(config: EngineConfig) -> EngineParts:
     unpinned = os.sched_getaffinity(0)
     _pin_target(config, target_cpus)  # the start-up calibration times the target on its own cores
     try:
-        model = load_model(config.target_model, config.target_device, config.dtype)
-        check_context(model.config, config)
-        target = ModelRunner(model, config.max_num_seqs, capacity)
+        target = _start_target(config, capacity, target_cpus)
+        check_context(target.model.config, config)
         batches = [Batch(slot, target.new_cache(), config.max_num_seqs) for slot in range(config.num_batches)]
         drafting = Drafting(drafter, sequential_drafter, batches, config.max_model_len,
                             config.draft_confidence_threshold)
@@ -82,6 +82,15 @@ def build(config: EngineConfig) -> EngineParts:
     max_prompt_chars = config.max_model_len * longest_token_chars(tokenizer)
     return EngineParts(tokenizer, eos_token_ids, max_prompt_chars, target, Scheduler(batches), drafting, policy,
                        OutputBuilder(tokenizer, eos_token_ids, config.max_model_len), step_cpus, thread_cpus)
+
+
+def _start_target(config: EngineConfig, capacity: int, cpus: set[int]):
+    if config.tensor_parallel_size == 1:
+        model = load_model(config.target_model, config.target_device, config.dtype)
+        return ModelRunner(model, config.max_num_seqs, capacity)
+    check_tensor_parallel(load_config(config.target_model), config)
+    return TensorParallelRunner(config.target_model, config.target_device, config.dtype, config.tensor_parallel_size,
+                                config.max_num_seqs, capacity, cpus)
 
 
 def _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity, draft_cpus):
@@ -155,6 +164,32 @@ def end_of_sequence_ids(model_path: str, tokenizer) -> tuple[int, ...]:
 
 def longest_token_chars(tokenizer) -> int:
     return max(len(tokenizer.convert_tokens_to_string([token])) for token in tokenizer.get_vocab())
+
+
+def check_tensor_parallel(model_config, config: EngineConfig) -> None:
+    """What transformers' plan needs to shard the target over `tensor_parallel_size` ranks."""
+    size = config.tensor_parallel_size
+    if not getattr(model_config, "base_model_tp_plan", None):
+        raise ConfigError(f"tensor_parallel_size: {type(model_config).__name__} has no tensor-parallel plan "
+                          "(base_model_tp_plan) in transformers")
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
+    if size > kv_heads:
+        raise ConfigError(f"tensor_parallel_size {size} exceeds the target's num_key_value_heads {kv_heads}: "
+                          "every rank needs a key/value head of its own")
+    for key in ("num_key_value_heads", "num_attention_heads", "intermediate_size", "vocab_size"):
+        value = getattr(model_config, key, None)
+        if value is not None and value % size:
+            raise ConfigError(f"tensor_parallel_size {size} does not divide the target's {key} {value}")
+    accelerator = torch._C._get_accelerator().type
+    if config.target_device == "cpu" and accelerator != "cpu":
+        # transformers shards over the machine's accelerator, whatever target_device says.
+        raise ConfigError(f"tensor_parallel_size > 1 with target_device cpu needs a machine without an "
+                          f"accelerator; this one has {accelerator}")
+    if config.target_device != "cpu":
+        last = rank_device(config.target_device, size - 1)
+        if int(last.partition(":")[2]) >= torch.cuda.device_count():
+            raise ConfigError(f"tensor_parallel_size {size} from target_device {config.target_device} needs "
+                              f"{last}; this machine has {torch.cuda.device_count()} GPU(s)")
 
 
 def check_context(model_config, config: EngineConfig) -> None:

@@ -59,6 +59,9 @@ class EngineConfig:
     # cores too: flex measures them at both thread counts, auto takes the count calibration found
     # faster. Opt-in: through the server it has not yet beaten pinned (docs/flex.md, "Threads per step").
     target_threads: str = "pinned"
+    # Ranks the target is sharded over (transformers' tensor-parallel plan): rank 0 in this process,
+    # the others in worker processes it starts. On CUDA rank r runs on target_device's index + r.
+    tensor_parallel_size: int = 1
 
     @classmethod
     def from_dict(cls, values: dict) -> "EngineConfig":
@@ -104,6 +107,10 @@ class EngineConfig:
                 raise ConfigError(f"{key} must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
         for key in ("target_cpus", "draft_cpus"):
             parse_cpus(getattr(self, key), key)
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.target_model.endswith(".gguf"):
+            raise ConfigError("tensor_parallel_size > 1 needs target_model as an HF model directory, not a .gguf file")
         for key in ("target_model", "draft_model"):
             path = getattr(self, key)
             if not ((Path(path) / "config.json").is_file() or (path.endswith(".gguf") and Path(path).is_file())):

@@ -120,6 +120,7 @@ class Engine:
 
     def close(self) -> None:
         self.drafting.close()
+        self.target.close()
 
     # -- requests -----------------------------------------------------------------------------
     def submit(self, request_id: str, prompt: str | list[int], params: SamplingParams | dict | None = None) -> None:

@@ -48,6 +48,9 @@ class ModelRunner:
     def new_cache(self) -> RowKVCache:
         return RowKVCache(self.num_rows, self.capacity)
 
+    def close(self) -> None:
+        """Nothing to stop: the model lives in this process (TensorParallelRunner's has workers)."""
+
     @torch.inference_mode()
     def fill(self, cache: RowKVCache, rows, start_lens: list[int], feeds: list[list[int]], with_hidden: bool = False,
              embeds: list[torch.Tensor] | None = None):

@@ -37,7 +37,7 @@ class Observer(Protocol):
 
     def observe_step(self, engine) -> None: ...
 
-    def observe_step_error(self) -> None: ...
+    def observe_step_error(self, engine) -> None: ...
 
     def observe_finished(self, output: RequestOutput, arrival: float, first_token: float | None,
                          now: float) -> None: ...
@@ -116,7 +116,7 @@ class ServingLoop:
                 self._observe("observe_step", self.engine)
             except Exception as exc:  # an engine fault must end requests, not hang them
                 log.exception("engine step failed")
-                self._observe("observe_step_error")
+                self._observe("observe_step_error", self.engine)
                 outputs = self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
             if outputs:
                 self._outputs.put(outputs)

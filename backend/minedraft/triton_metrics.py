@@ -5,6 +5,7 @@ import urllib.request
 
 from .cost_model import STEP_MODES
 from .launcher import RESTARTS_ENV
+from .tensor_parallel import TensorParallelRunner
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
 
@@ -63,6 +64,21 @@ class EngineMetrics:
         self.policy_steps = per_mode("minedraft_policy_steps_total", "Engine steps run as AR, SD or PSD", M.COUNTER)
         self.policy_mode = per_mode("minedraft_policy_mode", "1 for the mode of the last step, else 0", M.GAUGE)
         self.draft_length = family("minedraft_draft_length", "Draft length cap k of the last step", M.GAUGE)
+        # Load and health, for autoscalers and alerts (gauges: each is the value now).
+        self.requests_running = family("minedraft_requests_running", "Requests in the engine's batches", M.GAUGE)
+        self.requests_waiting = family("minedraft_requests_waiting",
+                                       "Requests admitted to the engine and waiting for a batch row", M.GAUGE)
+        self.kv_rows_in_use = family("minedraft_kv_rows_in_use", "Target KV cache rows holding a request", M.GAUGE)
+        self.kv_rows_total = family("minedraft_kv_rows_total", "Target KV cache rows, all batches", M.GAUGE)
+        self.drafter_alive = family("minedraft_drafter_alive",
+                                    "1 while a drafter is loaded and its worker process (if any) runs", M.GAUGE)
+        self.tp_workers_alive = family("minedraft_tensor_parallel_workers_alive",
+                                       "Tensor-parallel worker ranks running (tensor_parallel_size - 1 when healthy)",
+                                       M.GAUGE)
+        self.tp_failures = family("minedraft_tensor_parallel_failures_total",
+                                  "Tensor-parallel rank failures (their requests failed; the ranks restarted)",
+                                  M.COUNTER)
+        self._tp_failures_seen = 0
         self.ttft = histogram("minedraft_time_to_first_token_seconds", "Time to first token")
         self.tpot = histogram("minedraft_time_per_output_token_seconds", "Mean time per output token after the first")
         self.e2e = histogram("minedraft_request_latency_seconds", "End-to-end request latency")
@@ -81,6 +97,7 @@ class EngineMetrics:
 
     def observe_step(self, engine) -> None:
         self.steps.increment(1)
+        self._observe_health(engine)
         sizes = engine.batch_sizes() + [0]
         self.batch_a.set(sizes[0])
         self.batch_b.set(sizes[1])
@@ -127,8 +144,24 @@ class EngineMetrics:
     def observe_aborted(self, cancelled: bool) -> None:
         (self.requests_cancelled if cancelled else self.requests_aborted).increment(1)
 
-    def observe_step_error(self) -> None:
+    def observe_step_error(self, engine) -> None:
         self.step_errors.increment(1)
+        self._observe_health(engine)
+
+    def _observe_health(self, engine) -> None:
+        scheduler = engine.scheduler
+        self.requests_running.set(scheduler.num_running)
+        self.requests_waiting.set(len(scheduler.waiting))
+        self.kv_rows_in_use.set(scheduler.num_running)  # one row per running request in its batch's cache
+        self.kv_rows_total.set(scheduler.capacity)
+        drafter = engine.drafter
+        process = getattr(drafter, "process", None)  # a worker drafter's; an inline one lives in this process
+        self.drafter_alive.set(int(drafter is not None and (process is None or process.poll() is None)))
+        if isinstance(engine.target, TensorParallelRunner):
+            self.tp_workers_alive.set(engine.target.num_workers_alive)
+            if engine.target.num_failures > self._tp_failures_seen:
+                self.tp_failures.increment(engine.target.num_failures - self._tp_failures_seen)
+                self._tp_failures_seen = engine.target.num_failures
 
     def observe_in_flight(self, count: int) -> None:
         self.in_flight.set(count)
