@@ -131,7 +131,8 @@ def compare(costs: StepCosts, raw: dict, prompt_tokens: float) -> dict:
     rows = []
     for row in raw["rows"]:
         mode = SETUP_MODES.get(row["setup"])
-        if mode is None or (mode != "ar" and row.get("acceptance_rate") is None):
+        # A point without a measured rate (no steady span) has nothing to compare against.
+        if mode is None or (mode != "ar" and row.get("acceptance_rate") is None) or not row["tokens_per_s"]:
             continue
         k = row["num_draft_tokens"]
         alpha = 0.0 if mode == "ar" else fit_alpha(row["acceptance_rate"], k)
