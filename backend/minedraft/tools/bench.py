@@ -162,7 +162,10 @@ def measure_server(server, setup, k, concurrency, prompts, args, workdir: Path, 
         steady = steady_rate(counters.samples, concurrency, learning_steps)
         if steady and steady["window_s"] >= args.window_seconds / 2:
             break
-        expected_tokens_per_s = steady["tokens_per_s"] if steady else expected_tokens_per_s * 4 + 10
+        # Too short: the rate was not known yet, or learning took more requests than assumed (its
+        # steps hold fewer tokens). Size the next run by the shortfall, not by the rate alone.
+        shortfall = args.window_seconds / steady["window_s"] if steady else 4
+        expected_tokens_per_s = max(expected_tokens_per_s, steady["tokens_per_s"] if steady else 0) * shortfall + 10
     if steady is None:
         raise RuntimeError(f"{model} at c = {concurrency}: no steady span in {requests} requests")
 
