@@ -158,3 +158,11 @@ def test_cli_refuses_draft_lengths_the_costs_do_not_cover(tmp_path, capsys):
     path.write_text(step_costs(max_k=4).to_json())
     assert main(["simulate", "--costs", str(path), "--draft-lengths", "1..8"]) == 2
     assert "draft lengths must be in 1..4" in capsys.readouterr().err
+
+
+def test_no_psd_candidates_without_a_drafter_beside_the_target():
+    """An inline drafter on CPU drafts in the step thread: a PSD step would not overlap anything,
+    so auto's rule must not offer it (it once chose PSD at 5+ rows on the Qwen pair for that)."""
+    from minedraft.cost_model import candidates
+    assert any(c.mode == "psd" for c in candidates(4, 8))
+    assert {c.mode for c in candidates(4, 8, overlaps=False)} == {"ar", "sd"}

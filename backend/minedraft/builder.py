@@ -114,7 +114,8 @@ def _make_policy(config, target, batch, drafting, eos_token_ids, thread_counts) 
                                config.max_num_seqs, eos_token_ids, thread_counts, overlap_drafter=drafting.drafter)
     log.info("%s calibration: %s", config.mode, costs.to_json())
     if config.mode == "auto":
-        return BatchSizeRule(config.num_draft_tokens, costs, config.max_num_seqs, 2 * config.max_num_seqs)
+        overlaps = isinstance(drafting.drafter, ProcessDrafter) or config.draft_device != "cpu"
+        return BatchSizeRule(config.num_draft_tokens, costs, config.max_num_seqs, 2 * config.max_num_seqs, overlaps)
     return FlexPolicy(config.num_draft_tokens, costs, config.max_num_seqs, thread_counts=thread_counts)
 
 

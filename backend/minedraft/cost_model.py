@@ -143,16 +143,18 @@ def estimate(choice: Choice, expected_sum: float, num_rows: int, costs, batch_ca
                     + costs.overhead_per_row * b)
 
 
-def candidates(max_k: int, num_rows: int) -> list[Choice]:
-    """AR, SD(k) and, when there are two requests to split, PSD(k) for k = 1..max_k."""
+def candidates(max_k: int, num_rows: int, overlaps: bool = True) -> list[Choice]:
+    """AR, SD(k) and, when there are two requests to split and a drafter that runs beside the
+    target (`overlaps`), PSD(k) for k = 1..max_k."""
     choices = [Choice("ar", 0)] + [Choice("sd", k) for k in range(1, max_k + 1)]
-    if num_rows >= 2:
+    if num_rows >= 2 and overlaps:
         choices += [Choice("psd", k) for k in range(1, max_k + 1)]
     return choices
 
 
-def rank(alphas: list[float], costs, max_k: int, batch_capacity: int | None = None) -> dict[Choice, float]:
+def rank(alphas: list[float], costs, max_k: int, batch_capacity: int | None = None,
+         overlaps: bool = True) -> dict[Choice, float]:
     """Expected goodput (tokens/s) of every candidate for rows with these acceptance rates."""
     sums = [sum(expected_tokens(a, k) for a in alphas) for k in range(max_k + 1)]
     return {c: estimate(c, sums[c.k], len(alphas), costs, batch_capacity).goodput
-            for c in candidates(max_k, len(alphas))}
+            for c in candidates(max_k, len(alphas), overlaps)}

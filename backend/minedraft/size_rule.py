@@ -24,10 +24,14 @@ def pick(ranking: dict[Choice, float]) -> Choice:
 
 
 class BatchSizeRule(Policy):
-    def __init__(self, max_draft_tokens: int, costs: StepCosts, batch_capacity: int, max_running: int):
+    def __init__(self, max_draft_tokens: int, costs: StepCosts, batch_capacity: int, max_running: int,
+                 overlaps: bool = True):
         super().__init__(Choice("sd", max_draft_tokens))
         self.name = "auto"
         self.costs = costs
+        # Without a drafter beside the target (an inline drafter on CPU drafts in the step thread),
+        # a PSD step is an SD step in two halves: the rule chooses between AR and SD only.
+        self.overlaps = overlaps
         self.batch_capacity = batch_capacity
         self.max_running = max_running
         self.rule: list[Choice] = []  # [running requests - 1] -> the step to run
@@ -42,7 +46,8 @@ class BatchSizeRule(Policy):
         """The best choice for 1..max_running requests that all accept drafts at this rate."""
         rule = []
         for rows in range(1, self.max_running + 1):
-            rule.append(pick(rank([acceptance] * rows, self.costs, self.max_draft_tokens, self.batch_capacity)))
+            rule.append(pick(rank([acceptance] * rows, self.costs, self.max_draft_tokens, self.batch_capacity,
+                                     self.overlaps)))
         return rule
 
     def thresholds(self) -> list[tuple[int, Choice]]:
