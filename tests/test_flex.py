@@ -283,6 +283,14 @@ def test_auto_reads_its_rule_off_the_calibrated_costs_by_running_requests():
         probes.append(plan.probe)
         rule.observe(SimpleNamespace(draft_runs=[(16, 1, 0.01, False)] if plan.probe else []))
     assert probes.count(True) == 2 and rule.choice.mode == "ar"
+    # A rule that says AR only under load does not probe: it drafts again once the load falls.
+    loaded_rule = BatchSizeRule(8, costs(draft_step=0.001, verify_fixed=0.010, per_token=0.0005), batch_capacity=32,
+                                max_running=64, overlaps=False)
+    loaded_rule.steps_since_draft = 100
+    plan = loaded_rule.plan(batches_with(64, alpha=0.5))
+    assert loaded_rule.choice.mode == "ar" and not plan.probe
+    assert loaded_rule.plan(batches_with(1, alpha=0.5)).mode == "sd"
+    assert {c.mode for c in loaded_rule.rule} == {"ar", "sd"}  # no PSD without a drafter beside the target
 
 
 def test_auto_speculates_only_past_its_margin_over_ar():

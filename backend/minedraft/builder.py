@@ -15,6 +15,7 @@ from .drafter import (D2T_FILE, PARALLEL_DRAFT_KEY, DraftVocabulary, InlineDraft
 from .drafting import Drafting
 from .flex import FlexPolicy
 from .model_runner import ModelRunner, load_config, load_model, load_tokenizer
+from .ngram_drafter import NgramDrafter
 from .output import OutputBuilder
 from .policy import Policy
 from .scheduler import Batch, Scheduler
@@ -49,7 +50,9 @@ def build(config: EngineConfig) -> EngineParts:
     # Every cache holds the context plus one verification's drafts and its extra token.
     capacity = config.max_model_len + config.num_draft_tokens + 2
     drafter = None
-    if config.traits.drafts and config.num_draft_tokens > 0:
+    if config.traits.drafts and config.num_draft_tokens > 0 and config.draft_method == "ngram":
+        drafter = NgramDrafter(config.prompt_lookup_min, config.prompt_lookup_max)
+    elif config.traits.drafts and config.num_draft_tokens > 0:
         drafter = _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity, draft_cpus)
     # Flex's and auto's sequential (SD) steps draft in-process: with nothing to overlap, a round
     # trip to the worker process costs more than it hides. With nothing beside it, their target

@@ -23,6 +23,7 @@ MODE_TRAITS = {"ar": ModeTraits(two_batches=False, drafts=False), "sd": ModeTrai
                "auto": ModeTraits(two_batches=True, drafts=True, per_step=True)}
 SERVING_MODES = tuple(MODE_TRAITS)
 DRAFTER_KINDS = ("auto", "inline", "process")
+DRAFT_METHODS = ("model", "ngram")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "model_repository" / "minedraft" / "1"
 
 
@@ -48,6 +49,12 @@ class EngineConfig:
     # "int8" or "int4". Lossless whatever it is: only the target's distribution counts. On CPU a
     # quantized draft computes in bfloat16 whatever `dtype` says: torch's kernels are fast only there.
     draft_quantization: str = "none"
+    # What proposes drafts: "model" (draft_model) or "ngram" (prompt lookup, ngram_drafter.py: the
+    # tokens that followed the context's last n tokens earlier in it, n from prompt_lookup_max down
+    # to prompt_lookup_min; mode sd only, no draft model).
+    draft_method: str = "model"
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 3
     # Where the drafter runs: "process" (its own worker process, the CPU way to overlap),
     # "inline" (same process; a CUDA stream on draft_device), or "auto".
     drafter: str = "auto"
@@ -111,7 +118,17 @@ class EngineConfig:
             raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.tensor_parallel_size > 1 and self.target_model.endswith(".gguf"):
             raise ConfigError("tensor_parallel_size > 1 needs target_model as an HF model directory, not a .gguf file")
-        for key in ("target_model", "draft_model"):
+        if self.draft_method not in DRAFT_METHODS:
+            raise ConfigError(f"draft_method must be one of {DRAFT_METHODS}, got {self.draft_method!r}")
+        if self.draft_method == "ngram":
+            if self.mode != "sd":
+                raise ConfigError(f"draft_method ngram drafts in mode sd only (no model to run beside the "
+                                  f"target or to calibrate), got mode {self.mode!r}")
+            if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+                raise ConfigError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
+                                  f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+        model_keys = ("target_model", "draft_model") if self.draft_method == "model" else ("target_model",)
+        for key in model_keys:
             path = getattr(self, key)
             if not ((Path(path) / "config.json").is_file() or (path.endswith(".gguf") and Path(path).is_file())):
                 raise ConfigError(f"{key}: neither an HF model directory (config.json) nor a .gguf file: {path!r}")

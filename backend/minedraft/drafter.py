@@ -321,6 +321,7 @@ class InlineDrafter:
         self.reads_features = draft_model.projection is not None
 
     ready = True
+    keeps_cache = True  # its draft cache holds what it was fed: only new tokens are fed again
 
     def start(self, work: DraftWork) -> None:
         if self._executor is None:
@@ -366,6 +367,8 @@ class ProcessDrafter:
     step that failed halfway is recognised and skipped instead of being taken for the next one.
     A (re)started worker loads its model in the background: until it says it is ready, `ready`
     is False and the engine decodes with the target alone."""
+
+    keeps_cache = True
 
     def __init__(self, path, device, dtype, num_rows, capacity, eos_token_ids, vocab_size, max_tokens, cpus,
                  reply_timeout: float = 60.0, quantization: str = "none"):

@@ -134,7 +134,9 @@ class Drafting:
                 for seq, cap, (feed, features) in zip(batch.seqs, caps, inputs)]
         work = DraftWork(batch.slot, list(batch.draft_moves), rows, num_tokens, self.confidence_threshold)
         batch.draft_moves.clear()
-        self._fed_to[batch.slot] = [seq.draft_cached + len(feed) for seq, (feed, _) in zip(batch.seqs, inputs)]
+        # A drafter without a cache (prompt lookup) is fed whole contexts and keeps nothing of them.
+        self._fed_to[batch.slot] = [seq.draft_cached + len(feed) if drafter.keeps_cache else 0
+                                    for seq, (feed, _) in zip(batch.seqs, inputs)]
         return work
 
     @staticmethod
@@ -167,7 +169,9 @@ class Drafting:
             seq.draft_ids = drafts.ids[row, :length].tolist()
             # A greedy row's q is one-hot at its drafts (rebuilt at verification); a sampled row's is
             # copied out of the drafter's buffer, which the drafter reuses for the batch's next drafts.
-            seq.draft_probs = drafts.probs[row, :length].clone() if seq.params.temperature > 0 else None
+            # A drafter that proposes without probabilities (prompt lookup) has a one-hot q too.
+            sampled = seq.params.temperature > 0 and drafts.probs is not None
+            seq.draft_probs = drafts.probs[row, :length].clone() if sampled else None
             seq.draft_cached = fed_to
             seq.draft_extent = drafts.cached
         batch.is_drafted = True

@@ -120,10 +120,11 @@ class TritonPythonModel:
         report_metrics = settings.pop("report_metrics", "true").lower()
         if report_metrics not in ("true", "false"):
             raise pb_utils.TritonModelException(f"report_metrics must be true or false, got {report_metrics!r}")
-        self.engine = Engine(EngineConfig.from_dict(settings))
-        self.metrics = EngineMetrics(pb_utils, model_config["name"], self.engine.config.num_draft_tokens) \
+        config = EngineConfig.from_dict(settings)
+        self.metrics = EngineMetrics(pb_utils, model_config["name"], config.num_draft_tokens) \
             if report_metrics == "true" else None
-        self.serving = ServingLoop(self.engine, self.metrics)
+        self.serving = ServingLoop(lambda: Engine(config), self.metrics)  # built in the thread that steps it
+        self.engine = self.serving.engine
         pb_utils.Logger.log_info(f"minedraft: mode={self.engine.config.mode} k={self.engine.config.num_draft_tokens} "
                                  f"max_num_seqs={self.engine.config.max_num_seqs}")
 

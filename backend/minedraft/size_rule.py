@@ -4,8 +4,11 @@ The number of running requests alone picks the step: SD while it is small, PSD a
 threshold, AR above a second (or any order the costs give). The rule is read off the start-up
 calibration's costs with the cost model, at the running requests' mean acceptance rounded to
 ACCEPTANCE_STEP (so it is re-read rarely); no online cost corrections, no per-row acceptance, no
-hysteresis. While the rule says AR, one SD step every PROBE_INTERVAL steps keeps the acceptance
-estimates alive (without it, a rule that once says AR everywhere would never see a draft again).
+hysteresis. While the rule says AR at every load, one SD step every PROBE_INTERVAL steps keeps the
+acceptance estimates alive (without it such a rule would never see a draft again). A rule that says
+AR only under load needs no probe: it drafts again, and re-reads acceptance, once the load falls.
+Probing there cost more than it told: an AR step leaves the draft's cache behind, so a probe at 8
+running requests on the Qwen pair refed their whole contexts to the draft (~1 s a probe).
 """
 from .cost_model import Choice, StepCosts, rank
 from .policy import Policy, StepPlan
@@ -62,7 +65,8 @@ class BatchSizeRule(Policy):
         if acceptance != self.rule_acceptance:
             self.rule, self.rule_acceptance = self.rule_for(acceptance), acceptance
         self.choice = self.rule[min(len(alphas), self.max_running) - 1]
-        probe = self.choice.mode == "ar" and self.steps_since_draft >= PROBE_INTERVAL
+        never_drafts = all(choice.mode == "ar" for choice in self.rule)
+        probe = never_drafts and self.steps_since_draft >= PROBE_INTERVAL
         plan = self.plan_choice(batches, Choice("sd", 1) if probe else self.choice)
         plan.probe = probe
         return plan
