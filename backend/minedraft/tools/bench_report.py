@@ -184,7 +184,8 @@ def plot(table: list[dict], figures: Path) -> None:
     import matplotlib.pyplot as plt
     labels = {"ar": "AR (2 threads)", "ar_1core": "AR (1 thread)", "sd": "SD (best k, 2 threads)",
               "sd_1core": "SD (best k, 1 core)", "psd": "PSD (best k, 1+1 cores)", "flex": "flex (1+1 cores)",
-              "flex_per_step": "flex per step (1+1 cores)", "auto": "auto (1+1 cores)"}
+              "flex_per_step": "flex per step (1+1 cores)", "auto": "auto (1+1 cores)",
+              "auto_inline": "auto (2 cores, in-process draft)"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for setup, label in labels.items():
         points = [(t["concurrency"], t[setup]["tokens_per_s"]) for t in table if t[setup]]
@@ -219,6 +220,7 @@ def _cell(row, key="tokens_per_s"):
 def flex_section(table: list[dict], args: dict) -> list[str]:
     present = [s for s in PER_STEP_SETUPS if any(t[s] for t in table)]
     names = {"flex": "flex", "flex_per_step": "flex per step", "auto": "auto", "auto_per_step": "auto per step",
+             "auto_inline": "auto, 2 cores, in-process draft",
              "flex_tau": "flex τ"}
     tau = SETUPS["flex_tau"][1]["draft_confidence_threshold"]
     lines = ["", "### Flex against the fixed modes", "",

@@ -15,6 +15,9 @@ SETUPS = {
     "flex": ("minedraft_flex", {"mode": "flex", "target_cpus": "0", "draft_cpus": "1", "drafter": "process"}),
     # FlexDraft's batch-size switch on the same cores: the simple baseline beside flex.
     "auto": ("minedraft_auto", {"mode": "auto", "target_cpus": "0", "draft_cpus": "1", "drafter": "process"}),
+    # The served default: auto on both cores with the in-process drafter, so AR or SD each step by
+    # the running requests (no PSD: nothing runs beside the target).
+    "auto_inline": ("minedraft_auto_inline", {"mode": "auto", "target_cpus": "0-1", "drafter": "inline"}),
     # Both again with threads per step: steps alone on both cores, steps beside the drafter on core 0.
     "flex_per_step": ("minedraft_flex_per_step", {"mode": "flex", "target_cpus": "0", "draft_cpus": "1",
                                                   "drafter": "process", "target_threads": "per_step"}),
