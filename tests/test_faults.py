@@ -11,7 +11,9 @@ import torch
 
 from engine_helpers import PROMPTS, make_engine, reference_greedy
 from minedraft import InvalidRequest
-from minedraft.drafter import DraftRow, DraftWork, ProcessDrafter, build_draft_model
+from minedraft.draft_model import build_draft_model
+from minedraft.drafter import DraftRow, DraftWork
+from minedraft.process_drafter import ProcessDrafter
 from minedraft.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
 
 
@@ -252,7 +254,7 @@ def test_a_hung_drafter_times_out_and_is_replaced(tiny_pair, target_model):
 def test_a_drafter_that_cannot_start_leaves_target_only_decoding(tiny_pair, target_model, monkeypatch):
     model, tokenizer = target_model
     engine = make_engine(*tiny_pair, mode="psd", drafter="process")
-    monkeypatch.setattr("minedraft.drafter.python_executable", lambda: "/bin/false")  # every respawn dies
+    monkeypatch.setattr("minedraft.process_drafter.python_executable", lambda: "/bin/false")  # every respawn dies
     try:
         engine.drafter.process.kill()
         outs = engine.generate(PROMPTS[:4], {"max_tokens": 20, "temperature": 0, "ignore_eos": True})

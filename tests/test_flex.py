@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from minedraft.cost_model import Choice, StepCosts, expected_tokens
-from minedraft.drafter import DraftRow, DraftWork, build_draft_model
+from minedraft.draft_model import build_draft_model
+from minedraft.drafter import DraftRow, DraftWork
 from minedraft.flex import Arm, FlexPolicy, OnlineCosts, arms
 from minedraft.scheduler import Batch
 from minedraft.sequence import AcceptanceEstimate

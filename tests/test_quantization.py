@@ -6,7 +6,7 @@ from torch import nn
 
 from minedraft import Engine, EngineConfig
 from minedraft.config import ConfigError
-from minedraft.drafter import build_draft_model
+from minedraft.draft_model import build_draft_model
 from minedraft.quantization import (INT4_GROUP_SIZE, MAX_QUANTIZED_ROWS, Int4WeightOnlyLinear, Int8WeightOnlyLinear,
                                     quantize_linears)
 

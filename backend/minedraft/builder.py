@@ -10,14 +10,16 @@ from transformers import GenerationConfig
 from .calibration import measure_step_costs
 from .config import ConfigError, EngineConfig
 from .cost_model import Choice
-from .drafter import (D2T_FILE, PARALLEL_DRAFT_KEY, DraftVocabulary, InlineDrafter, ProcessDrafter,
-                      build_draft_model)
+from .draft_model import PARALLEL_DRAFT_KEY, build_draft_model
+from .draft_vocabulary import D2T_FILE, DraftVocabulary
 from .drafting import Drafting
 from .flex import FlexPolicy
+from .inline_drafter import InlineDrafter
 from .model_runner import ModelRunner, load_config, load_model, load_tokenizer
 from .ngram_drafter import NgramDrafter
 from .output import OutputBuilder
 from .policy import Policy
+from .process_drafter import ProcessDrafter
 from .scheduler import Batch, Scheduler
 from .size_rule import BatchSizeRule
 from .tensor_parallel import TensorParallelRunner, rank_device

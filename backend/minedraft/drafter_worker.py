@@ -9,7 +9,8 @@ from multiprocessing.shared_memory import SharedMemory
 
 import torch
 
-from .drafter import build_draft_model, wait_readable
+from .draft_model import build_draft_model
+from .worker_process import wait_readable
 
 
 def _attach(name: str) -> SharedMemory:

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
-from .drafter import python_executable, wait_readable
+from .worker_process import python_executable, wait_readable
 from .kv_cache import RowKVCache
 from .launcher import free_port
 from .model_runner import DTYPES, ModelRunner

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from minedraft.drafter import DraftVocabulary
+from minedraft.draft_vocabulary import DraftVocabulary
 
 ROOT = Path(__file__).resolve().parents[2]
 VERSION_DIR = ROOT / "model_repository" / "smollm2" / "1"

@@ -45,7 +45,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from minedraft.drafter import FEATURE_PROJECTION_FILE, DraftVocabulary
+from minedraft.draft_model import FEATURE_PROJECTION_FILE
+from minedraft.draft_vocabulary import DraftVocabulary
 
 from train_smollm2_draft import VERSION_DIR, batch_tensors, start_run
 

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from minedraft.drafter import DraftVocabulary
+from minedraft.draft_vocabulary import DraftVocabulary
 
 from train_smollm2_draft import VERSION_DIR, batch_tensors, load_records, start_run
 

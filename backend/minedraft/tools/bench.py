@@ -26,7 +26,7 @@ from ..config import DEFAULT_MODEL_DIR, MODE_TRAITS
 from ..cost_model import STEP_MODES
 from ..launcher import TritonServer, free_port
 from ..triton_metrics import read_metrics
-from ..drafter import D2T_FILE
+from ..draft_vocabulary import D2T_FILE
 from .bench_engine import chat_prompts, engine_for, load_prompts, measure
 from .bench_report import report_dir, write_report
 from .perf_analyzer import run_with_export, write_input_data

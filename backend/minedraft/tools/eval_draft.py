@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from minedraft import Engine, EngineConfig
-from minedraft.drafter import DraftRow, DraftWork, build_draft_model, is_feature_draft
+from minedraft.draft_model import build_draft_model, is_feature_draft
+from minedraft.drafter import DraftRow, DraftWork
 from minedraft.model_runner import ModelRunner, load_config, load_model
 from minedraft.quantization import QUANTIZATIONS, quantize_linears
 
@@ -100,7 +101,7 @@ def drafting_seconds(path: str, target_vocab_size: int, k: int, context: int = 6
     def work(cached_len, feed):
         # A feature draft reads the target's state before each fed token (none before position 0).
         states = (np.random.randn(len(feed) - (cached_len == 0), hidden_size).astype(np.float32)
-                  if draft.projection is not None else None)
+                  if draft.reads_features else None)
         return DraftWork(0, [], [DraftRow(cached_len, feed, 0.0, 0, 1.0, 0, [0.5] * k, k, states)], k)
     draft.run(work(0, list(range(5, 5 + context))))
     times = []
