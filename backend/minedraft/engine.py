@@ -9,11 +9,11 @@ Usable without Triton:
             print(out.text_delta, end="")
 """
 import logging
-import os
 import secrets
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +22,7 @@ from . import sampler
 from .builder import build
 from .config import EngineConfig
 from .cost_model import STEP_MODES
+from .placement import Placement
 from .sampling_params import InvalidRequest, SamplingParams
 from .scheduler import Batch
 from .sequence import RequestOutput, Sequence
@@ -50,6 +51,39 @@ class StepRecord:
     # Since the previous step ended, with work waiting all along (0 after an idle wait): what the
     # serving loop and the threads beside the engine (sending responses) cost this step.
     gap_seconds: float = 0.0
+
+
+class StepTimer:
+    """Times one step's phases on one clock and makes its StepRecord."""
+
+    def __init__(self, previous_end: float | None):
+        self.started = time.monotonic()
+        # With work waiting all along since the previous step (None after an idle wait).
+        self.gap = self.started - previous_end if previous_end is not None else 0.0
+        self.spans: dict[str, tuple[float, float]] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.spans[name] = (started, time.monotonic())
+
+    def seconds(self, name: str) -> float:
+        started, ended = self.spans[name]
+        return ended - started
+
+    def record(self, plan, drafts: list[list[int]], draft_span, drafting, committed) -> StepRecord:
+        ended = self.spans["commit"][1]
+        return StepRecord(
+            mode=plan.mode, verify_slot=plan.verify.slot, verify_size=len(drafts), verify_span=self.spans["verify"],
+            verified_drafts=max(map(len, drafts)), draft_slot=plan.overlap.slot if plan.overlap else None,
+            draft_size=len(plan.overlap) if plan.overlap else 0, draft_span=draft_span,
+            num_draft_tokens=plan.num_draft_tokens, prefill_seconds=self.seconds("prefill"),
+            commit_seconds=self.seconds("commit"), draft_runs=drafting.runs,
+            seconds=ended - self.started - self.seconds("prefill"), catch_up_seconds=drafting.catch_up_seconds,
+            num_tokens=sum(len(out.new_token_ids) for out in committed), gap_seconds=self.gap)
 
 
 @dataclass
@@ -96,10 +130,7 @@ class Engine:
         self.drafting = parts.drafting
         self.policy = parts.policy
         self.outputs = parts.outputs
-        self.step_cpus = parts.step_cpus
-        self.thread_cpus = parts.thread_cpus
-        self._pinned_thread: int | None = None  # the thread that step() pinned to step_cpus
-        self._threads: int | None = None  # the count _set_threads last applied (calibration leaves its own)
+        self.placement = Placement(parts.step_cpus, parts.thread_cpus, self.policy)
         self._lock = threading.Lock()  # guards the waiting queue and cancellations, filled from other threads
         self._cancelled: set[str] = set()
         self.step_log: deque[StepRecord] = deque(maxlen=4096)
@@ -189,66 +220,36 @@ class Engine:
             raise
 
     def _step(self) -> list[RequestOutput]:
-        self._pin_step_thread()
+        """plan -> draft -> verify -> commit. Newcomers' prompts fill the target's cache after the
+        overlap batch's drafting has started (drafting reads token ids, not the target's cache): in
+        PSD the prefill runs beside it."""
+        self.placement.pin_step_thread()
         outputs = self._apply_cancellations()
         with self._lock:
             admitted = self.scheduler.admit(split=self.policy.splits_batches)
         self._arrange_batches()
-        started = time.monotonic()
+        timer = StepTimer(self._last_step_end)
         plan = self.policy.plan(self.scheduler.batches)
         if plan is None:
             self._prefill(admitted)
             return outputs
-        self._set_threads(plan)  # an SD step's in-process drafting runs at the step's count too
-        draft_span = self.drafting.draft_for(plan)
-        self._set_threads(plan)  # drafting may not have started beside verification after all
-        # Newcomers' prompts fill the target's cache after the overlap batch's drafting has started
-        # (drafting reads token ids, not the target's cache): in PSD the prefill runs beside it.
-        prefill_started = time.monotonic()
-        if admitted:
-            self._set_threads(plan, prefill=True)
-            self._prefill(admitted)
-            self._set_threads(plan)
-        prefill_seconds = time.monotonic() - prefill_started
-        verify_started = time.monotonic()
-        # Snapshot the drafts being verified: a drafter failure below forgets every seq's drafts.
-        drafts = [seq.draft_ids for seq in plan.verify.seqs]
-        verdict = self._verify(plan.verify)
-        verify_span = (verify_started, time.monotonic())
+        with timer.phase("draft"):
+            self.placement.set_threads(plan)  # an SD step's in-process drafting runs at the step's count
+            draft_span = self.drafting.draft_for(plan)
+        with timer.phase("prefill"):
+            if admitted:
+                self.placement.set_threads(plan, prefill=True)
+                self._prefill(admitted)
+        drafts = [seq.draft_ids for seq in plan.verify.seqs]  # a drafter failure below forgets every seq's
+        with timer.phase("verify"):
+            self.placement.set_threads(plan)  # drafting may not have started beside verification after all
+            verdict = self._verify(plan.verify)
         draft_span = self.drafting.collect_overlap(plan) or draft_span
-        commit_started = time.monotonic()
-        committed = self._commit(plan.verify, drafts, verdict)
-        ended = time.monotonic()
-        self._record(StepRecord(
-            plan.mode, plan.verify.slot, len(drafts), verify_span, max(map(len, drafts)),
-            plan.overlap.slot if plan.overlap else None, len(plan.overlap) if plan.overlap else 0,
-            draft_span, plan.num_draft_tokens, prefill_seconds, ended - commit_started, self.drafting.runs,
-            ended - started - prefill_seconds, self.drafting.catch_up_seconds,
-            sum(len(out.new_token_ids) for out in committed),
-            started - self._last_step_end if self._last_step_end is not None else 0.0))
-        self._last_step_end = ended
+        with timer.phase("commit"):
+            committed = self._commit(plan.verify, drafts, verdict)
+        self._record(timer.record(plan, drafts, draft_span, self.drafting, committed))
+        self._last_step_end = timer.spans["commit"][1]
         return outputs + committed
-
-    def _pin_step_thread(self) -> None:
-        """`target_cpus` binds the thread that runs steps, not the process: the server's own threads
-        (requests in, responses out) stay free to run on another core. Pinned beside the target,
-        they held flex per step to 43.4 tokens/s at 8 requests on the real pair; free, 50.1 (one
-        run each, docs/benchmark-analysis.md)."""
-        if self.step_cpus and self._pinned_thread != threading.get_ident():
-            os.sched_setaffinity(0, self.step_cpus)
-            self._pinned_thread, self._threads = threading.get_ident(), None
-
-    def _set_threads(self, plan, prefill: bool = False) -> None:
-        threads = self.policy.threads(plan, prefill)
-        if threads is None or threads == self._threads:
-            return
-        if self.thread_cpus:
-            # The count alone is not enough: a one-thread step beside the drafter would still be
-            # free to run on the drafter's core. Cores before count, so that a pool widened now
-            # starts its worker threads with every core allowed.
-            os.sched_setaffinity(0, self.thread_cpus[threads])
-        torch.set_num_threads(threads)
-        self._threads = threads
 
     def _record(self, record: StepRecord) -> None:
         self.step_log.append(record)
