@@ -1,10 +1,11 @@
-"""Prompt-lookup (n-gram) drafting: what it proposes, and that it stays lossless through the
-engine (greedy identity with the target, the sampled law at k = 3)."""
+"""Prompt-lookup (n-gram) drafting: what it proposes, its configuration, and the sampled law at
+k = 3 (its greedy identity is in test_engine.py's lossless matrix)."""
 import pytest
 
-from engine_helpers import PROMPTS, make_engine, reference_greedy, run_staggered, two_token_pvalue
+from engine_helpers import make_engine, two_token_pvalue
 from minedraft import ConfigError, EngineConfig
 from minedraft.ngram_drafter import propose
+from test_sampled_law import record_draft_lengths
 
 
 @pytest.mark.parametrize("context,expected", [
@@ -33,32 +34,13 @@ def test_ngram_drafting_needs_mode_sd_and_no_draft_model(tiny_pair):
             EngineConfig.from_dict({"target_model": target, "mode": "sd", "draft_method": "ngram", **bad})
 
 
-def test_greedy_output_is_token_identical_to_the_target(tiny_pair, target_model):
-    model, tokenizer = target_model
-    engine = make_engine(tiny_pair[0], "", mode="sd", draft_method="ngram", num_draft_tokens=4)
-    try:
-        results = run_staggered(engine, PROMPTS, {"max_tokens": 24, "temperature": 0})
-        accepted = engine.spec_stats.num_accepted_tokens
-    finally:
-        engine.close()
-    for i, prompt in enumerate(PROMPTS):
-        assert results[str(i)][0] == reference_greedy(model, tokenizer, prompt, 24)[1], prompt
-    assert accepted > 0  # repetitive prompts and answers: lookups found and accepted
-
-
 def test_sampled_output_follows_the_targets_law(tiny_pair, target_model):
     """A prompt whose last tokens occur earlier, so that the first verification brings 3 drafts."""
     model, tokenizer = target_model
     prompt = "x = 1\ny = 2\nx = 1\ny = 2\nx ="
     params = {"max_tokens": 4, "temperature": 1.3, "top_k": 40, "top_p": 0.95, "ignore_eos": True}
     engine = make_engine(tiny_pair[0], "", mode="sd", draft_method="ngram", num_draft_tokens=3, max_num_seqs=16)
-    lengths = []
-    verify = engine._verify
-
-    def recording(batch):
-        lengths.extend(len(seq.draft_ids) for seq in batch.seqs)
-        return verify(batch)
-    engine._verify = recording
+    lengths = record_draft_lengths(engine)
     try:
         outs = engine.generate([prompt] * 3000, [{**params, "seed": i} for i in range(3000)])
     finally:
