@@ -267,11 +267,11 @@ def test_truncation_drafts_less_and_keeps_the_output(tiny_pair):
 # -- auto: FlexDraft's batch-size switch ------------------------------------------------------------
 def test_auto_reads_its_rule_off_the_calibrated_costs_by_running_requests():
     from minedraft.size_rule import BatchSizeRule
-    rule = BatchSizeRule(8, costs(draft_step=0.002, verify_fixed=0.004, per_token=0.0001), batch_capacity=32,
+    rule = BatchSizeRule(8, costs(draft_step=0.0005, verify_fixed=0.010, per_token=0.00005), batch_capacity=32,
                          max_running=64)
     rule.plan(batches_with(1, alpha=0.9))
     assert rule.choice.mode == "sd"  # one request: nothing to overlap
-    rule.plan(batches_with(32, alpha=0.9))
+    rule.plan(batches_with(64, alpha=0.9))
     assert rule.choice.mode == "psd"
     modes = [c.mode for _, c in rule.thresholds()]
     assert [m for i, m in enumerate(modes) if i == 0 or m != modes[i - 1]][:2] == ["sd", "psd"]  # SD, then PSD
