@@ -224,9 +224,12 @@ def flex_section(table: list[dict], args: dict) -> list[str]:
              "flex_tau": "flex τ"}
     tau = SETUPS["flex_tau"][1]["draft_confidence_threshold"]
     lines = ["", "### Flex against the fixed modes", "",
-             "Flex and auto serve on PSD's cores and pick AR, SD(k) or PSD(k) every step (k <= "
+             "Flex and auto pick AR, SD(k) or PSD(k) every step (k <= "
              f"{max(args['draft_lengths'])}): flex by measuring every choice at this load and running the fastest "
-             "(docs/flex.md), auto by the number of running requests alone (FlexDraft's batch-size switch). *per "
+             "(docs/flex.md), auto by the number of running requests alone (FlexDraft's batch-size switch). They "
+             "serve on PSD's cores (target on core 0, drafter process on core 1), except *auto, 2 cores, in-process "
+             "draft*, whose target and draft share both cores in the step thread and which therefore chooses "
+             "between AR and SD only (the served default). *per "
              "step*: steps alone may also use the drafter's core (`target_threads: per_step`). Flex's measured span "
              f"starts after {args.get('learning_steps', 400)} steps at each concurrency (its learning); the others' "
              "do not wait (they do not learn). Steps by mode are the server's `minedraft_policy_steps_total` over "
