@@ -111,17 +111,17 @@ def test_sixteen_concurrent_streams_complete_and_batch(server, reference):
         t.join(timeout=300)
     for i, (chunks, final, error) in enumerate(results):
         assert error is None and "".join(chunks) == reference[i % 3]
-    assert read_metrics(server.metrics_url)["minedraft_max_verify_batch_size"] > 1
+    assert read_metrics(server.metrics_url, "minedraft")["minedraft_max_verify_batch_size"] > 1
 
 
 def test_cancelling_mid_stream_frees_the_slot(server, reference):
-    before = read_metrics(server.metrics_url).get("minedraft_requests_cancelled_total", 0)
+    before = read_metrics(server.metrics_url, "minedraft").get("minedraft_requests_cancelled_total", 0)
     chunks, _, _ = stream(server, PROMPTS[0], {"max_tokens": 900, "temperature": 0, "ignore_eos": True},
                           cancel_after=3)
     assert len(chunks) >= 3
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        m = read_metrics(server.metrics_url)
+        m = read_metrics(server.metrics_url, "minedraft")
         if m["minedraft_requests_cancelled_total"] > before and m["minedraft_requests_in_flight"] == 0:
             break
         time.sleep(0.2)
@@ -163,7 +163,7 @@ def test_server_is_the_tested_triton_release(server):
 
 
 def test_metrics_are_exposed(server):
-    m = read_metrics(server.metrics_url)
+    m = read_metrics(server.metrics_url, "minedraft")
     for name in ("minedraft_prompt_tokens_total", "minedraft_generation_tokens_total", "minedraft_draft_tokens_total",
                  "minedraft_accepted_tokens_total", "minedraft_time_to_first_token_seconds_count",
                  "minedraft_time_per_output_token_seconds_count", "minedraft_request_latency_seconds_count",
