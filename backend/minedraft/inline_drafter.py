@@ -10,9 +10,9 @@ from .drafter import NUM_BATCH_SLOTS, DrafterError, Drafts, DraftWork
 class InlineDrafter:
     """Drafts in the engine's process: on CUDA in a thread of its own, on its own stream of
     draft_device (the step thread goes on to launch the verification); on CPU in the asking thread.
-    A CPU thread beside the step thread has no cores of its own to overlap on, and its OpenMP team
-    competes with the step thread's spinning one: the int4 draft's forward took 48 ms there against
-    32 ms in the step thread (Qwen 0.5B, 2 threads)."""
+    A CPU thread beside the step thread has no cores of its own to overlap on, and torch's small
+    kernels ran slower there (two OpenMP teams on two cores, suspected, not confirmed): the int4
+    draft's forward took 48 ms there against 32 ms in the step thread (Qwen 0.5B, 2 threads)."""
 
     def __init__(self, draft_model: DraftModel):
         self.draft_model = draft_model
