@@ -83,8 +83,7 @@ def test_sampled_law_on_the_real_pair_with_three_drafts(smollm2):
 
 
 def test_the_draft_is_small_and_maps_into_the_targets_vocabulary():
-    draft = DRAFT
-    weights = sum(f.stat().st_size for f in draft.glob("*.safetensors"))
+    weights = sum(f.stat().st_size for f in DRAFT.glob("*.safetensors"))
     assert weights <= 40 * 2**20
-    d2t = json.loads((draft / "d2t.json").read_text())
+    d2t = json.loads((DRAFT / "d2t.json").read_text())
     assert len(set(d2t)) == len(d2t) and all(0 <= t < 49152 for t in d2t)

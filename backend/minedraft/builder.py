@@ -52,10 +52,9 @@ def build(config: EngineConfig) -> EngineParts:
     # Every cache holds the context plus one verification's drafts and its extra token.
     capacity = config.max_model_len + config.num_draft_tokens + 2
     drafter = None
-    if config.traits.drafts and config.num_draft_tokens > 0 and config.draft_method == "ngram":
-        drafter = NgramDrafter(config.prompt_lookup_min, config.prompt_lookup_max)
-    elif config.traits.drafts and config.num_draft_tokens > 0:
-        drafter = _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity, draft_cpus)
+    if config.traits.drafts and config.num_draft_tokens > 0:
+        drafter = (NgramDrafter(config.prompt_lookup_min, config.prompt_lookup_max) if config.draft_method == "ngram"
+                   else _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity, draft_cpus))
     # Flex's and auto's sequential (SD) steps draft in-process: with nothing to overlap, a round
     # trip to the worker process costs more than it hides. With nothing beside it, their target
     # (and that in-process drafting) may also use the drafter's cores if asked: threads per step.
@@ -119,8 +118,8 @@ def _make_policy(config, target, batch, drafting, eos_token_ids, thread_counts) 
                                config.max_num_seqs, eos_token_ids, thread_counts, overlap_drafter=drafting.drafter)
     log.info("%s calibration: %s", config.mode, costs.to_json())
     if config.mode == "auto":
-        overlaps = isinstance(drafting.drafter, ProcessDrafter) or config.draft_device != "cpu"
-        return BatchSizeRule(config.num_draft_tokens, costs, config.max_num_seqs, 2 * config.max_num_seqs, overlaps)
+        return BatchSizeRule(config.num_draft_tokens, costs, config.max_num_seqs, 2 * config.max_num_seqs,
+                             drafting.drafter.overlaps)
     return FlexPolicy(config.num_draft_tokens, costs, config.max_num_seqs, thread_counts=thread_counts)
 
 

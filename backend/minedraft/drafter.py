@@ -2,7 +2,7 @@
 `DraftWork` (one batch's rows) with `start`, and takes its `Drafts` with `finish`.
 
 The drafters, each in a file of its own, share that interface (`start`, `finish`, `ready`,
-`restart`, `close`, `reads_features`, `keeps_cache`):
+`restart`, `close`, `reads_features`, `keeps_cache`, `overlaps`):
 - `InlineDrafter` (inline_drafter.py): a draft model in the engine's process.
 - `ProcessDrafter` (process_drafter.py): a draft model in a worker process on its own cores
   (MineDraft's workers are processes too); ids and probabilities come back through shared memory.

@@ -74,15 +74,18 @@ class StepTimer:
         started, ended = self.spans[name]
         return ended - started
 
+    @property
+    def ended(self) -> float:
+        return self.spans["commit"][1]  # the last phase
+
     def record(self, plan, drafts: list[list[int]], draft_span, drafting, committed) -> StepRecord:
-        ended = self.spans["commit"][1]
         return StepRecord(
             mode=plan.mode, verify_slot=plan.verify.slot, verify_size=len(drafts), verify_span=self.spans["verify"],
             verified_drafts=max(map(len, drafts)), draft_slot=plan.overlap.slot if plan.overlap else None,
             draft_size=len(plan.overlap) if plan.overlap else 0, draft_span=draft_span,
             num_draft_tokens=plan.num_draft_tokens, prefill_seconds=self.seconds("prefill"),
             commit_seconds=self.seconds("commit"), draft_runs=drafting.runs,
-            seconds=ended - self.started - self.seconds("prefill"), catch_up_seconds=drafting.catch_up_seconds,
+            seconds=self.ended - self.started - self.seconds("prefill"), catch_up_seconds=drafting.catch_up_seconds,
             num_tokens=sum(len(out.new_token_ids) for out in committed), gap_seconds=self.gap)
 
 
@@ -248,7 +251,7 @@ class Engine:
         with timer.phase("commit"):
             committed = self._commit(plan.verify, drafts, verdict)
         self._record(timer.record(plan, drafts, draft_span, self.drafting, committed))
-        self._last_step_end = timer.spans["commit"][1]
+        self._last_step_end = timer.ended
         return outputs + committed
 
     def _record(self, record: StepRecord) -> None:

@@ -22,6 +22,7 @@ class InlineDrafter:
         self._pending = None
         self.last_span = (0.0, 0.0)
         self.reads_features = draft_model.reads_features
+        self.overlaps = self._executor is not None  # drafts beside the target's verification (CUDA only)
 
     ready = True
     keeps_cache = True  # its draft cache holds what it was fed: only new tokens are fed again

@@ -34,6 +34,7 @@ class NgramDrafter:
 
     reads_features = False
     keeps_cache = False
+    overlaps = False
     ready = True
 
     def __init__(self, min_n: int, max_n: int):

@@ -27,6 +27,7 @@ class ProcessDrafter:
     is False and the engine decodes with the target alone."""
 
     keeps_cache = True
+    overlaps = True  # drafts on its own cores beside the target's verification
 
     def __init__(self, path, device, dtype, num_rows, capacity, eos_token_ids, vocab_size, max_tokens, cpus,
                  reply_timeout: float = 60.0, quantization: str = "none"):

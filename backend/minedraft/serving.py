@@ -59,7 +59,7 @@ class _InFlight:
 class ServingLoop:
     def __init__(self, engine, observer: Observer | None = None):
         """`engine`: an Engine, or a function that builds one, which the engine's thread then calls
-        (see `_build`); a build that fails raises here."""
+        (see `_engine_loop`); a build that fails raises here."""
         self.engine = None
         self.observer = observer
         self._in_flight: dict[str, _InFlight] = {}

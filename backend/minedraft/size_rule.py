@@ -43,6 +43,7 @@ class BatchSizeRule(Policy):
         self.batch_capacity = batch_capacity
         self.max_running = max_running
         self.rule: list[Choice] = []  # [running requests - 1] -> the step to run
+        self.never_drafts = False  # the rule says AR at every load: then it probes
         self.rule_acceptance: float | None = None
         self.steps_since_draft = 0
 
@@ -69,9 +70,9 @@ class BatchSizeRule(Policy):
         acceptance = round(sum(alphas) / len(alphas) / ACCEPTANCE_STEP) * ACCEPTANCE_STEP
         if acceptance != self.rule_acceptance:
             self.rule, self.rule_acceptance = self.rule_for(acceptance), acceptance
+            self.never_drafts = all(choice.mode == "ar" for choice in self.rule)
         self.choice = self.rule[min(len(alphas), self.max_running) - 1]
-        never_drafts = all(choice.mode == "ar" for choice in self.rule)
-        probe = never_drafts and self.steps_since_draft >= PROBE_INTERVAL
+        probe = self.never_drafts and self.steps_since_draft >= PROBE_INTERVAL
         plan = self.plan_choice(batches, Choice("sd", 1) if probe else self.choice)
         plan.probe = probe
         return plan
