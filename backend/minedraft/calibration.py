@@ -89,12 +89,17 @@ def _in_turn(counts, measure, repeats: int, before=None) -> dict:
 
 
 def _verify_once(target, cache, rows: int, k: int, eos_token_ids) -> None:
-    """What a verification does: the forward over 1 + k tokens per row, then the acceptance rule."""
-    logits = target.forward(cache, slice(0, rows), [CONTEXT_LEN] * rows, [_tokens(k + 1)] * rows).cpu()
+    """What a verification does: the forward over 1 + k tokens per row, then the acceptance rule
+    where the logits are (as `Engine._verify` runs it), then the verdict read back, which waits for
+    the device."""
+    logits = target.forward(cache, slice(0, rows), [CONTEXT_LEN] * rows, [_tokens(k + 1)] * rows)
     greedy = [DraftRow(0, [], 0.0, 0, 1.0, 0, [], k)] * rows
-    probs = sampler.processed_probs(logits, sampler.RowSampling.for_rows(greedy, [0] * rows, k + 1, eos_token_ids))
+    sampling = sampler.RowSampling.for_rows(greedy, [0] * rows, k + 1, eos_token_ids).to(logits.device)
+    probs = sampler.processed_probs(logits, sampling)
     draft_ids = torch.ones(rows, k, dtype=torch.long)
-    sampler.verify(probs, draft_ids, probs[:, :k], torch.full((rows,), k), torch.rand(rows, k), torch.rand(rows))
+    accepted, next_tokens = sampler.verify(probs, draft_ids, probs[:, :k], torch.full((rows,), k), torch.rand(rows, k),
+                                           torch.rand(rows))
+    accepted.tolist(), next_tokens.tolist()
 
 
 def _draft_row_work(rows: int, steps: int, cached_len: int, feed: list[int]) -> DraftWork:

@@ -7,9 +7,10 @@ and the toy pair (model_repository/minedraft/1, 15 MB); the realistic sizes get 
      target alone, and sampled output follows the target's law (chi-square of the first two
      sampled tokens, SD and PSD, k = 3);
   2. an in-process AR/SD/PSD sweep with the toy pair, the drafter inline on its own CUDA stream;
-  3. forward costs t_verify(b, k) and t_draft(b) of Llama-shaped models of realistic sizes
-     (1B target, 68M draft, float16, random weights: costs do not depend on the weights), fed to
-     `minedraft simulate` for predicted AR/SD/PSD/flex throughput.
+  3. forward costs t_verify(b, k) and t_draft(b) of two pairs of realistic sizes with random
+     weights (costs do not depend on the weights): a 1B/68M Llama pair in float16 and the shipped
+     Qwen2.5-Coder 1.5B/0.5B pair's shapes in bfloat16, each fed to `minedraft simulate` for
+     predicted AR/SD/PSD/flex throughput.
 
 It writes a markdown report (docs/gpu.md). `--dry-run` runs the same code on the CPU at toy
 sizes, so the tests can check the script without a GPU.
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..calibration import measure_step_costs
 from ..config import DEFAULT_MODEL_DIR, EngineConfig
@@ -40,34 +41,51 @@ LAW_PARAMS = {"max_tokens": LAW_DRAFTS + 1, "temperature": 1.3, "top_k": 40, "to
 
 
 @dataclass(frozen=True)
+class CostPair:
+    """A target and a draft of given shapes (transformers config keys), timed with random weights."""
+    name: str
+    model_type: str
+    dtype: str
+    target_shape: dict
+    draft_shape: dict
+
+
+@dataclass(frozen=True)
 class Plan:
     """How big each part is: the real check, or the CPU dry run the tests execute."""
     device: str
-    dtype: str
     law_draws: int
     sweep_concurrency: tuple[int, ...]
     sweep_draft_lengths: tuple[int, ...]
     sweep_max_tokens: int
-    target_shape: dict
-    draft_shape: dict
+    cost_pairs: tuple[CostPair, ...]
     cost_batch: int
     cost_max_k: int
     simulate_concurrency: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     simulate_alphas: tuple[float, ...] = (0.6, 0.8)
 
 
-# 1B target (Llama-3.2-1B's shape with a 32k vocabulary) and a 68M draft (llama-68m's shape).
-GPU_PLAN = Plan("cuda", "float16", 3000, (1, 2, 4, 8, 16, 32), (2, 4, 6), 64,
-                dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=32000),
-                dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=2, num_attention_heads=12,
-                     num_key_value_heads=12, vocab_size=32000),
+# 1B target (Llama-3.2-1B's shape with a 32k vocabulary) and a 68M draft (llama-68m's shape); the
+# shipped pair's shapes (Qwen2.5-Coder-1.5B-Instruct and -0.5B-Instruct's config.json).
+LLAMA_1B_68M = CostPair("Llama 1B / 68M", "llama", "float16",
+                        dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                             num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False),
+                        dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=2, num_attention_heads=12,
+                             num_key_value_heads=12, vocab_size=32000, tie_word_embeddings=False))
+QWEN_CODER_PAIR = CostPair("Qwen2.5-Coder 1.5B / 0.5B shapes", "qwen2", "bfloat16",
+                           dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                                num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+                           dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                                num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True))
+GPU_PLAN = Plan("cuda", 3000, (1, 2, 4, 8, 16, 32), (2, 4, 6), 64, (LLAMA_1B_68M, QWEN_CODER_PAIR),
                 cost_batch=32, cost_max_k=8)
-DRY_RUN_PLAN = Plan("cpu", "float32", 400, (1, 2), (2,), 8,
-                    dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=512),
-                    dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=2, vocab_size=512),
+TOY_SHAPES = (dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False),
+              dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False))
+DRY_RUN_PLAN = Plan("cpu", 400, (1, 2), (2,), 8,
+                    (CostPair("toy llama", "llama", "float32", *TOY_SHAPES),
+                     CostPair("toy qwen2", "qwen2", "float32", *TOY_SHAPES)),
                     cost_batch=4, cost_max_k=3, simulate_concurrency=(1, 4))
 
 
@@ -125,20 +143,20 @@ def toy_sweep(plan: Plan) -> list[dict]:
     return ratio_table(results)
 
 
-def forward_costs(plan: Plan, workdir: Path):
-    """t_verify(b, k) and t_draft(b) of random-weight Llama models, timed by the engine's own
-    calibration (the same code flex runs at start-up)."""
+def forward_costs(plan: Plan, pair: CostPair, workdir: Path):
+    """t_verify(b, k) and t_draft(b) of a random-weight pair, timed by the engine's own calibration
+    (the same code flex runs at start-up)."""
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR / "target")
-    for name, shape in (("target", plan.target_shape), ("draft", plan.draft_shape)):
-        config = LlamaConfig(**shape, max_position_embeddings=2048, tie_word_embeddings=False)
+    for name, shape in (("target", pair.target_shape), ("draft", pair.draft_shape)):
+        config = AutoConfig.for_model(pair.model_type, **shape, max_position_embeddings=2048)
         with torch.device(plan.device):
-            model = LlamaForCausalLM(config).to(getattr(torch, plan.dtype))
+            model = AutoModelForCausalLM.from_config(config).to(getattr(torch, pair.dtype))
         model.save_pretrained(workdir / name)
         tokenizer.save_pretrained(workdir / name)
         del model
     engine = Engine(EngineConfig(target_model=str(workdir / "target"), draft_model=str(workdir / "draft"), mode="sd",
                                  num_draft_tokens=plan.cost_max_k, max_num_seqs=plan.cost_batch, max_model_len=256,
-                                 target_device=plan.device, draft_device=plan.device, dtype=plan.dtype,
+                                 target_device=plan.device, draft_device=plan.device, dtype=pair.dtype,
                                  drafter="inline"))
     try:
         batch = engine.scheduler.batches[0]
@@ -162,8 +180,8 @@ def environment(plan: Plan) -> dict:
     return info
 
 
-def report(plan: Plan, env: dict, greedy: dict, law: dict, ratios: list[dict], costs, predicted: dict,
-           seconds: float) -> str:
+def report(plan: Plan, env: dict, greedy: dict, law: dict, ratios: list[dict], measured: list, seconds: float) -> str:
+    """`measured`: (pair, costs, predictions) for each cost pair."""
     verdict = lambda ok: "pass" if ok else "FAIL"  # noqa: E731
     lines = ["# GPU check", "",
              f"Written by `bash scripts/gpu_check.sh{' --dry-run' if plan.device == 'cpu' else ''}` "
@@ -180,16 +198,17 @@ def report(plan: Plan, env: dict, greedy: dict, law: dict, ratios: list[dict], c
     lines += [f"| {r['concurrency']} | {r['ar_tok_s']} | {r['sd_tok_s']} ({r['sd_k']}) | {r['psd_tok_s']} ({r['psd_k']}) "
               f"| {r['sd_over_ar']} | {r['psd_over_ar']} | {r['psd_over_sd']} |" for r in ratios]
     shape = lambda s: f"{s['num_hidden_layers']} layers x {s['hidden_size']}, vocabulary {s['vocab_size']}"  # noqa: E731
-    lines += ["", f"## Forward costs, random weights, {plan.dtype}", "",
-              f"Target: {shape(plan.target_shape)}; draft: {shape(plan.draft_shape)}. Milliseconds, context 64.", "",
-              "| rows | " + " | ".join(f"verify k={k}" for k in range(costs.max_k + 1)) + " | draft step |",
-              "|---" * (costs.max_k + 3) + "|"]
-    lines += [f"| {b} | " + " | ".join(f"{1e3 * t:.2f}" for t in costs.verify[i]) + f" | {1e3 * costs.draft[i]:.2f} |"
-              for i, b in enumerate(costs.batch_sizes)]
-    lines += ["", "Costs as JSON (`minedraft simulate --costs`):", "", "```json", costs.to_json(), "```", ""]
-    for alpha, text in predicted.items():
-        lines += [f"### `minedraft simulate` on these costs, alpha {alpha}, 128 output tokens after 64 prompt tokens",
-                  "", "```", text, "```", ""]
+    for pair, costs, predicted in measured:
+        lines += ["", f"## Forward costs: {pair.name}, random weights, {pair.dtype}", "",
+                  f"Target: {shape(pair.target_shape)}; draft: {shape(pair.draft_shape)}. Milliseconds, context 64.",
+                  "", "| rows | " + " | ".join(f"verify k={k}" for k in range(costs.max_k + 1)) + " | draft step |",
+                  "|---" * (costs.max_k + 3) + "|"]
+        lines += [f"| {b} | " + " | ".join(f"{1e3 * t:.2f}" for t in costs.verify[i])
+                  + f" | {1e3 * costs.draft[i]:.2f} |" for i, b in enumerate(costs.batch_sizes)]
+        lines += ["", "Costs as JSON (`minedraft simulate --costs`):", "", "```json", costs.to_json(), "```", ""]
+        for alpha, text in predicted.items():
+            lines += [f"### {pair.name}: `minedraft simulate` on these costs, alpha {alpha}, "
+                      "128 output tokens after 64 prompt tokens", "", "```", text, "```", ""]
     return "\n".join(lines)
 
 
@@ -212,11 +231,14 @@ def main(argv=None) -> int:
     del model
     print(f"sampled law: {law}", flush=True)
     ratios = toy_sweep(plan)
-    with tempfile.TemporaryDirectory() as workdir:
-        costs = forward_costs(plan, Path(workdir))
-    predicted = predictions(plan, costs)
+    measured = []
+    for pair in plan.cost_pairs:
+        with tempfile.TemporaryDirectory() as workdir:
+            costs = forward_costs(plan, pair, Path(workdir))
+        print(f"{pair.name}: {costs.to_json()}", flush=True)
+        measured.append((pair, costs, predictions(plan, costs)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report(plan, env, greedy, law, ratios, costs, predicted, time.monotonic() - started))
+    args.out.write_text(report(plan, env, greedy, law, ratios, measured, time.monotonic() - started))
     print(f"wrote {args.out}", flush=True)
     return 0 if greedy["passed"] and law["passed"] else 1
 
