@@ -4,7 +4,7 @@ import json
 import pytest
 
 from minedraft.cli import main
-from minedraft.tools.bench import expected_rate, steady_rate
+from minedraft.tools.bench import expected_rate, load_requests, rate_for_rerun, steady_rate
 
 
 def test_steady_rate_counts_tokens_only_while_the_concurrency_is_held():
@@ -29,6 +29,20 @@ def test_a_point_is_sized_by_its_own_rate_at_the_load_before():
     assert expected_rate(rows, "sd", 1, 2) == 20.0  # new: the fastest at this load
     assert expected_rate(rows, "ar", 0, 4) == 20.0  # the latest load before
     assert expected_rate([], "ar", 0, 1) == 0.0
+
+
+def test_a_rerun_after_a_run_with_no_steady_span_is_sized_by_what_that_run_did():
+    # The first point of a bench knows no rate (0): 4 steady requests of 12 tokens at a true
+    # 200 tok/s end 0.3 s after perf_analyzer's 1 s start-up, too short to hold a steady span.
+    window, true_rate, max_tokens, concurrency = 2.0, 200.0, 12, 4
+    samples = [(0.0, 0, 0, 0), (1.0, 0, 0, 0), (1.3, 60, 5, 15)]
+    assert steady_rate(samples, concurrency) is None
+    rate = rate_for_rerun(0.0, None, samples, window)
+    # The rerun's steady span at the true rate covers at least half the window (what bench accepts).
+    steady_requests = load_requests(concurrency, max_tokens, window, rate, 0) - 1 - concurrency
+    assert steady_requests * max_tokens / true_rate >= window / 2
+    # A short steady span scales by its shortfall.
+    assert rate_for_rerun(50.0, {"tokens_per_s": 200.0, "window_s": 0.4}, samples, window) == 200.0 * 5 + 10
 
 
 @pytest.mark.server
