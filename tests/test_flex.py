@@ -10,7 +10,7 @@ import torch
 from minedraft.cost_model import Choice, StepCosts, expected_tokens
 from minedraft.draft_model import build_draft_model
 from minedraft.drafter import DraftRow, DraftWork
-from minedraft.flex import Arm, FlexPolicy, OnlineCosts, arms
+from minedraft.flex import FlexPolicy, OnlineCosts, arms
 from minedraft.scheduler import Batch
 from minedraft.sequence import AcceptanceEstimate
 from engine_helpers import PROMPTS, make_engine, reference_greedy, run_staggered
@@ -99,8 +99,8 @@ def test_flex_measures_every_choice_then_runs_the_fastest_measured():
     chosen = drive(policy, batches, 0.8, seconds_of, 600)
     assert set(chosen) == {Choice("ar", 0)} | {Choice(m, k) for m in ("sd", "psd") for k in (1, 2, 4)}
     assert set(chosen[-100:]) == {Choice("ar", 0)}
-    assert policy.rates.rate(Arm(Choice("ar", 0)), 4) == pytest.approx(1000.0)
-    assert policy.rates.rate(Arm(Choice("sd", 2)), 4) == pytest.approx(500.0)
+    assert policy.rates.rate(Choice("ar", 0), 4) == pytest.approx(1000.0)
+    assert policy.rates.rate(Choice("sd", 2), 4) == pytest.approx(500.0)
 
 
 def test_flex_switches_only_for_a_clear_measured_gain():
@@ -137,7 +137,7 @@ def test_flex_completes_a_measurement_that_a_passing_load_interrupts():
     for _ in range(40):
         chosen += drive(policy, two, 0.5, seconds_of, 20)
         drive(policy, one, 0.5, seconds_of, 4)
-    assert policy.rates.samples(Arm(Choice("psd", 1)), 2) >= policy.min_samples
+    assert policy.rates.samples(Choice("psd", 1), 2) >= policy.min_samples
     assert chosen[-200:].count(Choice("sd", 1)) > 0.8 * 200
 
 
@@ -152,16 +152,6 @@ def test_flex_bounds_the_steps_it_spends_measuring():
     others = 6  # AR, SD(1, 2, 4), PSD(1, 4)
     assert 0 < away <= 1.1 * others * (policy.min_dwell + policy.min_samples) / policy.refresh
     assert away < 0.05
-
-
-def test_flex_tries_steps_alone_at_both_thread_counts_when_set_per_step():
-    policy = FlexPolicy(2, costs(draft_step=0.0005), batch_capacity=64, thread_counts=(2, 1))
-    arms_now = set(policy.candidates([0.8] * 4))
-    assert {a for a in arms_now if a.choice.mode == "ar"} == {Arm(Choice("ar", 0), 2), Arm(Choice("ar", 0), 1)}
-    assert {a.threads for a in arms_now if a.choice.mode == "psd"} == {None}  # beside the drafter: its share
-    plan = policy.plan(batches_with(4, alpha=0.8))
-    policy.arm = Arm(Choice("sd", 1), 1)
-    assert policy.threads(plan) == 1
 
 
 def test_online_costs_follow_measurements_per_bucket():
@@ -228,7 +218,7 @@ def scripted_choices(engine, every: int = 3):
         if state["steps"] % every == 0:
             state["choice"] = next(rotation)
         engine.policy.choice = state["choice"]
-        return engine.policy.arm
+        return engine.policy.choice
 
     engine.policy.choose = choose
 
@@ -320,11 +310,10 @@ def test_flex_measures_draft_lengths_in_powers_of_two():
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
-def test_flex_keeps_the_target_pinned_to_its_cores_by_default(tiny_pair):
+def test_flex_keeps_the_target_pinned_to_its_cores(tiny_pair):
     affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()
     engine = make_engine(*tiny_pair, mode="flex", drafter="process", target_cpus="0", draft_cpus="1")
     try:
-        assert engine.policy.costs.table.threads_alone is None  # no per-step thread counts
         assert os.sched_getaffinity(0) == affinity  # building leaves the calling thread as it was
         engine.submit("r", PROMPTS[0], {"max_tokens": 2})
         engine.step()  # the thread that steps runs on the target's cores
@@ -333,40 +322,3 @@ def test_flex_keeps_the_target_pinned_to_its_cores_by_default(tiny_pair):
         engine.close()
         os.sched_setaffinity(0, affinity)
         torch.set_num_threads(threads)
-
-
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
-def test_flex_sets_the_targets_threads_and_cores_per_step(tiny_pair):
-    engine = make_engine(*tiny_pair, mode="flex", drafter="process", target_cpus="0", draft_cpus="1",
-                         target_threads="per_step")
-    assert engine.policy.thread_counts == (2, 1)  # steps alone are tried on both cores and on the target's
-    scripted_choices(engine)
-    scripted, alone_threads = engine.policy.choose, itertools.cycle([1] * 5 + [2] * 5)
-
-    def with_threads(alphas):  # the rotation's steps alone alternate between the two counts
-        arm = scripted(alphas)
-        engine.policy.arm = Arm(arm.choice, None if arm.choice.mode == "psd" else next(alone_threads))
-        return engine.policy.arm
-    engine.policy.choose = with_threads
-    plans, seen = [], set()  # (drafting beside verification, the target's threads and cores when it verifies)
-    plan, forward = engine.policy.plan, engine.target.forward
-
-    def recording_plan(batches):
-        plans.append(plan(batches))
-        return plans[-1]
-
-    def recording_forward(*args, **kwargs):
-        seen.add((plans[-1].overlap is not None, torch.get_num_threads(), frozenset(os.sched_getaffinity(0))))
-        return forward(*args, **kwargs)
-    engine.policy.plan, engine.target.forward = recording_plan, recording_forward
-    assert engine.policy.costs.table.threads_overlapped == 1
-    affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()
-    try:
-        run_staggered(engine, PROMPTS, {"max_tokens": 16, "temperature": 0})
-    finally:
-        engine.close()
-        os.sched_setaffinity(0, affinity)
-        torch.set_num_threads(threads)
-    # Beside the drafter: one thread, kept off the drafter's core. Alone: the arm's count, on both
-    # cores with two threads and on the target's own with one.
-    assert seen == {(True, 1, frozenset({0})), (False, 1, frozenset({0})), (False, 2, frozenset({0, 1}))}

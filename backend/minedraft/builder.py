@@ -39,9 +39,6 @@ class EngineParts:
     outputs: OutputBuilder
     # The cores of the thread that runs steps (`target_cpus`; empty: not pinned).
     step_cpus: set[int]
-    # Threads per step (`target_threads: per_step`): the target's thread count -> the cores its
-    # engine thread may run on at that count. None: threads and cores stay as pinned at start.
-    thread_cpus: dict[int, set[int]] | None = None
 
 
 def build(config: EngineConfig) -> EngineParts:
@@ -56,17 +53,12 @@ def build(config: EngineConfig) -> EngineParts:
         drafter = (NgramDrafter(config.prompt_lookup_min, config.prompt_lookup_max) if config.draft_method == "ngram"
                    else _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity, draft_cpus))
     # Flex's and auto's sequential (SD) steps draft in-process: with nothing to overlap, a round
-    # trip to the worker process costs more than it hides. With nothing beside it, their target
-    # (and that in-process drafting) may also use the drafter's cores if asked: threads per step.
-    sequential_drafter, thread_counts, thread_cpus = drafter, None, None
-    if config.traits.per_step and isinstance(drafter, ProcessDrafter):
+    # trip to the worker process costs more than it hides.
+    sequential_drafter = drafter
+    if config.traits.chooses_each_step and isinstance(drafter, ProcessDrafter):
         sequential_drafter = InlineDrafter(build_draft_model(
             config.draft_model, config.draft_device, config.dtype, config.max_num_seqs, capacity,
             eos_token_ids, target_vocab_size, config.draft_quantization))
-        if target_cpus and draft_cpus and config.target_threads == "per_step":
-            thread_counts = (len(target_cpus | draft_cpus), len(target_cpus))
-            thread_cpus = {len(target_cpus): target_cpus, len(target_cpus | draft_cpus): target_cpus | draft_cpus}
-            target_cpus = target_cpus | draft_cpus
     step_cpus = target_cpus if config.target_cpus else set()
     unpinned = os.sched_getaffinity(0)
     _pin_target(config, target_cpus)  # the start-up calibration times the target on its own cores
@@ -76,7 +68,7 @@ def build(config: EngineConfig) -> EngineParts:
         batches = [Batch(slot, target.new_cache(), config.max_num_seqs) for slot in range(config.num_batches)]
         drafting = Drafting(drafter, sequential_drafter, batches, config.max_model_len,
                             config.draft_confidence_threshold)
-        policy = _make_policy(config, target, batches[0], drafting, eos_token_ids, thread_counts)
+        policy = _make_policy(config, target, batches[0], drafting, eos_token_ids)
     finally:
         # The thread that runs steps pins itself (Engine); the building one, whose later threads
         # serve requests and responses, is let go again.
@@ -85,7 +77,7 @@ def build(config: EngineConfig) -> EngineParts:
     # this has more than max_model_len tokens, whatever it says.
     max_prompt_chars = config.max_model_len * longest_token_chars(tokenizer)
     return EngineParts(tokenizer, eos_token_ids, max_prompt_chars, target, Scheduler(batches), drafting, policy,
-                       OutputBuilder(tokenizer, eos_token_ids, config.max_model_len), step_cpus, thread_cpus)
+                       OutputBuilder(tokenizer, eos_token_ids, config.max_model_len), step_cpus)
 
 
 def _start_target(config: EngineConfig, capacity: int, cpus: set[int]):
@@ -111,16 +103,16 @@ def _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity
                                            config.draft_quantization))
 
 
-def _make_policy(config, target, batch, drafting, eos_token_ids, thread_counts) -> Policy:
-    if not config.traits.per_step:
+def _make_policy(config, target, batch, drafting, eos_token_ids) -> Policy:
+    if not config.traits.chooses_each_step:
         return Policy(Choice(config.mode, config.num_draft_tokens if config.traits.drafts else 0))
     costs = measure_step_costs(target, batch.target_cache, drafting.sequential_drafter, config.num_draft_tokens,
-                               config.max_num_seqs, eos_token_ids, thread_counts, overlap_drafter=drafting.drafter)
+                               config.max_num_seqs, eos_token_ids, overlap_drafter=drafting.drafter)
     log.info("%s calibration: %s", config.mode, costs.to_json())
     if config.mode == "auto":
         return BatchSizeRule(config.num_draft_tokens, costs, config.max_num_seqs, 2 * config.max_num_seqs,
                              drafting.drafter.overlaps)
-    return FlexPolicy(config.num_draft_tokens, costs, config.max_num_seqs, thread_counts=thread_counts)
+    return FlexPolicy(config.num_draft_tokens, costs, config.max_num_seqs)
 
 
 def _pin_target(config: EngineConfig, cpus: set[int]) -> None:

@@ -12,15 +12,15 @@ from .quantization import QUANTIZATIONS
 class ModeTraits:
     two_batches: bool  # PSD's layout: two internal batches, one drafted while the other is verified
     drafts: bool  # a draft model is loaded
-    per_step: bool = False  # picks AR, SD or PSD every step, from costs calibrated at start-up
+    chooses_each_step: bool = False  # picks AR, SD or PSD every step, from costs calibrated at start-up
 
 
 # The one table of what each serving mode needs; a step itself is always "ar", "sd" or "psd"
 # (cost_model.STEP_MODES), chosen per step by flex (flex.py) or by auto's batch-size rule (size_rule.py).
 MODE_TRAITS = {"ar": ModeTraits(two_batches=False, drafts=False), "sd": ModeTraits(two_batches=False, drafts=True),
                "psd": ModeTraits(two_batches=True, drafts=True),
-               "flex": ModeTraits(two_batches=True, drafts=True, per_step=True),
-               "auto": ModeTraits(two_batches=True, drafts=True, per_step=True)}
+               "flex": ModeTraits(two_batches=True, drafts=True, chooses_each_step=True),
+               "auto": ModeTraits(two_batches=True, drafts=True, chooses_each_step=True)}
 SERVING_MODES = tuple(MODE_TRAITS)
 DRAFTER_KINDS = ("auto", "inline", "process")
 DRAFT_METHODS = ("model", "ngram")
@@ -61,11 +61,6 @@ class EngineConfig:
     # CPU cores for each side, e.g. "0" or "0-1"; empty: psd splits the cores, sd/ar share them.
     target_cpus: str = ""
     draft_cpus: str = ""
-    # flex and auto with a worker drafter on its own cores: "pinned" keeps the target on target_cpus
-    # in every step, as the fixed modes do; "per_step" lets steps alone (AR, SD) use the drafter's
-    # cores too: flex measures them at both thread counts, auto takes the count calibration found
-    # faster. Opt-in: through the server it has not yet beaten pinned (docs/flex.md, "Threads per step").
-    target_threads: str = "pinned"
     # Ranks the target is sharded over (transformers' tensor-parallel plan): rank 0 in this process,
     # the others in worker processes it starts. On CUDA rank r runs on target_device's index + r.
     tensor_parallel_size: int = 1
@@ -92,12 +87,10 @@ class EngineConfig:
             raise ConfigError(f"mode must be one of {SERVING_MODES}, got {self.mode!r}")
         if not 0 <= self.num_draft_tokens <= 16:
             raise ConfigError(f"num_draft_tokens must be in [0, 16], got {self.num_draft_tokens}")
-        if self.traits.per_step and self.num_draft_tokens == 0:
+        if self.traits.chooses_each_step and self.num_draft_tokens == 0:
             raise ConfigError(f"mode {self.mode} needs num_draft_tokens >= 1: it is the longest draft it may choose")
         if not 0 <= self.draft_confidence_threshold < 1:
             raise ConfigError(f"draft_confidence_threshold must be in [0, 1), got {self.draft_confidence_threshold}")
-        if self.target_threads not in ("pinned", "per_step"):
-            raise ConfigError(f"target_threads must be 'pinned' or 'per_step', got {self.target_threads!r}")
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_model_len < 2:

@@ -15,6 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 STEP_MODES = ("ar", "sd", "psd")  # what one step can do
+# Keys of costs calibrated with `target_threads: per_step` (removed: it never beat a pinned target),
+# such as the archived benchmark runs' costs.json: read without them.
+RETIRED_KEYS = ("verify_overlapped", "threads_alone", "threads_overlapped", "threads_prefill")
 
 
 @dataclass(frozen=True)
@@ -33,39 +36,23 @@ class StepCosts:
     draft: list[float]  # seconds per draft step, [batch size index]
     overhead_per_row: float = 0.0
     prefill_per_token: float = 0.0
-    # A PSD step's sides: verification on the target's own share of the cores, drafting where the
-    # drafter runs beside it (its worker process on a CPU). None: the same as a step alone.
-    verify_overlapped: list[list[float]] | None = None
+    # A PSD step's drafting where the drafter runs beside verification (its worker process on a
+    # CPU). None: the same as a step alone.
     draft_overlapped: list[float] | None = None
-    # The target's thread count: per batch size for a step alone (verify and draft above were timed
-    # at it), and beside the drafter. None: the engine does not set threads per step.
-    threads_alone: list[int] | None = None
-    threads_overlapped: int | None = None
-    threads_prefill: int | None = None  # a step alone's prefill of newcomers' prompts
 
     @property
     def max_k(self) -> int:
         return len(self.verify[0]) - 1
 
-    # `overlapped`: the step runs beside the other side's work (PSD). The table measures the
-    # target's thread count for it; flex's online estimates add the contention for memory bandwidth.
+    # `overlapped`: the step runs beside the other side's work (PSD). The table has one verification
+    # figure for both; flex's online estimates add the contention for memory bandwidth.
     def verify_seconds(self, batch_size: float, k: int, overlapped: bool = False) -> float:
-        table = self.verify_overlapped if overlapped and self.verify_overlapped else self.verify
-        return self._interpolate([row[min(k, self.max_k)] for row in table], batch_size)
+        return self._interpolate([row[min(k, self.max_k)] for row in self.verify], batch_size)
 
     def draft_seconds(self, batch_size: float, k: int, overlapped: bool = False) -> float:
         """k draft steps; the first also feeds the newly verified tokens, which costs alike."""
         table = self.draft_overlapped if overlapped and self.draft_overlapped else self.draft
         return k * self._interpolate(table, batch_size)
-
-    def step_threads(self, batch_size: int, overlapped: bool, prefill: bool = False) -> int | None:
-        if self.threads_alone is None:
-            return None
-        if overlapped:
-            return self.threads_overlapped
-        if prefill:
-            return self.threads_prefill
-        return self.threads_alone[self.bucket_index(batch_size)]
 
     def bucket_index(self, batch_size: float) -> int:
         """The calibrated batch size that a batch of this size is measured against (the last beyond)."""
@@ -92,11 +79,10 @@ class StepCosts:
     @classmethod
     def from_json(cls, text: str) -> "StepCosts":
         data = json.loads(text)
-        costs = cls(**data)
-        verify_tables = [t for t in (costs.verify, costs.verify_overlapped) if t is not None]
-        per_size = verify_tables + [t for t in (costs.draft, costs.draft_overlapped, costs.threads_alone) if t is not None]
+        costs = cls(**{key: value for key, value in data.items() if key not in RETIRED_KEYS})
+        per_size = [t for t in (costs.verify, costs.draft, costs.draft_overlapped) if t is not None]
         if costs.batch_sizes != sorted(costs.batch_sizes) or any(len(t) != len(costs.batch_sizes) for t in per_size) \
-                or len({len(row) for t in verify_tables for row in t}) != 1:
+                or len({len(row) for row in costs.verify}) != 1:
             raise ValueError("step costs: batch_sizes must ascend, verify/draft need one entry per batch size, "
                              "and every verify row the same k = 0..max_k")
         return costs

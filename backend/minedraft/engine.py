@@ -133,7 +133,7 @@ class Engine:
         self.drafting = parts.drafting
         self.policy = parts.policy
         self.outputs = parts.outputs
-        self.placement = Placement(parts.step_cpus, parts.thread_cpus, self.policy)
+        self.placement = Placement(parts.step_cpus)
         self._lock = threading.Lock()  # guards the waiting queue and cancellations, filled from other threads
         self._cancelled: set[str] = set()
         self.step_log: deque[StepRecord] = deque(maxlen=4096)
@@ -237,15 +237,12 @@ class Engine:
             self._prefill(admitted)
             return outputs
         with timer.phase("draft"):
-            self.placement.set_threads(plan)  # an SD step's in-process drafting runs at the step's count
             draft_span = self.drafting.draft_for(plan)
         with timer.phase("prefill"):
             if admitted:
-                self.placement.set_threads(plan, prefill=True)
                 self._prefill(admitted)
         drafts = [seq.draft_ids for seq in plan.verify.seqs]  # a drafter failure below forgets every seq's
         with timer.phase("verify"):
-            self.placement.set_threads(plan)  # drafting may not have started beside verification after all
             verdict = self._verify(plan.verify)
         draft_span = self.drafting.collect_overlap(plan) or draft_span
         with timer.phase("commit"):

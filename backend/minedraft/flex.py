@@ -7,12 +7,11 @@ measured over calibrated time), acceptance is each request's own moving average
 (sequence.AcceptanceEstimate); it orders the choices to try. The measurements dispose: per
 batch-size bucket, every choice (AR, and SD and PSD at a few draft lengths) is run and timed whole
 (the step and the serving loop's gap after the previous one), and the one that yields the most
-tokens per second there is the one that runs. With threads per step, a step alone is also tried
-on the target's own cores and on all of them. Time per row is measured per choice and bucket;
+tokens per second there is the one that runs. Time per row is measured per choice and bucket;
 tokens per row per draft length, pooled over every step that drafted that many tokens: the
 tokens one step commits vary too much (1 to k + 1 per row) to tell choices 5 % apart in the few
 dozen steps each can be given, and acceptance depends on the draft length, not on the step's
-mode, threads or load. (Per-request acceptance estimates were no substitute: requests of 32
+mode or load. (Per-request acceptance estimates were no substitute: requests of 32
 tokens end still near their prior, which made speculation look twice as good as it was on the
 real pair.) Each fixed set-up is one of these arms, so once a load is measured flex runs about as
 fast as the best of them, less what re-measuring and the hysteresis cost. In-process costs alone
@@ -20,7 +19,6 @@ misjudged served ratios by more than the margins at stake (docs/flex.md).
 """
 import logging
 from collections import deque
-from dataclasses import dataclass
 
 from .cost_model import Choice, StepCosts, rank
 from .policy import Policy, StepPlan
@@ -35,7 +33,7 @@ Ratio = dict[tuple[int, bool], float]  # (batch-size bucket, overlapped) -> meas
 class OnlineCosts:
     """The calibrated StepCosts, scaled per batch-size bucket by measured/calibrated ratios,
     kept apart for overlapped (PSD) steps, where both sides contend for memory bandwidth (and the
-    table itself may have separate figures for them: other threads, the drafter's process)."""
+    table may have separate drafting figures for them: the drafter's process)."""
 
     def __init__(self, table: StepCosts, weight: float = 0.1):
         self.table = table
@@ -81,14 +79,6 @@ class OnlineCosts:
         ratios[key] = ratios[key] + self.weight * (ratio - ratios[key]) if key in ratios else ratio
 
 
-@dataclass(frozen=True)
-class Arm:
-    """What flex can run: a choice, and for a step alone the target's thread count (None: as
-    pinned at start-up; a PSD step always runs on the target's own share)."""
-    choice: Choice
-    threads: int | None = None
-
-
 class MeasuredRates:
     """Per arm and batch-size bucket, seconds per verified row over the arm's last `window`
     settled steps there, and when it last ran there (in steps); per draft length, tokens per
@@ -96,22 +86,22 @@ class MeasuredRates:
 
     def __init__(self, window: int = 64, yield_window: int = 1024):
         self.window = window
-        self._time: dict[tuple[Arm, int], deque[tuple[int, float]]] = {}
+        self._time: dict[tuple[Choice, int], deque[tuple[int, float]]] = {}
         self._yield: dict[int, deque[tuple[int, int]]] = {}
         self.yield_window = yield_window
-        self.last_run: dict[tuple[Arm, int], int] = {}
+        self.last_run: dict[tuple[Choice, int], int] = {}
 
-    def add_time(self, arm: Arm, bucket: int, rows: int, seconds: float, now: int) -> None:
+    def add_time(self, arm: Choice, bucket: int, rows: int, seconds: float, now: int) -> None:
         self._time.setdefault((arm, bucket), deque(maxlen=self.window)).append((rows, seconds))
         self.last_run[(arm, bucket)] = now
 
     def add_yield(self, k: int, rows: int, tokens: int) -> None:
         self._yield.setdefault(k, deque(maxlen=self.yield_window)).append((rows, tokens))
 
-    def forget(self, arm: Arm, bucket: int) -> None:
+    def forget(self, arm: Choice, bucket: int) -> None:
         self._time.pop((arm, bucket), None)
 
-    def samples(self, arm: Arm, bucket: int) -> int:
+    def samples(self, arm: Choice, bucket: int) -> int:
         return len(self._time.get((arm, bucket), ()))
 
     def tokens_per_row(self, k: int) -> float:
@@ -119,10 +109,10 @@ class MeasuredRates:
         rows = sum(r for r, _ in steps)
         return sum(t for _, t in steps) / rows if rows else 1.0
 
-    def rate(self, arm: Arm, bucket: int) -> float:
+    def rate(self, arm: Choice, bucket: int) -> float:
         steps = self._time.get((arm, bucket), ())
         seconds = sum(s for _, s in steps)
-        return sum(r for r, _ in steps) * self.tokens_per_row(arm.choice.k) / seconds if seconds else 0.0
+        return sum(r for r, _ in steps) * self.tokens_per_row(arm.k) / seconds if seconds else 0.0
 
 
 def arms(max_k: int) -> list[int]:
@@ -141,18 +131,16 @@ class FlexPolicy(Policy):
     then run the one measured fastest; another takes over only when its measured rate beats the
     current one's by `hysteresis`. An arm not run in a bucket for `refresh` steps is measured
     again (acceptance and load move), which bounds the steps spent away from the best to about
-    (min_dwell + min_samples) per `refresh` for each other arm. `thread_counts` (all the cores,
-    the target's share): steps alone are tried at both."""
+    (min_dwell + min_samples) per `refresh` for each other arm. An arm is a Choice."""
 
     def __init__(self, max_draft_tokens: int, costs: StepCosts, batch_capacity: int, hysteresis: float = 0.05,
-                 min_dwell: int = 8, min_samples: int = 32, refresh: int = 10000,
-                 thread_counts: tuple[int, int] | None = None):
+                 min_dwell: int = 8, min_samples: int = 32, refresh: int = 10000):
         super().__init__(Choice("sd", max_draft_tokens))
         self.name = "flex"
+        self.choice: Choice | None = None  # the arm running; none before the first step
         self.costs = OnlineCosts(costs)
         self.batch_capacity = batch_capacity
         self.draft_lengths = arms(max_draft_tokens)
-        self.thread_counts = thread_counts
         self.hysteresis = hysteresis
         self.min_dwell = min_dwell  # steps after a switch before an arm is judged: the layout and caches move
         # Settled steps an arm is measured on before it is compared: with 16, one arm's rate on the real
@@ -160,71 +148,54 @@ class FlexPolicy(Policy):
         self.min_samples = min_samples
         self.refresh = refresh
         self.rates = MeasuredRates()
-        self.arm: Arm | None = None
         self.steps = 0
         self.steps_since_switch = 0
         self.bucket: int | None = None
         self.steps_in_bucket = 0  # consecutive steps at the current bucket
-        self._planned: tuple[Arm, int] | None = None  # a settled step's arm and bucket, to judge
-
-    @property
-    def choice(self) -> Choice | None:
-        return self.arm.choice if self.arm else None
-
-    @choice.setter
-    def choice(self, choice: Choice | None) -> None:
-        self.arm = Arm(choice) if choice is not None else None
+        self._planned: tuple[Choice, int] | None = None  # a settled step's arm and bucket, to judge
 
     @property
     def splits_batches(self) -> bool:
-        return self.arm is None or self.arm.choice.mode == "psd"
+        return self.choice is None or self.choice.mode == "psd"
 
-    def candidates(self, alphas: list[float]) -> dict[Arm, float]:
-        """Every arm for this many rows, with the model's goodput for its choice; at equal
-        goodput the thread count calibration preferred comes first."""
+    def candidates(self, alphas: list[float]) -> dict[Choice, float]:
+        """Every arm for this many rows, with the model's goodput."""
         predicted = rank(alphas, self.costs, self.max_draft_tokens, self.batch_capacity)
-        preferred = self.costs.table.step_threads(len(alphas), False)
-        ranked = {}
-        for choice, goodput in predicted.items():
-            if choice.k and choice.k not in self.draft_lengths:
-                continue
-            counts = self.thread_counts if self.thread_counts and choice.mode != "psd" else (None,)
-            for count in counts:
-                ranked[Arm(choice, count)] = goodput * (1 if count == preferred else 1 - 1e-9)
-        return ranked
+        return {choice: goodput for choice, goodput in predicted.items()
+                if not choice.k or choice.k in self.draft_lengths}
 
-    def choose(self, alphas: list[float]) -> Arm:
+    def choose(self, alphas: list[float]) -> Choice:
         predicted = self.candidates(alphas)
         bucket = self.costs.bucket(len(alphas))
         self.steps += 1
         self.steps_since_switch += 1
         self.steps_in_bucket = self.steps_in_bucket + 1 if bucket == self.bucket else 0
         self.bucket = bucket
-        if self.arm not in predicted:  # the first step, or PSD with a single request left
+        if self.choice not in predicted:  # the first step, or PSD with a single request left
             self._switch(max(predicted, key=predicted.get))
         elif self.steps_in_bucket < self.min_dwell:
             pass  # a passing load (a request ending, the next arriving) is no reason to switch
-        elif self.steps_since_switch >= self.min_dwell + self.min_samples or self._measured(self.arm, bucket):
+        elif self.steps_since_switch >= self.min_dwell + self.min_samples or self._measured(self.choice, bucket):
             arm = self._arbitrate(bucket, predicted)
-            if arm != self.arm:
+            if arm != self.choice:
                 # What flex saw, for the server log: each arm's measured tokens/s in this bucket.
-                log.info("flex: %s -> %s at bucket %d; measured %s", self.arm, arm, bucket,
-                         {f"{a.choice.mode}{a.choice.k}/{a.threads}": round(self.rates.rate(a, bucket), 1)
+                log.info("flex: %s -> %s at bucket %d; measured %s", self.choice, arm, bucket,
+                         {str(a): round(self.rates.rate(a, bucket), 1)
                           for a in predicted if self.rates.samples(a, bucket)})
                 self._switch(arm)
-        return self.arm
+        return self.choice
 
-    def _measured(self, arm: Arm, bucket: int) -> bool:
+    def _measured(self, arm: Choice, bucket: int) -> bool:
         return (self.rates.samples(arm, bucket) >= self.min_samples
                 and self.steps - self.rates.last_run.get((arm, bucket), -self.refresh) < self.refresh)
 
-    def _arbitrate(self, bucket: int, predicted: dict[Arm, float]) -> Arm:
+    def _arbitrate(self, bucket: int, predicted: dict[Choice, float]) -> Choice:
         """The current arm while it is being measured; then any arm not measured (lately) in this
         bucket, the model's favourite first; then the fastest measured, if it beats the current
         arm by the hysteresis."""
         unmeasured = [a for a in predicted if not self._measured(a, bucket)]
-        if self.arm in unmeasured:
-            return self.arm
+        if self.choice in unmeasured:
+            return self.choice
         if unmeasured:
             explore = max(unmeasured, key=predicted.get)
             # A stale rate is measured afresh, not topped up; a measurement that a passing load cut
@@ -233,11 +204,11 @@ class FlexPolicy(Policy):
                 self.rates.forget(explore, bucket)
             return explore
         fastest = max(predicted, key=lambda a: self.rates.rate(a, bucket))
-        beats = self.rates.rate(fastest, bucket) > (1 + self.hysteresis) * self.rates.rate(self.arm, bucket)
-        return fastest if beats else self.arm
+        beats = self.rates.rate(fastest, bucket) > (1 + self.hysteresis) * self.rates.rate(self.choice, bucket)
+        return fastest if beats else self.choice
 
-    def _switch(self, arm: Arm) -> None:
-        self.arm = arm
+    def _switch(self, arm: Choice) -> None:
+        self.choice = arm
         self.steps_since_switch = 0
 
     def plan(self, batches: list[Batch]) -> StepPlan | None:
@@ -245,15 +216,10 @@ class FlexPolicy(Policy):
         if not alphas:
             return None
         arm = self.choose(alphas)
-        plan = self.plan_choice(batches, arm.choice)
+        plan = self.plan_choice(batches, arm)
         settled = self.steps_since_switch >= self.min_dwell
         self._planned = (arm, self.costs.bucket(len(alphas))) if settled else None
         return plan
-
-    def threads(self, plan: StepPlan, prefill: bool = False) -> int | None:
-        if plan.overlap is None and self.arm is not None and self.arm.threads is not None:
-            return self.arm.threads
-        return self.costs.table.step_threads(len(plan.verify), plan.overlap is not None, prefill)
 
     def observe(self, record) -> None:
         costs = self.costs

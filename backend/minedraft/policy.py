@@ -36,10 +36,6 @@ class Policy:
     def observe(self, record) -> None:
         """A fixed policy learns nothing from the step just run."""
 
-    def threads(self, plan: StepPlan, prefill: bool = False) -> int | None:
-        """The target's thread count for this step (or its prefill); None: as configured at start-up."""
-        return None
-
     def plan_choice(self, batches: list[Batch], choice: Choice) -> StepPlan | None:
         live = [b for b in batches if b.seqs]
         if not live:

@@ -79,6 +79,3 @@ class BatchSizeRule(Policy):
 
     def observe(self, record) -> None:
         self.steps_since_draft = 0 if record.draft_runs else self.steps_since_draft + 1
-
-    def threads(self, plan: StepPlan, prefill: bool = False) -> int | None:
-        return self.costs.step_threads(len(plan.verify), plan.overlap is not None, prefill)

@@ -303,7 +303,7 @@ def in_process(setup, k, concurrency, prompts, max_tokens, model_dir, draft, max
 def draft_sweep(setup: str, args) -> list[int]:
     if setup.startswith("ar"):
         return [0]
-    if MODE_TRAITS[mode_of(setup)].per_step:
+    if MODE_TRAITS[mode_of(setup)].chooses_each_step:
         return [max(args.draft_lengths)]  # a cap: flex and auto pick k (and AR, SD or PSD) themselves
     return args.sd_draft_lengths or args.draft_lengths if setup in SD_SETUPS else args.draft_lengths
 

@@ -5,10 +5,10 @@ import json
 from pathlib import Path
 
 from ..cost_model import StepCosts
-from .setups import FIXED_SETUPS, PER_STEP_SETUPS, SETUPS, best_by_tokens_per_s
+from .setups import FIXED_SETUPS, CHOOSING_SETUPS, SETUPS, best_by_tokens_per_s
 
 GOALS = {"P1": 1.0, "P1b": 1.5, "P2": 0.95, "P3": 2.5, "P4": 0.9, "P5": 0.9, "P6": 1.2, "P7": 0.6}
-SETUP_ORDER = (*FIXED_SETUPS, *PER_STEP_SETUPS)
+SETUP_ORDER = (*FIXED_SETUPS, *CHOOSING_SETUPS)
 PAIR_ORDER = ("qwen-coder", "smollm2", "minedraft")  # the served default first
 SECTION = "benchmarks.md"
 PAIR_TITLES = {"qwen-coder": "The served default: Qwen2.5-Coder-1.5B-Instruct with its 0.5B draft in int4",
@@ -122,7 +122,7 @@ def goal_table(results: dict, table: list[dict], costs: StepCosts | None = None)
                                  f"c={saturated['concurrency']}{_saturation(results, saturated)}"
                                  f"{_ceiling(costs, saturated['psd'], results['args']['max_num_seqs'])}",
                           _ratio(saturated["psd"], saturated["sd_1core"])))
-    for setup in PER_STEP_SETUPS:
+    for setup in CHOOSING_SETUPS:
         for t in table:
             if t[setup] and t["fixed_best"]:
                 goals.append(("P2", f"{setup} / best fixed set-up ({t['fixed_best']['setup']}) at c={t['concurrency']}",
@@ -184,7 +184,7 @@ def plot(table: list[dict], figures: Path) -> None:
     import matplotlib.pyplot as plt
     labels = {"ar": "AR (2 threads)", "ar_1core": "AR (1 thread)", "sd": "SD (best k, 2 threads)",
               "sd_1core": "SD (best k, 1 core)", "psd": "PSD (best k, 1+1 cores)", "flex": "flex (1+1 cores)",
-              "flex_per_step": "flex per step (1+1 cores)", "auto": "auto (1+1 cores)",
+              "auto": "auto (1+1 cores)",
               "auto_inline": "auto (2 cores, in-process draft)"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for setup, label in labels.items():
@@ -218,10 +218,8 @@ def _cell(row, key="tokens_per_s"):
 
 
 def flex_section(table: list[dict], args: dict) -> list[str]:
-    present = [s for s in PER_STEP_SETUPS if any(t[s] for t in table)]
-    names = {"flex": "flex", "flex_per_step": "flex per step", "auto": "auto", "auto_per_step": "auto per step",
-             "auto_inline": "auto, 2 cores, in-process draft",
-             "flex_tau": "flex τ"}
+    present = [s for s in CHOOSING_SETUPS if any(t[s] for t in table)]
+    names = {"flex": "flex", "auto": "auto", "auto_inline": "auto, 2 cores, in-process draft", "flex_tau": "flex τ"}
     tau = SETUPS["flex_tau"][1]["draft_confidence_threshold"]
     lines = ["", "### Flex against the fixed modes", "",
              "Flex and auto pick AR, SD(k) or PSD(k) every step (k <= "
@@ -229,8 +227,7 @@ def flex_section(table: list[dict], args: dict) -> list[str]:
              "(docs/flex.md), auto by the number of running requests alone (FlexDraft's batch-size switch). They "
              "serve on PSD's cores (target on core 0, drafter process on core 1), except *auto, 2 cores, in-process "
              "draft*, whose target and draft share both cores in the step thread and which therefore chooses "
-             "between AR and SD only (the served default). *per "
-             "step*: steps alone may also use the drafter's core (`target_threads: per_step`). Flex's measured span "
+             "between AR and SD only (the served default). Flex's measured span "
              f"starts after {args.get('learning_steps', 400)} steps at each concurrency (its learning); the others' "
              "do not wait (they do not learn). Steps by mode are the server's `minedraft_policy_steps_total` over "
              "the whole run. *flex τ* adds FlexDraft's confidence cut at "
@@ -304,7 +301,7 @@ def markdown(results: dict, table: list[dict], goals: list[dict], figures: str) 
                      f"({_cell(t['psd'], 'num_draft_tokens')}) | {_ratio(t['psd'], t['sd_best'])} | "
                      f"{_ratio(t['psd'], t['sd'])} | {_ratio(t['psd'], t['ar_best'])} | "
                      f"{_ratio(t['sd_best'], t['ar_best'])} |")
-    if any(t[s] for t in table for s in PER_STEP_SETUPS):
+    if any(t[s] for t in table for s in CHOOSING_SETUPS):
         lines += flex_section(table, args)
     lines += ["", "### Latency (ms) and acceptance at each set-up's best k", "",
               "| c | set-up | k | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 | e2e p99 | acceptance |",

@@ -18,11 +18,6 @@ SETUPS = {
     # The served default: auto on both cores with the in-process drafter, so AR or SD each step by
     # the running requests (no PSD: nothing runs beside the target).
     "auto_inline": ("minedraft_auto_inline", {"mode": "auto", "target_cpus": "0-1", "drafter": "inline"}),
-    # Both again with threads per step: steps alone on both cores, steps beside the drafter on core 0.
-    "flex_per_step": ("minedraft_flex_per_step", {"mode": "flex", "target_cpus": "0", "draft_cpus": "1",
-                                                  "drafter": "process", "target_threads": "per_step"}),
-    "auto_per_step": ("minedraft_auto_per_step", {"mode": "auto", "target_cpus": "0", "draft_cpus": "1",
-                                                  "drafter": "process", "target_threads": "per_step"}),
     # The same with FlexDraft's confidence cut, to choose draft_confidence_threshold's default.
     "flex_tau": ("minedraft_flex_tau", {"mode": "flex", "target_cpus": "0", "draft_cpus": "1", "drafter": "process",
                                         "draft_confidence_threshold": 0.1}),
@@ -35,7 +30,7 @@ def mode_of(setup: str) -> str:
     return SETUPS[setup][1]["mode"]
 
 
-PER_STEP_SETUPS = tuple(s for s in SETUPS if MODE_TRAITS[mode_of(s)].per_step)  # those that choose every step
+CHOOSING_SETUPS = tuple(s for s in SETUPS if MODE_TRAITS[mode_of(s)].chooses_each_step)  # those that choose every step
 
 
 def best_by_tokens_per_s(rows):
