@@ -1,5 +1,8 @@
-"""The engine without Triton: losslessness in every mode, overlap, request handling."""
+"""The engine without Triton: losslessness in every mode and with per-request draft counts, overlap,
+per-request seeds, float32-safe sampling parameters, request handling: bounded inputs and the ways a
+request ends."""
 import json
+import shutil
 import time
 
 import pytest
@@ -51,6 +54,37 @@ def test_identical_draft_is_always_accepted(tiny_pair):
     assert all(o.num_accepted_tokens == o.num_drafted_tokens for o in outs)
     # The per-step count behind minedraft_generation_tokens_total adds up to what the requests got.
     assert engine.num_generated_tokens == sum(o.num_output_tokens for o in outs) == 8 * 20
+
+
+NEWCOMER = "def add(a, b):\n    return a + b\n" * 2  # 42 tokens with the tiny tokenizer
+
+
+def test_per_request_zero_drafts_beside_newcomers_is_lossless(tiny_pair, target_model):
+    """The reported path: a request with num_draft_tokens 0 builds a backlog in the draft cache."""
+    model, tokenizer = target_model
+    assert 30 < len(tokenizer(NEWCOMER).input_ids) < 56
+    # Capacity 64 + 3 + 2 = 69, as in the report. "quiet" drafts nothing; the drafter catches its
+    # cache up when new10 drafts beside it, and new45's prompt arrives when quiet has a backlog
+    # again and sits near the end of its cache.
+    engine = make_engine(*tiny_pair, mode="sd", max_model_len=64, num_draft_tokens=3, max_num_seqs=4)
+    try:
+        engine.submit("quiet", PROMPTS[0], {"max_tokens": 56, "temperature": 0, "num_draft_tokens": 0,
+                                            "ignore_eos": True})
+        results = {}
+        for step in range(200):
+            if step in (35, 45):
+                engine.submit(f"new{step}", NEWCOMER, {"max_tokens": 8, "temperature": 0, "ignore_eos": True})
+            for out in engine.step():
+                results.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if not engine.has_work():
+                break
+        assert engine.num_drafter_failures == 0
+        quiet = results["quiet"]  # ends at max_model_len, a few tokens short of max_tokens
+        assert len(quiet) > 50 and quiet == reference_greedy(model, tokenizer, PROMPTS[0], 56, ignore_eos=True)[1][:len(quiet)]
+        assert results["new35"] == reference_greedy(model, tokenizer, NEWCOMER, 8, ignore_eos=True)[1]
+        assert results["new45"] == reference_greedy(model, tokenizer, NEWCOMER, 8, ignore_eos=True)[1]
+    finally:
+        engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +142,41 @@ def test_max_tokens_eos_min_tokens_and_stop(tiny_pair):
     engine.close()
 
 
+def test_every_eos_id_of_the_generation_config_ends_a_request(tiny_pair, tmp_path, target_model):
+    model, tokenizer = target_model
+    target = tmp_path / "target"
+    shutil.copytree(tiny_pair[0], target)
+    greedy = reference_greedy(model, tokenizer, PROMPTS[0], 12)[1]
+    extra_eos = greedy[1]
+    assert extra_eos != tokenizer.eos_token_id and extra_eos not in greedy[:1]
+    config = json.loads((target / "generation_config.json").read_text())
+    config["eos_token_id"] = [tokenizer.eos_token_id, extra_eos]
+    (target / "generation_config.json").write_text(json.dumps(config))
+    engine = make_engine(str(target), tiny_pair[1], mode="sd")
+    try:
+        out = engine.generate([PROMPTS[0]], {"max_tokens": 12, "temperature": 0})[0]
+    finally:
+        engine.close()
+    assert out.finish_reason == "eos"
+    assert out.new_token_ids == greedy[:greedy.index(extra_eos) + 1]
+
+
+def test_a_stop_string_waits_for_min_tokens(tiny_pair):
+    engine = make_engine(*tiny_pair, mode="sd")
+    try:
+        free = engine.generate([PROMPTS[0]], {"max_tokens": 20, "temperature": 0, "ignore_eos": True})[0]
+        stop = free.text_delta[:2]
+        assert stop.strip()
+        early = engine.generate([PROMPTS[0]], {"max_tokens": 20, "temperature": 0, "ignore_eos": True,
+                                               "stop": [stop]})[0]
+        held = engine.generate([PROMPTS[0]], {"max_tokens": 20, "temperature": 0, "ignore_eos": True,
+                                              "stop": [stop], "min_tokens": 6})[0]
+    finally:
+        engine.close()
+    assert early.finish_reason == "stop" and early.num_output_tokens < 6
+    assert held.num_output_tokens >= 6
+
+
 def test_mixed_sampling_parameters_in_one_batch(tiny_pair, target_model):
     model, tokenizer = target_model
     engine = make_engine(*tiny_pair, mode="psd", drafter="inline")
@@ -125,6 +194,36 @@ def test_mixed_sampling_parameters_in_one_batch(tiny_pair, target_model):
         else:
             assert out.new_token_ids == out2.new_token_ids  # same seed, same tokens
     assert outs[4].num_drafted_tokens == 0
+
+
+def test_extreme_parameters_are_greedy_or_refused(tiny_pair, target_model):
+    model, tokenizer = target_model
+    engine = make_engine(*tiny_pair, mode="sd")
+    try:
+        greedy = reference_greedy(model, tokenizer, PROMPTS[0], 12, ignore_eos=True)[1]
+        base = {"max_tokens": 12, "ignore_eos": True}
+        for extreme in ({"temperature": 1e-39}, {"temperature": 0.7, "top_p": 1e-50}):
+            out = engine.generate([PROMPTS[0]], {**base, **extreme})[0]
+            assert out.new_token_ids == greedy, extreme
+        with pytest.raises(InvalidRequest, match="temperature"):
+            engine.submit("hot", PROMPTS[0], {**base, "temperature": 1e39, "min_tokens": 4})
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("mode,drafter", [("sd", "inline"), ("psd", "process")])
+def test_a_seeded_request_does_not_depend_on_its_neighbours(tiny_pair, noisy_draft, mode, drafter):
+    params = {"max_tokens": 24, "temperature": 1.0, "seed": 1234, "ignore_eos": True}
+    engine = make_engine(tiny_pair[0], noisy_draft, mode=mode, drafter=drafter, max_num_seqs=8)
+    try:
+        alone = engine.generate([PROMPTS[3]], params)[0].new_token_ids
+        crowd = [PROMPTS[3]] + PROMPTS[10:17]
+        crowd_params = [params] + [{"max_tokens": 5 + 3 * i, "temperature": 0.9, "ignore_eos": True}
+                                   for i in range(7)]
+        crowded = engine.generate(crowd, crowd_params)[0].new_token_ids
+    finally:
+        engine.close()
+    assert crowded == alone
 
 
 def test_cancel_frees_the_slot(tiny_pair):
@@ -166,6 +265,29 @@ def test_invalid_requests_are_rejected_at_submit(tiny_pair, params, message):
         engine.submit("empty", "", {})
     assert engine.generate(["x"], {"max_tokens": 2})[0].num_output_tokens == 2
     engine.close()
+
+
+def test_a_huge_prompt_is_refused_before_it_is_tokenized(tiny_pair):
+    engine = make_engine(*tiny_pair, mode="ar")
+    try:
+        started = time.monotonic()
+        with pytest.raises(InvalidRequest, match="characters"):
+            engine.submit("huge", "x" * 4_000_000, {})
+        assert time.monotonic() - started < 0.5
+    finally:
+        engine.close()
+
+
+def test_a_prompt_that_tokenizes_to_nothing_is_refused(tiny_pair, monkeypatch):
+    engine = make_engine(*tiny_pair, mode="ar")
+    try:
+        tokenize = engine.tokenizer.__class__.__call__
+        monkeypatch.setattr(engine.tokenizer.__class__, "__call__",
+                            lambda self, text, **kw: tokenize(self, "" if text == "\u200b" else text, **kw))
+        with pytest.raises(InvalidRequest, match="no tokens"):
+            engine.submit("blank", "\u200b", {})
+    finally:
+        engine.close()
 
 
 def test_mismatched_vocabularies_are_refused(tiny_pair, tmp_path):

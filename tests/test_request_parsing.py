@@ -1,11 +1,12 @@
-"""The Triton adapter's request parsing, alone and fuzzed: a request either parses or gets InvalidRequest."""
+"""The Triton adapter's request parsing, alone and fuzzed: a request either parses or gets InvalidRequest;
+stop strings are bounded in number and length."""
 import json
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from minedraft.request_parsing import parse_request
-from minedraft.sampling_params import InvalidRequest, SamplingParams
+from minedraft.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS, InvalidRequest, SamplingParams
 
 KEYS = ["max_tokens", "min_tokens", "temperature", "top_k", "top_p", "seed", "stop", "ignore_eos",
         "num_draft_tokens", "stream", "exclude_input_in_output", "stop_token_ids", "include_stop_str_in_output",
@@ -53,6 +54,14 @@ def test_generate_endpoint_parameters_are_the_fallback():
 def test_invalid_sampling_parameters_name_the_problem(sampling, message):
     with pytest.raises(InvalidRequest, match=message):
         parse_request("def f():", None, sampling, None, None)
+
+
+@pytest.mark.parametrize("stop,message", [
+    (["a"] * (MAX_STOP_STRINGS + 1), "at most"), (["a" * (MAX_STOP_CHARS + 1)], "characters")])
+def test_stop_strings_are_bounded(stop, message):
+    with pytest.raises(InvalidRequest, match=message):
+        SamplingParams.from_dict({"stop": stop})
+    assert SamplingParams.from_dict({"stop": ["a" * MAX_STOP_CHARS] * MAX_STOP_STRINGS}).stop
 
 
 def test_empty_or_undecodable_prompt_is_rejected():
