@@ -4,7 +4,9 @@ import json
 import pytest
 
 from minedraft.cli import main
+from minedraft.prompts import PROMPT_SETS, prompts_path
 from minedraft.tools.bench import expected_rate, load_requests, rate_for_rerun, steady_rate
+from minedraft.tools.bench_engine import load_prompts
 
 
 def test_steady_rate_counts_tokens_only_while_the_concurrency_is_held():
@@ -74,3 +76,13 @@ def test_bench_smoke_produces_a_well_formed_report(demo_pair, tmp_path):
     # The step costs flex measured feed the simulator, which predicts the measured rows.
     assert main(["simulate", "--costs", str(figures / "costs.json"), "--compare",
                  str(figures / "raw.json"), "--json"]) == 0
+
+
+def test_prompt_sets_resolve_by_name_or_path(tmp_path):
+    assert {"demo_pair", "heldout"} <= set(PROMPT_SETS)
+    assert len(load_prompts(prompts_path("heldout"))) == 40
+    own = tmp_path / "mine.jsonl"
+    own.write_text('{"prompt": "def f():"}\n')
+    assert load_prompts(prompts_path(str(own))) == ["def f():"]
+    with pytest.raises(FileNotFoundError, match="neither a prompt set"):
+        prompts_path("no-such-set")

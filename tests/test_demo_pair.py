@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from minedraft import Engine, EngineConfig
+from minedraft.prompts import PROMPT_SETS
 
 SOURCE = 'def grüße(name: str) -> str:\n    """Say hello — 你好, ça va? ✓"""\n\treturn f"{name!r} 🐍"\n'
 
@@ -39,8 +40,7 @@ def test_greedy_generation_is_deterministic(demo_pair):
 
 def test_engine_acceptance_on_held_out_prompts(demo_pair):
     """Regression guard: greedy acceptance per draft token at k = 4 on 20 held-out prompts."""
-    prompts_file = demo_pair[0].rsplit("/", 1)[0] + "/prompts.jsonl"
-    with open(prompts_file) as f:
+    with open(PROMPT_SETS["demo_pair"]) as f:
         prompts = [json.loads(line)["prompt"] for line in f][:20]
     engine = Engine(EngineConfig(target_model=demo_pair[0], draft_model=demo_pair[1], mode="sd", num_draft_tokens=4,
                                  max_num_seqs=10))

@@ -19,6 +19,7 @@ import tritonclient.grpc as grpcclient
 
 from minedraft import Engine, EngineConfig
 from minedraft.launcher import TritonServer, free_port
+from minedraft.prompts import PROMPT_SETS
 from minedraft.tools.processes import descendants, rss_kb_by_process
 from minedraft.tools.repository import write_repository
 from minedraft.triton_metrics import read_metrics
@@ -47,7 +48,7 @@ def server(demo_pair, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prompts(demo_pair):
-    with open(Path(demo_pair[0]).parent / "prompts.jsonl") as f:
+    with open(PROMPT_SETS["demo_pair"]) as f:
         return [json.loads(line)["prompt"] for line in f]
 
 

@@ -3,8 +3,8 @@
 Corpus: the running interpreter's standard library source, minus tests, with a fixed
 set of held-out modules. Everything is seeded; the run fits in about an hour on 2 CPU
 cores. Output (HF format) goes to model_repository/minedraft/1/{target,draft}, the
-held-out prompts to model_repository/minedraft/1/prompts.jsonl, and the figures of the
-model card to model_repository/minedraft/1/training_report.json.
+held-out prompts to backend/minedraft/prompts/demo_pair.jsonl, the figures of the model card
+to scripts/training/reports/demo_pair.json, and the card to docs/demo-pair.md.
 
     python scripts/training/train_demo_pair.py [--out model_repository/minedraft/1]
 """
@@ -26,6 +26,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SEED = 1234
+ROOT = Path(__file__).resolve().parents[2]
+PROMPTS = ROOT / "backend" / "minedraft" / "prompts" / "demo_pair.jsonl"
+REPORT = ROOT / "scripts" / "training" / "reports" / "demo_pair.json"
 VOCAB_SIZE = 3072
 EOS = "<|endoftext|>"
 SEQ_LEN = 256
@@ -245,7 +248,7 @@ def main():
     random.Random(SEED).shuffle(prompts)
     assert len(prompts) >= 200, f"only {len(prompts)} held-out prompts"
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "prompts.jsonl", "w") as f:
+    with open(PROMPTS, "w") as f:
         for item in prompts:
             f.write(json.dumps(item) + "\n")
     print(f"train files {len(train_src)}, held-out files {len(held_src)}, prompts {len(prompts)}", flush=True)
@@ -288,8 +291,8 @@ def main():
         "total_seconds": round(time.time() - started, 1),
     }
     report["flops_ratio"] = round(report["target"]["flops_per_token"] / report["draft"]["flops_per_token"], 2)
-    (out / "training_report.json").write_text(json.dumps(report, indent=2))
-    subprocess.run([sys.executable, str(Path(__file__).with_name("write_model_card.py")), str(out)], check=True)
+    REPORT.write_text(json.dumps(report, indent=2))
+    subprocess.run([sys.executable, str(Path(__file__).with_name("write_model_card.py"))], check=True)
     print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2))
 
 

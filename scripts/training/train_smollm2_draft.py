@@ -3,7 +3,7 @@
 Stages (each resumable; outputs under --work, the draft under --out):
   1. prompts  the script writes its own prompts in four categories (chat, code, summarisation,
               maths); code and summarisation prompts quote the Python standard library's sources
-              and docstrings. The held-out evaluation prompts (heldout_prompts.jsonl) are never used.
+              and docstrings. The held-out evaluation prompts (backend/minedraft/prompts/heldout.jsonl) are never used.
   2. generate the target answers them through its chat template (greedy for most, sampled for the
               rest) and its top-32 log-probabilities at every answer position are kept.
   3. vocab    the 8,192 most frequent target ids of that text become the draft vocabulary
@@ -34,6 +34,8 @@ from minedraft.draft_vocabulary import DraftVocabulary
 
 ROOT = Path(__file__).resolve().parents[2]
 VERSION_DIR = ROOT / "model_repository" / "smollm2" / "1"
+HELDOUT_PROMPTS = ROOT / "backend" / "minedraft" / "prompts" / "heldout.jsonl"
+REPORT = ROOT / "scripts" / "training" / "reports" / "smollm2_draft.json"
 DRAFT_VOCAB = 8192
 TOP_K = 32
 STUDENT_LAYERS = (0, 1, 2, 3)
@@ -357,7 +359,7 @@ def export(student, d2t: list[int], tokenizer, out: Path, report: dict) -> None:
     half.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "d2t.json").write_text(json.dumps(d2t))
-    (out / "training_report.json").write_text(json.dumps(report, indent=2))
+    REPORT.write_text(json.dumps(report, indent=2))
 
 
 def train(student, records, heldout_records, d2t, tokenizer, args, work: Path) -> None:
@@ -449,7 +451,7 @@ def main() -> int:
     start_run(args)
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32).eval()
-    heldout = {json.loads(line)["prompt"] for line in (VERSION_DIR / "heldout_prompts.jsonl").open()}
+    heldout = {json.loads(line)["prompt"] for line in HELDOUT_PROMPTS.open()}
     prompts = write_prompts(random.Random(0), heldout)
     random.Random(1).shuffle(prompts)
     # The wider second set goes after the first, so the shards of a run made with the first set alone stay valid.

@@ -1,9 +1,9 @@
-"""Render the demo pair's model card (README.md) from the figures train_demo_pair.py measured.
+"""Render the demo pair's model card (docs/demo-pair.md) from the figures train_demo_pair.py
+measured (scripts/training/reports/demo_pair.json).
 
-    python scripts/training/write_model_card.py [model_repository/minedraft/1]
+    python scripts/training/write_model_card.py
 """
 import json
-import sys
 from pathlib import Path
 
 
@@ -30,7 +30,7 @@ workload of every benchmark. It is a toy for measuring speculative decoding, not
 - Corpus: the Python {r['python']} standard library source of the training interpreter, test
   directories and `test_*` modules removed: {r['train_files']} files, {r['train_tokens']:,} tokens.
 - Held out: {', '.join(r['held_out_modules'])} ({r['held_out_files']} files, {r['held_out_tokens']:,} tokens).
-- `prompts.jsonl`: {r['num_prompts']} benchmark prompts from the held-out modules, each a function or
+- `backend/minedraft/prompts/demo_pair.jsonl` (`--prompts demo_pair`): {r['num_prompts']} benchmark prompts from the held-out modules, each a function or
   method signature plus its docstring, ending at the body's indentation.
 - Tokenizer: byte-level BPE (HF `tokenizers`), {r['vocab_size']} tokens, shared by both models;
   `<|endoftext|>` separates files. Loads with `AutoTokenizer`.
@@ -66,10 +66,12 @@ The engine's own measurement on 20 held-out prompts is a regression test
 """
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
 def main() -> None:
-    directory = Path(sys.argv[1] if len(sys.argv) > 1 else "model_repository/minedraft/1")
-    report = json.loads((directory / "training_report.json").read_text())
-    (directory / "README.md").write_text(card(report))
+    report = json.loads((ROOT / "scripts" / "training" / "reports" / "demo_pair.json").read_text())
+    (ROOT / "docs" / "demo-pair.md").write_text(card(report))
 
 
 if __name__ == "__main__":

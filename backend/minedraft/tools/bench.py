@@ -25,6 +25,7 @@ from pathlib import Path
 from ..config import DEFAULT_MODEL_DIR, MODE_TRAITS
 from ..cost_model import STEP_MODES
 from ..launcher import TritonServer, free_port
+from ..prompts import PROMPT_SETS, prompts_path
 from ..triton_metrics import read_metrics
 from ..draft_vocabulary import D2T_FILE
 from .bench_engine import chat_prompts, engine_for, load_prompts, measure
@@ -264,9 +265,9 @@ _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8
 
 
 def bench_prompts(args) -> list[str]:
-    """The first num_prompts of --prompts (default: the model dir's prompts.jsonl), through the
-    target's chat template with --chat, as a chat client sends them."""
-    prompts = load_prompts(args.prompts or args.model_dir / "prompts.jsonl", args.num_prompts)
+    """The first num_prompts of --prompts, through the target's chat template with --chat, as a
+    chat client sends them."""
+    prompts = load_prompts(prompts_path(args.prompts), args.num_prompts)
     return chat_prompts(prompts, args.model_dir / "target") if args.chat else prompts
 
 
@@ -397,7 +398,8 @@ def main_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--hf-prompts", type=int, default=8)
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
-    parser.add_argument("--prompts", type=Path, help="a JSONL of {\"prompt\": ...} (default: the model dir's prompts.jsonl)")
+    parser.add_argument("--prompts", default="demo_pair",
+                        help=f"a prompt set ({', '.join(PROMPT_SETS)}) or a JSONL of {{\"prompt\": ...}} (default: demo_pair)")
     parser.add_argument("--chat", action="store_true", help="send the prompts through the target's chat template")
     parser.add_argument("--draft", type=Path, help="another draft for the pair's target (default: the model dir's)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))

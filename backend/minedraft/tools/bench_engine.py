@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..config import DEFAULT_MODEL_DIR, MODE_TRAITS, EngineConfig
 from ..engine import Engine
+from ..prompts import PROMPT_SETS, prompts_path
 from .setups import best_by_tokens_per_s
 
 
@@ -101,12 +102,13 @@ def main(argv=None) -> None:
     parser.add_argument("--draft-lengths", type=int, nargs="+", default=[2, 4, 6, 8])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
-    parser.add_argument("--prompts", type=Path, help="a JSONL of {\"prompt\": ...} (default: the model dir's prompts.jsonl)")
+    parser.add_argument("--prompts", default="demo_pair",
+                        help=f"a prompt set ({', '.join(PROMPT_SETS)}) or a JSONL of {{\"prompt\": ...}} (default: demo_pair)")
     parser.add_argument("--chat", action="store_true", help="send the prompts through the target's chat template")
     parser.add_argument("--draft", help="another draft for the same target (default: the model dir's draft)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    prompts = load_prompts(args.prompts or args.model_dir / "prompts.jsonl")
+    prompts = load_prompts(prompts_path(args.prompts))
     if args.chat:
         prompts = chat_prompts(prompts, args.model_dir / "target")
     overrides = {"draft_model": args.draft} if args.draft else {}

@@ -260,7 +260,7 @@ def _steps(row) -> str:
 
 def markdown(results: dict, table: list[dict], goals: list[dict], figures: str) -> str:
     args = results["args"]
-    prompts = args.get("prompts") or f"{args['model_dir']}/prompts.jsonl"
+    prompts = args.get("prompts") or "demo_pair"  # runs before prompt sets had names: the demo pair's
     lines = [
         f"## {PAIR_TITLES.get(args['label'], args['label'])}",
         "",

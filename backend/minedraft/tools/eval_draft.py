@@ -20,10 +20,11 @@ from minedraft import Engine, EngineConfig
 from minedraft.draft_model import build_draft_model, is_feature_draft
 from minedraft.drafter import DraftRow, DraftWork
 from minedraft.model_runner import ModelRunner, load_config, load_model
+from minedraft.prompts import PROMPT_SETS
 from minedraft.quantization import QUANTIZATIONS, quantize_linears
 
 ROOT = Path(__file__).resolve().parents[3]
-HELDOUT_PROMPTS = ROOT / "model_repository" / "smollm2" / "1" / "heldout_prompts.jsonl"
+HELDOUT_PROMPTS = PROMPT_SETS["heldout"]
 
 
 def acceptance(target: str, draft: str, prompts: list[dict], k: int, max_tokens: int, dtype: str = "float32",

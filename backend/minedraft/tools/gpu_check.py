@@ -30,6 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from ..calibration import measure_step_costs
 from ..config import DEFAULT_MODEL_DIR, EngineConfig
 from ..engine import Engine
+from ..prompts import PROMPT_SETS
 from .bench_engine import load_prompts, ratio_table, sweep
 from .law import reference_greedy, two_token_pvalue
 from .simulate import predict, prediction_table
@@ -136,7 +137,7 @@ def check_law(plan: Plan, model, tokenizer) -> dict:
 
 
 def toy_sweep(plan: Plan) -> list[dict]:
-    prompts = load_prompts(DEFAULT_MODEL_DIR / "prompts.jsonl")
+    prompts = load_prompts(PROMPT_SETS["demo_pair"])
     results = sweep(plan.sweep_concurrency, plan.sweep_draft_lengths, plan.sweep_max_tokens, DEFAULT_MODEL_DIR,
                     prompts, progress=lambda line: print(line, flush=True),
                     target_device=plan.device, draft_device=plan.device, drafter="inline")

@@ -111,16 +111,6 @@ def fit_alpha(rate: float, k: int) -> float:
     return (low + high) / 2
 
 
-def mean_prompt_tokens(model_dir: Path, num_prompts: int) -> float:
-    """The bench's prompts are the first num_prompts of prompts.jsonl; the target's tokenizer.json
-    (via `tokenizers`, no transformers import) counts them as AutoTokenizer does."""
-    from tokenizers import Tokenizer
-    tokenizer = Tokenizer.from_file(str(model_dir / "target" / "tokenizer.json"))
-    with open(model_dir / "prompts.jsonl") as f:
-        prompts = [json.loads(line)["prompt"] for line in f][:num_prompts]
-    return sum(len(tokenizer.encode(p).ids) for p in prompts) / len(prompts)
-
-
 def compare(costs: StepCosts, raw: dict, prompt_tokens: float) -> dict:
     """Predicted vs measured tokens/s (and e2e latency) for each benchmark row the costs describe.
 
@@ -236,12 +226,8 @@ def _simulate(args) -> int:
         raw = json.loads(args.compare.read_text())
         prompt_tokens = args.prompt_tokens or raw.get("prompt_tokens")  # the bench records its prompts' mean
         if prompt_tokens is None:
-            bench_args = raw.get("args", {})
-            model_dir = Path(bench_args.get("model_dir", ""))
-            if not (model_dir / "prompts.jsonl").is_file():
-                print(f"minedraft simulate: no prompts in {model_dir}; pass --prompt-tokens", file=sys.stderr)
-                return 2
-            prompt_tokens = mean_prompt_tokens(model_dir, bench_args.get("num_prompts", 64))
+            print(f"minedraft simulate: {args.compare} records no prompt_tokens; pass --prompt-tokens", file=sys.stderr)
+            return 2
         result = compare(costs, raw, prompt_tokens)
         print(json.dumps(result, indent=2) if args.json else comparison_table(result))
         return 0
