@@ -25,14 +25,16 @@ def costs(draft_step: float, verify_fixed: float = 0.010, per_token: float = 0.0
 
 
 class FakeSeq:
-    def __init__(self, alpha: float):
+    def __init__(self, alpha: float, prompt_tokens: int = 0, max_tokens: int = 16):
         self.acceptance = AcceptanceEstimate(alpha, prior_trials=1e9)  # pinned at alpha
+        self.num_prompt_tokens = prompt_tokens
+        self.params = SimpleNamespace(max_tokens=max_tokens)
 
 
-def batches_with(num_requests: int, alpha: float) -> list[Batch]:
+def batches_with(num_requests: int, alpha: float, prompt_tokens: int = 0, max_tokens: int = 16) -> list[Batch]:
     batches = [Batch(0, None, 64), Batch(1, None, 64)]
     for i in range(num_requests):
-        batches[i % 2].add(FakeSeq(alpha))
+        batches[i % 2].add(FakeSeq(alpha, prompt_tokens, max_tokens))
     return batches
 
 
@@ -282,6 +284,32 @@ def test_auto_reads_its_rule_off_the_calibrated_costs_by_running_requests():
     assert loaded_rule.choice.mode == "ar" and not plan.probe
     assert loaded_rule.plan(batches_with(1, alpha=0.5)).mode == "sd"
     assert {c.mode for c in loaded_rule.rule} == {"ar", "sd"}  # no PSD without a drafter beside the target
+
+
+def test_speculation_pays_the_drafts_prefill_of_newcomers():
+    from minedraft.cost_model import estimate
+    step_costs = costs(draft_step=0.001)
+    step_costs.draft_prefill_per_token = 0.0005
+    sd, ar = Choice("sd", 2), Choice("ar", 0)
+    # 4 rows yielding 8 tokens a step, requests of 2 prompt tokens per output token: 16 prompt
+    # tokens of newcomers for the draft to prefill per step.
+    plain, charged = (estimate(sd, 8.0, 4, step_costs, prompt_per_output=p) for p in (0.0, 2.0))
+    assert charged.step_seconds == pytest.approx(plain.step_seconds + 16 * 0.0005)
+    assert estimate(ar, 4.0, 4, step_costs, prompt_per_output=2.0) == estimate(ar, 4.0, 4, step_costs)
+    psd = estimate(Choice("psd", 2), 8.0, 4, step_costs, prompt_per_output=2.0)
+    assert psd.step_seconds >= step_costs.draft_seconds(2, 2) + 8 * 0.0005  # the drafter's side pays it
+
+
+def test_auto_reads_its_rule_at_the_running_requests_prompt_per_output():
+    from minedraft.size_rule import BatchSizeRule
+    step_costs = costs(draft_step=0.001, verify_fixed=0.010, per_token=0.0002)
+    step_costs.draft_prefill_per_token = 0.001
+    rule = BatchSizeRule(4, step_costs, batch_capacity=32, max_running=32, overlaps=False)
+    short = rule.plan(batches_with(8, alpha=0.7, prompt_tokens=8, max_tokens=64))
+    assert short.mode == "sd" and rule.rule_key == (pytest.approx(0.7), pytest.approx(2 ** -3))
+    # Long prompts for short answers: the draft's prefill of each newcomer outweighs the drafts.
+    long = rule.plan(batches_with(8, alpha=0.7, prompt_tokens=512, max_tokens=16))
+    assert long.mode == "ar" and rule.rule_key == (pytest.approx(0.7), pytest.approx(32.0))
 
 
 def test_auto_speculates_only_past_its_margin_over_ar():

@@ -24,6 +24,7 @@ def test_gpu_check_dry_run_writes_a_complete_report(tmp_path):
     costs = StepCosts(**json.loads(report.split("```json\n")[1].split("```")[0]))
     assert costs.batch_sizes == [1, 2, 4] and costs.max_k == 3
     assert all(t > 0 for row in costs.verify for t in row) and all(t > 0 for t in costs.draft)
+    assert costs.draft_prefill_per_token > 0
     # Two cost pairs, each simulated at two acceptance rates.
     assert report.count("`minedraft simulate` on these costs") == 4 and "flex tok/s" in report
     assert report.count("## Forward costs: ") == 2

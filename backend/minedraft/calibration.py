@@ -36,12 +36,14 @@ def measure_step_costs(target, cache, drafter, max_k: int, max_batch: int, eos_t
                              before=lambda: _fill_drafter(drafter, b, max_k)))
         verify.append([_median(lambda: _timed(lambda: _verify_once(target, cache, b, k, eos_token_ids)), repeats)
                        for k in range(max_k + 1)])
+    # One row's context fed whole: its one forward also yields the first draft token.
+    draft_prefill = _median(lambda: _timed(lambda: _fill_drafter(drafter, 1, 1)), repeats)
     draft_overlapped = None
     if overlap_drafter is not None and overlap_drafter is not drafter:
         draft_overlapped = [_median(lambda: _draft_once(overlap_drafter, b, max_k), repeats,
                                     before=lambda: _fill_drafter(overlap_drafter, b, max_k)) for b in sizes]
     return StepCosts(sizes, verify, draft, overhead_per_row=0.0, prefill_per_token=prefill / CONTEXT_LEN,
-                     draft_overlapped=draft_overlapped)
+                     draft_prefill_per_token=draft_prefill / CONTEXT_LEN, draft_overlapped=draft_overlapped)
 
 
 def _median(measure, repeats: int, before=None) -> float:

@@ -8,7 +8,8 @@ Step times come as a table over batch sizes (interpolated linearly in between):
   including the acceptance rule;
 - draft[b]: one draft-model step (one token for each of b rows);
 - overhead_per_row: the engine's own per-row work in a step (commit, detokenise, stream);
-- prefill_per_token: target prefill time per prompt token (paid once per request).
+- prefill_per_token: target prefill time per prompt token (paid once per request);
+- draft_prefill_per_token: the draft's, paid once per request by speculative modes only.
 """
 import json
 from dataclasses import asdict, dataclass
@@ -36,6 +37,7 @@ class StepCosts:
     draft: list[float]  # seconds per draft step, [batch size index]
     overhead_per_row: float = 0.0
     prefill_per_token: float = 0.0
+    draft_prefill_per_token: float = 0.0
     # A PSD step's drafting where the drafter runs beside verification (its worker process on a
     # CPU). None: the same as a step alone.
     draft_overlapped: list[float] | None = None
@@ -110,23 +112,33 @@ class Estimate:
         return self.tokens_per_step / self.step_seconds if self.step_seconds > 0 else 0.0
 
 
-def estimate(choice: Choice, expected_sum: float, num_rows: int, costs, batch_capacity: int | None = None) -> Estimate:
+def estimate(choice: Choice, expected_sum: float, num_rows: int, costs, batch_capacity: int | None = None,
+             prompt_per_output: float = 0.0) -> Estimate:
     """One step of `choice` over num_rows running requests whose E(k) sum to expected_sum.
 
-    `costs` is anything with verify_seconds, draft_seconds and overhead_per_row (StepCosts, or
-    the flex policy's online tracker). AR and SD run one batch of up to batch_capacity rows
-    per step (more rows take turns in equal batches). PSD splits the rows into two batches and
-    verifies one of them per step while the other is drafted: a step costs max(verify, draft)."""
+    `costs` is anything with verify_seconds, draft_seconds, overhead_per_row and
+    draft_prefill_per_token (StepCosts, or the flex policy's online tracker). AR and SD run one
+    batch of up to batch_capacity rows per step (more rows take turns in equal batches). PSD splits
+    the rows into two batches and verifies one of them per step while the other is drafted: a step
+    costs max(verify, draft). `prompt_per_output`, the running requests' prompt tokens per token
+    they generate: each token a speculative step yields brings the draft that many prompt tokens
+    of newcomers to prefill (AR pays no draft prefill; the target's prefill is the same in every mode)."""
     if choice.mode == "psd":
         half = num_rows / 2
+        tokens = expected_sum / 2
         verify = costs.verify_seconds(half, choice.k, overlapped=True) + costs.overhead_per_row * half
-        return Estimate(expected_sum / 2, max(verify, costs.draft_seconds(half, choice.k, overlapped=True)))
+        draft = costs.draft_seconds(half, choice.k, overlapped=True) + _draft_prefill(tokens, prompt_per_output, costs)
+        return Estimate(tokens, max(verify, draft))
     turns = -(-num_rows // batch_capacity) if batch_capacity else 1
     b, tokens = num_rows / turns, expected_sum / turns
     if choice.mode == "ar":
         return Estimate(b, costs.verify_seconds(b, 0) + costs.overhead_per_row * b)
     return Estimate(tokens, costs.verify_seconds(b, choice.k) + costs.draft_seconds(b, choice.k)
-                    + costs.overhead_per_row * b)
+                    + costs.overhead_per_row * b + _draft_prefill(tokens, prompt_per_output, costs))
+
+
+def _draft_prefill(tokens: float, prompt_per_output: float, costs) -> float:
+    return tokens * prompt_per_output * costs.draft_prefill_per_token
 
 
 def candidates(max_k: int, num_rows: int, overlaps: bool = True) -> list[Choice]:
@@ -139,8 +151,8 @@ def candidates(max_k: int, num_rows: int, overlaps: bool = True) -> list[Choice]
 
 
 def rank(alphas: list[float], costs, max_k: int, batch_capacity: int | None = None,
-         overlaps: bool = True) -> dict[Choice, float]:
+         overlaps: bool = True, prompt_per_output: float = 0.0) -> dict[Choice, float]:
     """Expected goodput (tokens/s) of every candidate for rows with these acceptance rates."""
     sums = [sum(expected_tokens(a, k) for a in alphas) for k in range(max_k + 1)]
-    return {c: estimate(c, sums[c.k], len(alphas), costs, batch_capacity).goodput
+    return {c: estimate(c, sums[c.k], len(alphas), costs, batch_capacity, prompt_per_output).goodput
             for c in candidates(max_k, len(alphas), overlaps)}

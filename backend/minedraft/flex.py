@@ -41,6 +41,7 @@ class OnlineCosts:
         self.verify_ratio: Ratio = {}
         self.draft_ratio: Ratio = {}
         self.overhead_per_row = table.overhead_per_row
+        self.draft_prefill_per_token = table.draft_prefill_per_token
 
     def bucket(self, batch_size: float) -> int:
         """The calibrated batch size that a batch of this size is measured against."""

@@ -3,25 +3,29 @@
 The number of running requests alone picks the step: SD while it is small, PSD above a first
 threshold, AR above a second (or any order the costs give). The rule is read off the start-up
 calibration's costs with the cost model, at the running requests' mean acceptance rounded to
-ACCEPTANCE_STEP (so it is re-read rarely); no online cost corrections, no per-row acceptance, no
+ACCEPTANCE_STEP and their prompt tokens per output token rounded to a power of sqrt(2) (so it is
+re-read rarely): speculation pays the draft's prefill of every newcomer, which matters more the
+more requests finish per second. No online cost corrections, no per-row acceptance, no
 hysteresis. While the rule says AR at every load, one SD step every PROBE_INTERVAL steps keeps the
 acceptance estimates alive (without it such a rule would never see a draft again). A rule that says
 AR only under load needs no probe: it drafts again, and re-reads acceptance, once the load falls.
 Probing there cost more than it told: an AR step leaves the draft's cache behind, so a probe at 8
 running requests on the Qwen pair refed their whole contexts to the draft (~1 s a probe).
 """
+import math
+
 from .cost_model import Choice, StepCosts, rank
 from .policy import Policy, StepPlan
 from .scheduler import Batch
 
 ACCEPTANCE_STEP = 0.05
 PROBE_INTERVAL = 8
-# What the rule's model leaves out costs speculation only: the draft's prefill of every newcomer,
-# its catch-up after AR steps, and acceptance that falls along a draft where the model takes one
-# rate (measured per row at short drafts, it overstates long ones). On the Qwen pair through the
-# server a margin of 1.1 let auto run SD at 8 requests, 19.1 tok/s against AR's 30.6; the cost
-# model's error on served SD steps was 34 % (docs/benchmarks.md, the simulator's check).
-SPECULATION_MARGIN = 1.35
+# What the rule's model still leaves out costs speculation only: the draft's catch-up after AR
+# steps, and acceptance that falls along a draft where the model takes one rate (measured per row
+# at short drafts, it overstates long ones). Before the draft's prefill was charged, a margin of
+# 1.1 let auto run SD at 8 requests on the Qwen pair through the server (19.1 tok/s against AR's
+# 30.6), and 1.35 kept it from SD at one request for the first requests (estimated at the 0.5 prior).
+SPECULATION_MARGIN = 1.1
 
 
 def pick(ranking: dict[Choice, float]) -> Choice:
@@ -44,32 +48,34 @@ class BatchSizeRule(Policy):
         self.max_running = max_running
         self.rule: list[Choice] = []  # [running requests - 1] -> the step to run
         self.never_drafts = False  # the rule says AR at every load: then it probes
-        self.rule_acceptance: float | None = None
+        self.rule_key: tuple[float, float] | None = None  # (acceptance, prompt per output) it was read at
         self.steps_since_draft = 0
 
     @property
     def splits_batches(self) -> bool:
         return self.choice.mode == "psd"
 
-    def rule_for(self, acceptance: float) -> list[Choice]:
-        """The best choice for 1..max_running requests that all accept drafts at this rate."""
-        rule = []
-        for rows in range(1, self.max_running + 1):
-            rule.append(pick(rank([acceptance] * rows, self.costs, self.max_draft_tokens, self.batch_capacity,
-                                     self.overlaps)))
-        return rule
+    def rule_for(self, acceptance: float, prompt_per_output: float = 0.0) -> list[Choice]:
+        """The best choice for 1..max_running requests that all accept drafts at this rate and
+        bring this many prompt tokens per token they generate."""
+        return [pick(rank([acceptance] * rows, self.costs, self.max_draft_tokens, self.batch_capacity, self.overlaps,
+                          prompt_per_output))
+                for rows in range(1, self.max_running + 1)]
 
     def thresholds(self) -> list[tuple[int, Choice]]:
         """Where the rule changes: (from this many running requests, the choice)."""
         return [(rows, c) for rows, c in enumerate(self.rule, 1) if rows == 1 or c != self.rule[rows - 2]]
 
     def plan(self, batches: list[Batch]) -> StepPlan | None:
-        alphas = [seq.acceptance.value for batch in batches for seq in batch.seqs]
-        if not alphas:
+        seqs = [seq for batch in batches for seq in batch.seqs]
+        if not seqs:
             return None
+        alphas = [seq.acceptance.value for seq in seqs]
         acceptance = round(sum(alphas) / len(alphas) / ACCEPTANCE_STEP) * ACCEPTANCE_STEP
-        if acceptance != self.rule_acceptance:
-            self.rule, self.rule_acceptance = self.rule_for(acceptance), acceptance
+        prompt_per_output = sum(s.num_prompt_tokens for s in seqs) / sum(s.params.max_tokens for s in seqs)
+        key = (acceptance, 2 ** (round(2 * math.log2(prompt_per_output)) / 2) if prompt_per_output > 0 else 0.0)
+        if key != self.rule_key:
+            self.rule, self.rule_key = self.rule_for(*key), key
             self.never_drafts = all(choice.mode == "ar" for choice in self.rule)
         self.choice = self.rule[min(len(alphas), self.max_running) - 1]
         probe = self.never_drafts and self.steps_since_draft >= PROBE_INTERVAL

@@ -39,7 +39,8 @@ def predict_choice(costs: StepCosts, choice: Choice, alpha: float, concurrency: 
     (max_tokens * batch seconds per token + one prefill). End-to-end latency follows from
     Little's law; it includes the wait for a row when concurrency exceeds the row cap. TTFT is
     that wait, the request's prefill and one step; ITL is decoding only (no other prefills)."""
-    step = estimate(choice, rows * expected_tokens(alpha, choice.k), rows, costs, batch_capacity)
+    step = estimate(choice, rows * expected_tokens(alpha, choice.k), rows, costs, batch_capacity,
+                    prompt_tokens / max_tokens)  # speculation also pays the draft's prefill of each request
     prefill = prompt_tokens * costs.prefill_per_token
     seconds_per_token = step.step_seconds / step.tokens_per_step  # batch-wide, decoding only
     tokens_per_s = max_tokens / (max_tokens * seconds_per_token + prefill)
