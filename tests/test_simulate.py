@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from conftest import REPO
 from minedraft.cli import main
 from minedraft.cost_model import StepCosts, expected_tokens
 from minedraft.tools.simulate import acceptance_rate, best, compare, fit_alpha, parse_draft_lengths, predict
@@ -51,10 +52,33 @@ def test_a_useless_draft_makes_flex_pick_ar():
     assert flex["choice"] == "ar" and flex["tokens_per_s"] == at(results, "ar")["tokens_per_s"]
 
 
-def test_flex_is_never_worse_than_the_fixed_modes():
+@pytest.mark.parametrize("draft_prefill_per_token", [0.0, 0.002])
+def test_flex_is_never_worse_than_the_fixed_modes(draft_prefill_per_token):
+    costs = step_costs(draft_per_step=lambda b: 0.002 + 0.0001 * b)
+    costs.draft_prefill_per_token = draft_prefill_per_token  # speculation also pays the draft's prefill
     for c in (1, 2, 8, 64):
-        results = predict(step_costs(draft_per_step=lambda b: 0.002 + 0.0001 * b), 0.6, c, 48, 32, range(1, 9))
+        results = predict(costs, 0.6, c, 48, 32, range(1, 9))
         assert at(results, "flex")["tokens_per_s"] >= max(r["tokens_per_s"] for r in results) - 1e-9
+
+
+def test_the_drafts_prefill_costs_speculation_only():
+    plain, charged = step_costs(), step_costs()
+    charged.draft_prefill_per_token = 0.002
+    for mode, k in (("ar", None), ("sd", 2), ("psd", 2)):
+        before, after = (at(predict(costs, 0.6, 4, 48, 100, [2]), mode, k) for costs in (plain, charged))
+        if mode == "ar":
+            assert after["tokens_per_s"] == pytest.approx(before["tokens_per_s"])
+        else:
+            assert after["tokens_per_s"] < before["tokens_per_s"]
+
+
+def test_archived_costs_files_still_load_and_compare():
+    """The README's simulate command: a costs file calibrated with threads per step (removed)."""
+    archive = REPO / "docs" / "archive" / "bench" / "smollm2-flex-5"
+    costs = StepCosts.load(archive / "costs.json")
+    assert costs.max_k >= 1 and costs.draft_prefill_per_token == 0.0
+    assert main(["simulate", "--costs", str(archive / "costs.json"), "--compare", str(archive / "raw.json"),
+                 "--json"]) == 0
 
 
 @pytest.mark.parametrize("max_num_seqs", [None, 4])

@@ -55,9 +55,10 @@ def _median(measure, repeats: int, before=None) -> float:
 
 
 def _verify_once(target, cache, rows: int, k: int, eos_token_ids) -> None:
-    """What a verification does: the forward over 1 + k tokens per row, then the acceptance rule
-    where the logits are (as `Engine._verify` runs it), then the verdict read back, which waits for
-    the device."""
+    """What a verification of sampled rows does: the forward over 1 + k tokens per row, then the
+    acceptance rule where the logits are (as `Engine._verify` runs it), then the verdict read back,
+    which waits for the device. Greedy rows cost less (ids only, no probabilities over the
+    vocabulary), so for greedy traffic these figures lean towards fewer tokens verified."""
     logits = target.forward(cache, slice(0, rows), [CONTEXT_LEN] * rows, [_tokens(k + 1)] * rows)
     greedy = [DraftRow(0, [], 0.0, 0, 1.0, 0, [], k)] * rows
     sampling = sampler.RowSampling.for_rows(greedy, [0] * rows, k + 1, eos_token_ids).to(logits.device)

@@ -29,6 +29,7 @@ SEED = 1234
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ROOT / "backend" / "minedraft" / "prompts" / "demo_pair.jsonl"
 REPORT = ROOT / "scripts" / "training" / "reports" / "demo_pair.json"
+CARD = ROOT / "docs" / "demo-pair.md"
 VOCAB_SIZE = 3072
 EOS = "<|endoftext|>"
 SEQ_LEN = 256
@@ -233,6 +234,10 @@ def save(model, tokenizer, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="model_repository/minedraft/1")
+    # Where the prompts, the report and the card go: a trial run elsewhere leaves the committed ones alone.
+    parser.add_argument("--prompts-out", type=Path, default=PROMPTS)
+    parser.add_argument("--report", type=Path, default=REPORT)
+    parser.add_argument("--card", type=Path, default=CARD)
     parser.add_argument("--target-steps", type=int, default=1100)
     parser.add_argument("--draft-steps", type=int, default=1100)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -248,7 +253,7 @@ def main():
     random.Random(SEED).shuffle(prompts)
     assert len(prompts) >= 200, f"only {len(prompts)} held-out prompts"
     out.mkdir(parents=True, exist_ok=True)
-    with open(PROMPTS, "w") as f:
+    with open(args.prompts_out, "w") as f:
         for item in prompts:
             f.write(json.dumps(item) + "\n")
     print(f"train files {len(train_src)}, held-out files {len(held_src)}, prompts {len(prompts)}", flush=True)
@@ -291,8 +296,9 @@ def main():
         "total_seconds": round(time.time() - started, 1),
     }
     report["flops_ratio"] = round(report["target"]["flops_per_token"] / report["draft"]["flops_per_token"], 2)
-    REPORT.write_text(json.dumps(report, indent=2))
-    subprocess.run([sys.executable, str(Path(__file__).with_name("write_model_card.py"))], check=True)
+    args.report.write_text(json.dumps(report, indent=2))
+    subprocess.run([sys.executable, str(Path(__file__).with_name("write_model_card.py")), str(args.report),
+                    str(args.card)], check=True)
     print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2))
 
 

@@ -352,14 +352,14 @@ def distill_loss(student, inputs, mask, top_ids, top_logprobs, num_draft: int):
     return loss[mask].mean(), agree[mask].float().mean()
 
 
-def export(student, d2t: list[int], tokenizer, out: Path, report: dict) -> None:
+def export(student, d2t: list[int], tokenizer, out: Path, report: dict, report_path: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     half = LlamaForCausalLM(student.config).to(torch.float16)  # committed in float16 (<= 40 MB); loads as float32
     half.load_state_dict(student.state_dict())
     half.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "d2t.json").write_text(json.dumps(d2t))
-    REPORT.write_text(json.dumps(report, indent=2))
+    report_path.write_text(json.dumps(report, indent=2))
 
 
 def train(student, records, heldout_records, d2t, tokenizer, args, work: Path) -> None:
@@ -411,7 +411,7 @@ def train(student, records, heldout_records, d2t, tokenizer, args, work: Path) -
                     "student_layers_from_target": STUDENT_LAYERS, "draft_vocabulary": num_draft,
                     "train_sequences": len(records), "train_answer_tokens": sum(r["top_ids"].size(0) for r in records),
                     "heldout_sequences": len(heldout_records), "batch": args.batch, "lr": args.lr,
-                    "steps": step, "planned_steps": total_steps, "history": history})
+                    "steps": step, "planned_steps": total_steps, "history": history}, args.report)
 
 
 @torch.no_grad()
@@ -436,6 +436,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", type=Path, default=VERSION_DIR / "target")
     parser.add_argument("--out", type=Path, default=VERSION_DIR / "draft")
+    parser.add_argument("--report", type=Path, default=REPORT, help="the training report (a trial elsewhere keeps the committed one)")
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "smollm2-draft")
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--gen-batch", type=int, default=24)

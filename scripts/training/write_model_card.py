@@ -1,9 +1,10 @@
 """Render the demo pair's model card (docs/demo-pair.md) from the figures train_demo_pair.py
 measured (scripts/training/reports/demo_pair.json).
 
-    python scripts/training/write_model_card.py
+    python scripts/training/write_model_card.py [REPORT [CARD]]
 """
 import json
+import sys
 from pathlib import Path
 
 
@@ -70,8 +71,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:
-    report = json.loads((ROOT / "scripts" / "training" / "reports" / "demo_pair.json").read_text())
-    (ROOT / "docs" / "demo-pair.md").write_text(card(report))
+    report = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "scripts" / "training" / "reports" / "demo_pair.json"
+    out = Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT / "docs" / "demo-pair.md"
+    out.write_text(card(json.loads(report.read_text())))
 
 
 if __name__ == "__main__":

@@ -103,13 +103,15 @@ def steady_rate(samples, concurrency: int, learning_steps: int = 0) -> dict | No
 
 
 def rate_for_rerun(expected_tokens_per_s: float, steady: dict | None, samples, window_s: float) -> float:
-    """The rate to size a rerun by when a run's steady span came out short: the rate was not known
-    yet, or learning took more requests than assumed (its steps hold fewer tokens). Scaled by the
-    shortfall. A run too short to hold any steady span (a handful of requests at a guessed rate)
-    still says how fast it went: its tokens over its whole length, start-up and drain included, a
-    rate no higher than the steady one, times 4."""
+    """The rate to size a rerun by when a run's steady span came out short because the rate was not
+    known yet: the steady rate that run measured, with half again as margin (a short span's rate is
+    rough). Not scaled by the shortfall: a first guess far too low made the span far too short, and
+    scaling by that sized a 12 s window at 408 s (the Qwen pair's AR at c = 8). A run too short to
+    hold any steady span (a handful of requests at a guessed rate) still says how fast it went: its
+    tokens over its whole length, start-up and drain included, a rate no higher than the steady
+    one, times 4."""
     if steady:
-        return max(expected_tokens_per_s, steady["tokens_per_s"]) * window_s / steady["window_s"] + 10
+        return max(expected_tokens_per_s, steady["tokens_per_s"]) * 1.5 + 10
     (t0, tokens0, *_), (t1, tokens1, *_) = samples[0], samples[-1]
     whole_run = (tokens1 - tokens0) / (t1 - t0) if t1 > t0 else 0.0
     return max(expected_tokens_per_s, whole_run) * 4 + 10
@@ -176,10 +178,10 @@ def measure_server(server, setup, k, concurrency, prompts, args, workdir: Path, 
         steady = steady_rate(counters.samples, concurrency, learning_steps)
         if steady and steady["window_s"] >= args.window_seconds / 2:
             break
-        rerun_rate = rate_for_rerun(expected_tokens_per_s, steady, counters.samples, args.window_seconds)
-        print(f"{model} at c = {concurrency}: a steady span of "
-              f"{steady['window_s'] if steady else 0} s in {requests} requests; again, sized for {rerun_rate:.0f} tok/s")
-        expected_tokens_per_s = rerun_rate
+        expected_tokens_per_s = rate_for_rerun(expected_tokens_per_s, steady, counters.samples, args.window_seconds)
+        learning_requests *= 2  # learning may have taken more requests than assumed (its steps hold fewer tokens)
+        print(f"{model} at c = {concurrency}: a steady span of {steady['window_s'] if steady else 0} s in {requests} "
+              f"requests" + (f"; again, sized for {expected_tokens_per_s:.0f} tok/s" if attempt < 2 else ""))
     if steady is None:
         raise RuntimeError(f"{model} at c = {concurrency}: no steady span in {requests} requests")
 

@@ -20,11 +20,10 @@ from minedraft import Engine, EngineConfig
 from minedraft.draft_model import build_draft_model, is_feature_draft
 from minedraft.drafter import DraftRow, DraftWork
 from minedraft.model_runner import ModelRunner, load_config, load_model
-from minedraft.prompts import PROMPT_SETS
+from minedraft.prompts import PROMPT_SETS, prompts_path
 from minedraft.quantization import QUANTIZATIONS, quantize_linears
 
 ROOT = Path(__file__).resolve().parents[3]
-HELDOUT_PROMPTS = PROMPT_SETS["heldout"]
 
 
 def acceptance(target: str, draft: str, prompts: list[dict], k: int, max_tokens: int, dtype: str = "float32",
@@ -114,7 +113,7 @@ def drafting_seconds(path: str, target_vocab_size: int, k: int, context: int = 6
 
 
 def evaluate(args) -> int:
-    prompts = [json.loads(line) for line in args.prompts.open()]
+    prompts = [json.loads(line) for line in prompts_path(args.prompts).open()]
     if args.num_prompts:
         prompts = prompts[:args.num_prompts]
     target, draft = str(args.model_dir / "target"), str(args.model_dir / "draft")
@@ -153,7 +152,8 @@ def evaluate(args) -> int:
 def main_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", type=Path, default=ROOT / "model_repository" / "qwen-coder" / "1",
                         help="a version directory with target/ and draft/")
-    parser.add_argument("--prompts", type=Path, default=HELDOUT_PROMPTS, help="JSON lines: category, prompt")
+    parser.add_argument("--prompts", default="heldout",
+                        help=f"a prompt set ({', '.join(PROMPT_SETS)}) or JSON lines of category, prompt (default: heldout)")
     parser.add_argument("--num-prompts", type=int, default=0, help="the first N prompts only (0: all)")
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=128)

@@ -81,7 +81,7 @@ def predict(costs: StepCosts, alpha: float, concurrency: int, max_tokens: int, p
             results.append({**run(Choice("sd", k), one), "mode": "psd", "choice": str(Choice("psd", k)),
                             "note": "concurrency 1: PSD runs as sequential SD"})
     if k_values:
-        goodputs = rank([alpha] * two, costs, k_values[-1], max_num_seqs)
+        goodputs = rank([alpha] * two, costs, k_values[-1], max_num_seqs, prompt_per_output=prompt_tokens / max_tokens)
         pick = max(goodputs, key=goodputs.get)
         results.append({**run(pick, two), "mode": "flex", "choice": str(pick)})
     return results
