@@ -394,8 +394,8 @@ def main_args(parser: argparse.ArgumentParser) -> None:
                         help="the steady span each point's throughput is measured over")
     parser.add_argument("--learning-steps", type=int, default=600,
                         help="steps flex runs at each load before its span starts: enough to time each of its arms "
-                             "(7 to 11: AR, SD and PSD at up to three draft lengths, steps alone at two thread counts) "
-                             "for 40 steps in a batch-size bucket")
+                             "(AR, and SD and PSD at draft lengths 1, 2, 4, ... up to k and k: 7 arms at k = 4) "
+                             "for 32 settled steps in a batch-size bucket")
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--hf-prompts", type=int, default=8)
