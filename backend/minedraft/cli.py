@@ -1,4 +1,5 @@
-"""`minedraft serve` runs tritonserver with the minedraft backend on a model repository."""
+"""The `minedraft` command: `serve` runs tritonserver with the minedraft backend on a model
+repository; `bench`, `simulate` and `eval-draft` are the tools in tools/."""
 import argparse
 import signal
 import sys

@@ -58,7 +58,8 @@ class EngineConfig:
     # Where the drafter runs: "process" (its own worker process, the CPU way to overlap),
     # "inline" (same process; a CUDA stream on draft_device), or "auto".
     drafter: str = "auto"
-    # CPU cores for each side, e.g. "0" or "0-1"; empty: psd splits the cores, sd/ar share them.
+    # CPU cores for each side, e.g. "0" or "0-1"; empty: a process drafter (psd, flex, auto on CPU)
+    # gets half the cores, an inline one shares the target's.
     target_cpus: str = ""
     draft_cpus: str = ""
     # Ranks the target is sharded over (transformers' tensor-parallel plan): rank 0 in this process,

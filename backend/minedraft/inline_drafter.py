@@ -35,8 +35,8 @@ class InlineDrafter:
             except Exception as exc:  # reported by finish(), as a thread's failure would be
                 self._pending.set_exception(exc)
             return
-        # Draft with the asking thread's count: torch's thread count is per thread, and the engine
-        # sets its own per step (flex, auto) while this pool thread would keep its first one.
+        # Draft with the asking thread's count: torch's thread count is per thread, so this pool
+        # thread would otherwise keep torch's default rather than the count the builder set.
         self._pending = self._executor.submit(self._run, work, torch.get_num_threads())
 
     def _run(self, work: DraftWork, threads: int) -> Drafts:

@@ -1,7 +1,7 @@
 """`minedraft bench`: AR vs SD vs PSD through the real tritonserver, driven by perf_analyzer.
 
 One server serves one model per set-up over the same pair of weights (`--model-dir`: the toy
-pair by default, `model_repository/smollm2/1` for the real one). perf_analyzer streams held-out
+pair by default, `model_repository/qwen-coder/1` for the served one). perf_analyzer streams held-out
 prompts (fixed max_tokens, ignore_eos: equal work in every mode) at each concurrency. Throughput
 is the server's generated-token counter over the span in which perf_analyzer held the
 concurrency (`steady_rate`); TTFT, inter-token and end-to-end latency come from perf_analyzer's
@@ -91,7 +91,7 @@ def steady_rate(samples, concurrency: int, learning_steps: int = 0) -> dict | No
     `concurrency` have finished, so while finished <= total - concurrency, all are in flight).
 
     Token-exact over the span between two readings, unlike whole requests over perf_analyzer's
-    whole-second windows (docs/benchmark-analysis.md, "The benchmark's resolution")."""
+    whole-second windows (docs/archive/benchmark-analysis.md, "The benchmark's resolution")."""
     t0, tokens0, finished0, steps0 = samples[0]
     total = samples[-1][2] - finished0
     held = [s for s in samples if 1 <= s[2] - finished0 <= total - concurrency and s[3] - steps0 >= learning_steps]

@@ -1,7 +1,7 @@
 """The benchmark's set-ups, shared by bench and bench_report, and the best-row helper."""
 from ..config import MODE_TRAITS
 
-# Set-ups: (model name, mode, parameters). Cores: 0 and 1 of the machine's first two.
+# Set-ups: (model name, engine parameters). Cores: 0 and 1 of the machine's first two.
 SETUPS = {
     "ar": ("minedraft_ar", {"mode": "ar", "target_cpus": "0-1"}),
     "sd": ("minedraft_sd", {"mode": "sd", "target_cpus": "0-1", "drafter": "inline"}),
@@ -10,15 +10,15 @@ SETUPS = {
     # It is also SD's one-thread tuning on the 2-core machine, and ar_1core AR's.
     "sd_1core": ("minedraft_sd_1core", {"mode": "sd", "target_cpus": "0", "drafter": "inline"}),
     "ar_1core": ("minedraft_ar_1core", {"mode": "ar", "target_cpus": "0"}),
-    # Flex on PSD's cores: it picks AR, SD or PSD every step. AR and SD steps draft in-process with
-    # 2 threads on cores 0-1; PSD steps verify with 1 thread while the drafter process has core 1.
+    # Flex on PSD's cores: it picks AR, SD or PSD every step. The target runs on core 0 in every
+    # step; SD steps draft in the drafter process on core 1 too, PSD steps beside the verification.
     "flex": ("minedraft_flex", {"mode": "flex", "target_cpus": "0", "draft_cpus": "1", "drafter": "process"}),
     # FlexDraft's batch-size switch on the same cores: the simple baseline beside flex.
     "auto": ("minedraft_auto", {"mode": "auto", "target_cpus": "0", "draft_cpus": "1", "drafter": "process"}),
     # The served default: auto on both cores with the in-process drafter, so AR or SD each step by
     # the running requests (no PSD: nothing runs beside the target).
     "auto_inline": ("minedraft_auto_inline", {"mode": "auto", "target_cpus": "0-1", "drafter": "inline"}),
-    # The same with FlexDraft's confidence cut, to choose draft_confidence_threshold's default.
+    # Flex with FlexDraft's confidence cut, to choose draft_confidence_threshold's default.
     "flex_tau": ("minedraft_flex_tau", {"mode": "flex", "target_cpus": "0", "draft_cpus": "1", "drafter": "process",
                                         "draft_confidence_threshold": 0.1}),
 }
