@@ -38,7 +38,6 @@ class StepRecord:
     verify_span: tuple[float, float]
     verified_drafts: int  # the longest row's drafts in the verification (its forward's width - 1)
     draft_slot: int | None  # the batch drafted alongside the verification (PSD)
-    draft_size: int
     draft_span: tuple[float, float] | None
     num_draft_tokens: int  # the step's cap on drafts per row
     prefill_seconds: float  # target time spent on newcomers' prompts this step
@@ -82,7 +81,7 @@ class StepTimer:
         return StepRecord(
             mode=plan.mode, verify_slot=plan.verify.slot, verify_size=len(drafts), verify_span=self.spans["verify"],
             verified_drafts=max(map(len, drafts)), draft_slot=plan.overlap.slot if plan.overlap else None,
-            draft_size=len(plan.overlap) if plan.overlap else 0, draft_span=draft_span,
+            draft_span=draft_span,
             num_draft_tokens=plan.num_draft_tokens, prefill_seconds=self.seconds("prefill"),
             commit_seconds=self.seconds("commit"), draft_runs=drafting.runs,
             seconds=self.ended - self.started - self.seconds("prefill"), catch_up_seconds=drafting.catch_up_seconds,
@@ -361,8 +360,6 @@ class Engine:
             self.acceptance_prior += 0.2 * (seq.acceptance.value - self.acceptance_prior)
         seq.target_cached = len(seq.token_ids) + num_accepted
         self.drafting.book(seq, num_accepted)
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
 
     def _apply_cancellations(self) -> list[RequestOutput]:
         with self._lock:

@@ -40,10 +40,6 @@ class SamplingParams:
     logprobs: int | None = None  # log-probabilities of the emitted tokens plus this many top alternatives
     num_draft_tokens: int | None = None  # None: the server's setting
 
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0
-
     @classmethod
     def from_dict(cls, values: dict) -> "SamplingParams":
         known = {f.name for f in fields(cls)}

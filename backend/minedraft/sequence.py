@@ -1,5 +1,4 @@
 """Per-request state: tokens, cache extents, counters and the text streamed so far."""
-import time
 from dataclasses import dataclass
 
 import torch
@@ -101,8 +100,6 @@ class Sequence:
         self.finish_reason: str | None = None
         self.text = ""
         self.num_text_sent = 0
-        self.arrival_time = time.monotonic()
-        self.first_token_time: float | None = None
 
     @property
     def num_generated(self) -> int:
