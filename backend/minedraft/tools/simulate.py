@@ -199,7 +199,8 @@ def comparison_table(result: dict) -> str:
 
 
 def main_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--costs", type=Path, required=True, help="StepCosts JSON (e.g. docs/archive/bench/smollm2-flex-5/costs.json)")
+    parser.add_argument("--costs", type=Path, required=True,
+                        help="StepCosts JSON (e.g. docs/archive/bench/smollm2-flex-5/costs.json)")
     parser.add_argument("--alpha", type=float, default=0.6, help="per-token acceptance rate of the draft")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--max-tokens", type=int, default=48)
