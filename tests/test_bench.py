@@ -2,11 +2,15 @@
 import json
 
 import pytest
-
-from minedraft.cli import main
 from minedraft.prompts import PROMPT_SETS, prompts_path
-from minedraft.tools.bench import expected_rate, load_requests, rate_for_rerun, steady_rate
+from minedraft.tools.bench import (
+    expected_rate,
+    load_requests,
+    rate_for_rerun,
+    steady_rate,
+)
 from minedraft.tools.bench_engine import load_prompts
+from minedraft.tools.cli import main
 
 
 def test_steady_rate_counts_tokens_only_while_the_concurrency_is_held():

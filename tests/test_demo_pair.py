@@ -2,10 +2,9 @@
 import json
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from minedraft import Engine, EngineConfig
 from minedraft.prompts import PROMPT_SETS
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 SOURCE = 'def grüße(name: str) -> str:\n    """Say hello — 你好, ça va? ✓"""\n\treturn f"{name!r} 🐍"\n'
 

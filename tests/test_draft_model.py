@@ -1,10 +1,9 @@
 """The draft model alone (build_draft_model): padding a drafting's rows to one feed stays within the
 draft cache, and all-greedy work hands over ids only, the same ids as beside a sampled row."""
 import torch
-
 from engine_helpers import PROMPTS
-from minedraft.draft_model import build_draft_model
-from minedraft.drafter import DraftRow, DraftWork
+from minedraft.drafting.draft_model import build_draft_model
+from minedraft.drafting.drafter import DraftRow, DraftWork
 
 
 # -- padding never writes past the draft cache ----------------------------------------------------

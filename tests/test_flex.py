@@ -6,14 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
-from minedraft.cost_model import Choice, StepCosts, expected_tokens
-from minedraft.draft_model import build_draft_model
-from minedraft.drafter import DraftRow, DraftWork
-from minedraft.flex import FlexPolicy, OnlineCosts, arms
+from engine_helpers import PROMPTS, make_engine, reference_greedy, run_staggered
+from minedraft.drafting.draft_model import build_draft_model
+from minedraft.drafting.drafter import DraftRow, DraftWork
+from minedraft.policy.cost_model import Choice, StepCosts, expected_tokens
+from minedraft.policy.flex import FlexPolicy, OnlineCosts, arms
 from minedraft.scheduler import Batch
 from minedraft.sequence import AcceptanceEstimate
-from engine_helpers import PROMPTS, make_engine, reference_greedy, run_staggered
 
 SIZES = [1, 2, 4, 8, 16, 32]
 
@@ -32,7 +31,7 @@ class FakeSeq:
 
 
 def batches_with(num_requests: int, alpha: float, prompt_tokens: int = 0, max_tokens: int = 16) -> list[Batch]:
-    batches = [Batch(0, None, 64), Batch(1, None, 64)]
+    batches = [Batch(0, 64), Batch(1, 64)]
     for i in range(num_requests):
         batches[i % 2].add(FakeSeq(alpha, prompt_tokens, max_tokens))
     return batches
@@ -40,7 +39,7 @@ def batches_with(num_requests: int, alpha: float, prompt_tokens: int = 0, max_to
 
 def pick(step_costs: StepCosts, num_requests: int, alpha: float) -> Choice:
     policy = FlexPolicy(8, step_costs, batch_capacity=64)
-    return policy.plan(batches_with(num_requests, alpha)) and policy.choice
+    return policy.plan(batches_with(num_requests, alpha), set()) and policy.choice
 
 
 def test_one_request_with_a_cheap_draft_gets_sd():
@@ -77,7 +76,7 @@ def drive(policy: FlexPolicy, batches, alpha: float, seconds_of, steps: int) -> 
     E(alpha, k) tokens per row."""
     chosen = []
     for _ in range(steps):
-        plan = policy.plan(batches)
+        plan = policy.plan(batches, set())
         chosen.append(policy.choice)
         rows = len(plan.verify)
         seconds = seconds_of(policy.choice, rows)
@@ -93,7 +92,7 @@ def test_flex_measures_every_choice_then_runs_the_fastest_measured():
     anything else. Flex tries each choice once, then stays with what was measured fastest."""
     policy = FlexPolicy(4, costs(draft_step=0.0005), batch_capacity=64)
     batches = batches_with(4, alpha=0.8)
-    policy.plan(batches)
+    policy.plan(batches, set())
     assert policy.choice.mode == "sd"  # the model's favourite is tried first
 
     def seconds_of(choice, rows):  # 1 ms per token with AR, 2 ms with anything else
@@ -258,36 +257,36 @@ def test_truncation_drafts_less_and_keeps_the_output(tiny_pair):
 
 # -- auto: FlexDraft's batch-size switch ------------------------------------------------------------
 def test_auto_reads_its_rule_off_the_calibrated_costs_by_running_requests():
-    from minedraft.size_rule import BatchSizeRule
-    rule = BatchSizeRule(8, costs(draft_step=0.0005, verify_fixed=0.010, per_token=0.00005), batch_capacity=32,
+    from minedraft.policy.auto import AutoPolicy
+    rule = AutoPolicy(8, costs(draft_step=0.0005, verify_fixed=0.010, per_token=0.00005), batch_capacity=32,
                          max_running=64)
-    rule.plan(batches_with(1, alpha=0.9))
+    rule.plan(batches_with(1, alpha=0.9), set())
     assert rule.choice.mode == "sd"  # one request: nothing to overlap
-    rule.plan(batches_with(64, alpha=0.9))
+    rule.plan(batches_with(64, alpha=0.9), set())
     assert rule.choice.mode == "psd"
     modes = [c.mode for _, c in rule.thresholds()]
     assert [m for i, m in enumerate(modes) if i == 0 or m != modes[i - 1]][:2] == ["sd", "psd"]  # SD, then PSD
-    rule.plan(batches_with(16, alpha=0.05))  # a draft that is never accepted: AR at every size
+    rule.plan(batches_with(16, alpha=0.05), set())  # a draft that is never accepted: AR at every size
     assert {c.mode for c in rule.rule} == {"ar"}
     # ... but one SD step every 8 keeps the acceptance estimates alive.
     probes = []
     for _ in range(18):
-        plan = rule.plan(batches_with(16, alpha=0.05))
+        plan = rule.plan(batches_with(16, alpha=0.05), set())
         probes.append(plan.probe)
         rule.observe(SimpleNamespace(draft_runs=[(16, 1, 0.01, False)] if plan.probe else []))
     assert probes.count(True) == 2 and rule.choice.mode == "ar"
     # A rule that says AR only under load does not probe: it drafts again once the load falls.
-    loaded_rule = BatchSizeRule(8, costs(draft_step=0.001, verify_fixed=0.010, per_token=0.0005), batch_capacity=32,
+    loaded_rule = AutoPolicy(8, costs(draft_step=0.001, verify_fixed=0.010, per_token=0.0005), batch_capacity=32,
                                 max_running=64, overlaps=False)
     loaded_rule.steps_since_draft = 100
-    plan = loaded_rule.plan(batches_with(64, alpha=0.5))
+    plan = loaded_rule.plan(batches_with(64, alpha=0.5), set())
     assert loaded_rule.choice.mode == "ar" and not plan.probe
-    assert loaded_rule.plan(batches_with(1, alpha=0.5)).mode == "sd"
+    assert loaded_rule.plan(batches_with(1, alpha=0.5), set()).mode == "sd"
     assert {c.mode for c in loaded_rule.rule} == {"ar", "sd"}  # no PSD without a drafter beside the target
 
 
 def test_speculation_pays_the_drafts_prefill_of_newcomers():
-    from minedraft.cost_model import estimate
+    from minedraft.policy.cost_model import estimate
     step_costs = costs(draft_step=0.001)
     step_costs.draft_prefill_per_token = 0.0005
     sd, ar = Choice("sd", 2), Choice("ar", 0)
@@ -301,19 +300,19 @@ def test_speculation_pays_the_drafts_prefill_of_newcomers():
 
 
 def test_auto_reads_its_rule_at_the_running_requests_prompt_per_output():
-    from minedraft.size_rule import BatchSizeRule
+    from minedraft.policy.auto import AutoPolicy
     step_costs = costs(draft_step=0.001, verify_fixed=0.010, per_token=0.0002)
     step_costs.draft_prefill_per_token = 0.001
-    rule = BatchSizeRule(4, step_costs, batch_capacity=32, max_running=32, overlaps=False)
-    short = rule.plan(batches_with(8, alpha=0.7, prompt_tokens=8, max_tokens=64))
+    rule = AutoPolicy(4, step_costs, batch_capacity=32, max_running=32, overlaps=False)
+    short = rule.plan(batches_with(8, alpha=0.7, prompt_tokens=8, max_tokens=64), set())
     assert short.mode == "sd" and rule.rule_key == (pytest.approx(0.7), pytest.approx(2 ** -3))
     # Long prompts for short answers: the draft's prefill of each newcomer outweighs the drafts.
-    long = rule.plan(batches_with(8, alpha=0.7, prompt_tokens=512, max_tokens=16))
+    long = rule.plan(batches_with(8, alpha=0.7, prompt_tokens=512, max_tokens=16), set())
     assert long.mode == "ar" and rule.rule_key == (pytest.approx(0.7), pytest.approx(32.0))
 
 
 def test_auto_speculates_only_past_its_margin_over_ar():
-    from minedraft.size_rule import SPECULATION_MARGIN, pick
+    from minedraft.policy.auto import SPECULATION_MARGIN, pick
     ar, sd, psd = Choice("ar", 0), Choice("sd", 2), Choice("psd", 2)
     assert pick({ar: 100.0, sd: 105.0, psd: 108.0}) == ar  # predicted gains inside the margin
     assert pick({ar: 100.0, sd: 100.0 * SPECULATION_MARGIN, psd: 108.0}) == sd

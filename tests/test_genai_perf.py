@@ -8,10 +8,10 @@ import os
 import subprocess
 
 import pytest
-
 from conftest import REPO
-from minedraft.launcher import TritonServer, free_port
+from minedraft.serving.launcher import TritonServer
 from minedraft.tools.repository import DEMO_VERSION_DIR, write_repository
+from minedraft.worker_process import free_port
 
 pytestmark = pytest.mark.server
 VENV = REPO / ".venv-genai-perf"

@@ -1,9 +1,8 @@
 """GGUF files as target and draft: `target_model` / `draft_model` may name a .gguf file, loaded
 through transformers' gguf_file (here: tiny GGUFs the test writes itself)."""
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from engine_helpers import PROMPTS, make_engine, reference_greedy
 from gguf_writer import write_llama_gguf
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def test_a_gguf_pair_serves_the_targets_greedy_output(tiny_pair, target_model, tmp_path):

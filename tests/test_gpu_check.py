@@ -4,7 +4,7 @@ import re
 import subprocess
 
 from conftest import REPO
-from minedraft.cost_model import StepCosts
+from minedraft.policy.cost_model import StepCosts
 
 
 def test_gpu_check_dry_run_writes_a_complete_report(tmp_path):

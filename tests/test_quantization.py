@@ -2,13 +2,17 @@
 draft keeps greedy output the target's, and the key is checked at load."""
 import pytest
 import torch
-from torch import nn
-
 from minedraft import Engine, EngineConfig
 from minedraft.config import ConfigError
-from minedraft.draft_model import build_draft_model
-from minedraft.quantization import (INT4_GROUP_SIZE, MAX_QUANTIZED_ROWS, Int4WeightOnlyLinear, Int8WeightOnlyLinear,
-                                    quantize_linears)
+from minedraft.drafting.draft_model import build_draft_model
+from minedraft.model.quantization import (
+    INT4_GROUP_SIZE,
+    MAX_QUANTIZED_ROWS,
+    Int4WeightOnlyLinear,
+    Int8WeightOnlyLinear,
+    quantize_linears,
+)
+from torch import nn
 
 
 @pytest.fixture

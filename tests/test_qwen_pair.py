@@ -11,11 +11,10 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from conftest import REPO
 from engine_helpers import two_token_pvalue
 from minedraft import Engine, EngineConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 QWEN_CODER = REPO / "model_repository" / "qwen-coder" / "1"
 TARGET, DRAFT = QWEN_CODER / "target", QWEN_CODER / "draft"
@@ -34,8 +33,8 @@ NEAR_TIE_GAP = 0.25
 def qwen_coder():
     if not (TARGET / "config.json").is_file() or not (DRAFT / "config.json").is_file():
         if os.environ.get("CI"):
-            pytest.fail("the Qwen pair was not prepared: scripts/setup.sh runs python -m minedraft.prepare_models")
-        pytest.skip("the Qwen pair is not prepared (python -m minedraft.prepare_models qwen-coder)")
+            pytest.fail("the Qwen pair was not prepared: scripts/setup.sh runs python -m minedraft.tools.prepare_models")
+        pytest.skip("the Qwen pair is not prepared (python -m minedraft.tools.prepare_models qwen-coder)")
     tokenizer = AutoTokenizer.from_pretrained(TARGET)
     model = AutoModelForCausalLM.from_pretrained(TARGET, dtype=torch.bfloat16).eval()
     return tokenizer, model
@@ -104,7 +103,8 @@ def test_the_shipped_entry_serves_and_speculates_through_tritonserver(qwen_coder
     import shutil
     import urllib.request
 
-    from minedraft.launcher import TritonServer, free_port
+    from minedraft.serving.launcher import TritonServer
+    from minedraft.worker_process import free_port
     from minedraft_client.grpc_stream import request_inputs, responses
 
     tokenizer, _ = qwen_coder

@@ -6,11 +6,10 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from conftest import REPO
 from engine_helpers import two_token_pvalue
 from minedraft import Engine, EngineConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 SMOLLM2 = REPO / "model_repository" / "smollm2"
 TARGET, DRAFT = SMOLLM2 / "1" / "target", SMOLLM2 / "1" / "draft"
@@ -22,8 +21,8 @@ QUESTIONS = ["What is the capital of France?", "Write a Python function that ret
 def smollm2():
     if not (TARGET / "config.json").is_file():
         if os.environ.get("CI"):
-            pytest.fail("SmolLM2 was not prepared: scripts/setup.sh runs python -m minedraft.prepare_models")
-        pytest.skip("SmolLM2 not prepared (python -m minedraft.prepare_models smollm2)")
+            pytest.fail("SmolLM2 was not prepared: scripts/setup.sh runs python -m minedraft.tools.prepare_models")
+        pytest.skip("SmolLM2 not prepared (python -m minedraft.tools.prepare_models smollm2)")
     tokenizer = AutoTokenizer.from_pretrained(TARGET)
     model = AutoModelForCausalLM.from_pretrained(TARGET, dtype=torch.float32).eval()
     return tokenizer, model
@@ -36,8 +35,9 @@ def chat(tokenizer, question):
 
 @pytest.mark.server
 def test_greedy_through_tritonserver_equals_the_target_alone(smollm2, tmp_path):
-    from minedraft.launcher import TritonServer, free_port
+    from minedraft.serving.launcher import TritonServer
     from minedraft.tools.repository import write_repository
+    from minedraft.worker_process import free_port
     from minedraft_client.grpc_stream import request_inputs, responses
 
     tokenizer, model = smollm2
@@ -57,7 +57,7 @@ def test_greedy_through_tritonserver_equals_the_target_alone(smollm2, tmp_path):
             inputs = request_inputs(chat(tokenizer, question), {"max_tokens": 32, "temperature": 0})
             for result in responses(server.grpc_url, "smollm2", inputs, timeout=120):
                 text += result.as_numpy("text_output").reshape(-1)[0].decode()
-                drafted = int(result.as_numpy("num_draft_tokens").reshape(-1)[0])
+                drafted = int(result.as_numpy("num_drafted_tokens").reshape(-1)[0])
             assert text == reference
             assert drafted > 0
     finally:

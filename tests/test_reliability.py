@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpcclient
-
 from minedraft import Engine, EngineConfig
-from minedraft.launcher import TritonServer, free_port
 from minedraft.prompts import PROMPT_SETS
+from minedraft.serving.launcher import TritonServer
+from minedraft.serving.triton_metrics import read_metrics
 from minedraft.tools.processes import descendants, rss_kb_by_process
 from minedraft.tools.repository import write_repository
-from minedraft.triton_metrics import read_metrics
+from minedraft.worker_process import free_port
 from minedraft_client.grpc_stream import StreamError, request_inputs, responses
 
 pytestmark = pytest.mark.server
@@ -217,7 +217,7 @@ def test_killing_the_drafter_loses_no_request(server, prompts, demo_pair):
     for i in range(32):
         pool.submit(f"k{i}", prompts[i], {"max_tokens": 48, "temperature": 0, "ignore_eos": True})
     time.sleep(1.0)
-    drafters = [pid for pid in pids_with("minedraft.drafter_worker") if pid in descendants(server.process.pid)]
+    drafters = [pid for pid in pids_with("minedraft.drafting.worker") if pid in descendants(server.process.pid)]
     assert drafters
     for pid in drafters:
         os.kill(pid, signal.SIGKILL)
@@ -292,7 +292,7 @@ def test_bounded_queue_rejects_past_its_limit(demo_pair, tmp_path, prompts):
 def test_graceful_shutdown_finishes_in_flight_requests_and_leaves_no_orphans(demo_pair, tmp_path, prompts):
     server = start_server(tmp_path, {"minedraft": {"max_num_seqs": 4}}, max_batch_size=8)
     children = descendants(server.process.pid)
-    assert any(pid in pids_with("minedraft.drafter_worker") for pid in children)
+    assert any(pid in pids_with("minedraft.drafting.worker") for pid in children)
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(one_stream, server, prompts[i], {"max_tokens": 64, "temperature": 0,
                                                                  "ignore_eos": True}) for i in range(8)]

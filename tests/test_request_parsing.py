@@ -3,10 +3,15 @@ stop strings are bounded in number and length."""
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
-from minedraft.request_parsing import parse_request
-from minedraft.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS, InvalidRequest, SamplingParams
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from minedraft.sampling_params import (
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    InvalidRequest,
+    SamplingParams,
+)
+from minedraft.serving.request_parsing import parse_request
 
 KEYS = ["max_tokens", "min_tokens", "temperature", "top_k", "top_p", "seed", "stop", "ignore_eos",
         "num_draft_tokens", "stream", "exclude_input_in_output", "stop_token_ids", "include_stop_str_in_output",

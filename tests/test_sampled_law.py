@@ -7,7 +7,6 @@ Each test runs seeded requests (deterministic) whose first verification drafts 3
 compares the joint law of the first two sampled tokens with the target's exact one (chi-square).
 """
 import pytest
-
 from engine_helpers import make_engine, two_token_pvalue
 
 PROMPT = "def add(a, b):"
@@ -58,9 +57,9 @@ def record_draft_lengths(engine):
     lengths = []
     verify = engine._verify
 
-    def recording(batch):
-        lengths.extend(len(seq.draft_ids) for seq in batch.seqs)
-        return verify(batch)
+    def recording(batch, drafts):
+        lengths.extend(drafts.lengths.tolist())
+        return verify(batch, drafts)
     engine._verify = recording
     return lengths
 
@@ -128,11 +127,11 @@ def test_sampled_law_after_an_exception_in_the_middle_of_a_psd_step(tiny_pair, n
     verify = engine._verify
     calls = {"n": 0}
 
-    def failing_once(batch):
+    def failing_once(batch, drafts):
         calls["n"] += 1
         if calls["n"] in (5, 9):
             raise RuntimeError("injected: out of memory")
-        return verify(batch)
+        return verify(batch, drafts)
     engine._verify = failing_once
     try:
         pairs, failed_steps = run_seeded(engine)

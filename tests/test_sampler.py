@@ -1,9 +1,8 @@
 """The acceptance rule and logits processing as pure functions (gpt-fast's habit)."""
 import pytest
 import torch
+from minedraft.model import sampler
 from scipy.stats import chisquare
-
-from minedraft import sampler
 
 
 def settings(b, temperature=1.0, top_k=0, top_p=1.0, n=1, eos_blocked=None, eos=None):

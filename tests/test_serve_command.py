@@ -8,11 +8,10 @@ import time
 import urllib.request
 
 import pytest
-
-from minedraft.launcher import free_port
-from minedraft.tools.repository import write_repository
-from minedraft.triton_metrics import read_metrics
+from minedraft.serving.triton_metrics import read_metrics
 from minedraft.tools.processes import descendants
+from minedraft.tools.repository import write_repository
+from minedraft.worker_process import free_port
 from test_reliability import _is_zombie
 
 pytestmark = pytest.mark.server
@@ -30,7 +29,7 @@ def start_serve(tmp_path):
     root = write_repository(tmp_path / "repo", {"minedraft": {"max_num_seqs": 2}}, max_batch_size=4)
     ports = [free_port() for _ in range(3)]
     log = open(tmp_path / "serve.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "minedraft.cli", "serve", "--model-repository", str(root),
+    process = subprocess.Popen([sys.executable, "-m", "minedraft.tools.cli", "serve", "--model-repository", str(root),
                                 "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
                                 "--metrics-port", str(ports[2]), "--exit-timeout", str(EXIT_TIMEOUT)],
                                stdout=log, stderr=subprocess.STDOUT)

@@ -6,12 +6,12 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from minedraft import Engine, EngineConfig
-from minedraft.launcher import TritonServer, free_port
+from minedraft.serving.launcher import TritonServer
+from minedraft.serving.triton_metrics import read_metrics
 from minedraft.tools.perf_analyzer import run_with_export, write_input_data
 from minedraft.tools.repository import write_repository
-from minedraft.triton_metrics import read_metrics
+from minedraft.worker_process import free_port
 from minedraft_client.grpc_stream import StreamError, request_inputs, responses
 
 pytestmark = pytest.mark.server
@@ -52,7 +52,7 @@ def stream(server, prompt, params, cancel_after=None, model="minedraft"):
         for result in responses(server.grpc_url, model, request_inputs(prompt, params), timeout=60):
             chunks.append(result.as_numpy("text_output").reshape(-1)[0].decode())
             final = {n: result.as_numpy(n).reshape(-1)[0] for n in
-                     ("finish_reason", "num_output_tokens", "num_draft_tokens", "num_accepted_tokens")}
+                     ("finish_reason", "num_output_tokens", "num_drafted_tokens", "num_accepted_tokens")}
             tokens += int(final["num_output_tokens"])  # per response, as in vllm_backend
             final["total_output_tokens"] = tokens
             if cancel_after is not None and len(chunks) >= cancel_after:
@@ -76,7 +76,7 @@ def test_grpc_stream_matches_in_process_engine(server, reference):
         assert "".join(chunks) == expected
         assert len(chunks) > 1  # streamed, not one blob
         assert final["total_output_tokens"] == 32 or final["finish_reason"] == b"eos"
-        assert final["num_draft_tokens"] > 0
+        assert final["num_drafted_tokens"] > 0
 
 
 def test_http_generate_returns_one_response(server, reference):

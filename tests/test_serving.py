@@ -5,10 +5,15 @@ import threading
 import time
 
 import pytest
-
 from engine_helpers import PROMPTS, make_engine
 from minedraft.sampling_params import SamplingParams
-from minedraft.serving import CANCELLED, INTERNAL, INVALID, UNAVAILABLE, ServingLoop
+from minedraft.serving.loop import (
+    CANCELLED,
+    INTERNAL,
+    INVALID,
+    UNAVAILABLE,
+    ServingLoop,
+)
 
 
 class FakeResponder:

@@ -2,11 +2,17 @@
 import json
 
 import pytest
-
 from conftest import REPO
-from minedraft.cli import main
-from minedraft.cost_model import StepCosts, expected_tokens
-from minedraft.tools.simulate import acceptance_rate, best, compare, fit_alpha, parse_draft_lengths, predict
+from minedraft.policy.cost_model import StepCosts, expected_tokens
+from minedraft.tools.cli import main
+from minedraft.tools.simulate import (
+    acceptance_rate,
+    best,
+    compare,
+    fit_alpha,
+    parse_draft_lengths,
+    predict,
+)
 
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64]
 
@@ -187,6 +193,6 @@ def test_cli_refuses_draft_lengths_the_costs_do_not_cover(tmp_path, capsys):
 def test_no_psd_candidates_without_a_drafter_beside_the_target():
     """An inline drafter on CPU drafts in the step thread: a PSD step would not overlap anything,
     so auto's rule must not offer it (it once chose PSD at 5+ rows on the Qwen pair for that)."""
-    from minedraft.cost_model import candidates
+    from minedraft.policy.cost_model import candidates
     assert any(c.mode == "psd" for c in candidates(4, 8))
     assert {c.mode for c in candidates(4, 8, overlaps=False)} == {"ar", "sd"}

@@ -11,17 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
-
 from engine_helpers import PROMPTS, make_engine, run_staggered
-from minedraft import tensor_parallel
 from minedraft.config import ConfigError, EngineConfig
-from minedraft.launcher import free_port
+from minedraft.model import tensor_parallel
+from minedraft.model.tensor_parallel import TensorParallelError
 from minedraft.sampling_params import SamplingParams
-from minedraft.serving import INTERNAL, ServingLoop
-from minedraft.tensor_parallel import TensorParallelError
+from minedraft.serving.loop import INTERNAL, ServingLoop
+from minedraft.serving.triton_metrics import read_metrics
 from minedraft.tools.processes import descendants
 from minedraft.tools.repository import write_repository
-from minedraft.triton_metrics import read_metrics
+from minedraft.worker_process import free_port
 
 QWEN_DIR = Path.home() / ".cache" / "minedraft" / "models" / \
     "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
@@ -251,7 +250,7 @@ def test_served_with_two_ranks_and_sigterm_leaves_no_rank_behind(demo_pair, tmp_
                             max_batch_size=4)
     ports = [free_port() for _ in range(3)]
     with open(tmp_path / "serve.log", "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "minedraft.cli", "serve", "--model-repository", str(root),
+        process = subprocess.Popen([sys.executable, "-m", "minedraft.tools.cli", "serve", "--model-repository", str(root),
                                     "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
                                     "--metrics-port", str(ports[2]), "--exit-timeout", str(EXIT_TIMEOUT)],
                                    stdout=log, stderr=subprocess.STDOUT)
@@ -259,7 +258,7 @@ def test_served_with_two_ranks_and_sigterm_leaves_no_rank_behind(demo_pair, tmp_
         wait_ready(ports[0], process)
         wait_for_log(tmp_path, "minedraft is serving")
         workers = [pid for pid in descendants(process.pid)
-                   if "minedraft.tensor_parallel_worker" in Path(f"/proc/{pid}/cmdline").read_text()]
+                   if "minedraft.model.tensor_parallel_worker" in Path(f"/proc/{pid}/cmdline").read_text()]
         assert len(workers) == 1
         for prompt, text in zip(TOY_PROMPTS[:2], expected):
             chunks = [result.as_numpy("text_output").reshape(-1)[0].decode() for result in

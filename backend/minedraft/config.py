@@ -3,10 +3,6 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .model_runner import DTYPES
-from .quantization import QUANTIZATIONS
-
-
 
 @dataclass(frozen=True)
 class ModeTraits:
@@ -24,6 +20,8 @@ MODE_TRAITS = {"ar": ModeTraits(two_batches=False, drafts=False), "sd": ModeTrai
 SERVING_MODES = tuple(MODE_TRAITS)
 DRAFTER_KINDS = ("auto", "inline", "process")
 DRAFT_METHODS = ("model", "ngram")
+DTYPES = ("float32", "float16", "bfloat16")  # torch dtypes by name (model.loading maps them)
+QUANTIZATIONS = ("none", "int8", "int4")  # weight-only, of the linear layers (model.quantization)
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "model_repository" / "minedraft" / "1"
 
 
@@ -65,6 +63,11 @@ class EngineConfig:
     # Ranks the target is sharded over (transformers' tensor-parallel plan): rank 0 in this process,
     # the others in worker processes it starts. On CUDA rank r runs on target_device's index + r.
     tensor_parallel_size: int = 1
+    # vLLM's key: true runs transformers' eager forward. false runs a Llama or Qwen2 target through
+    # the compact forward under torch.compile (model/compact.py), compiled at load; other
+    # architectures and tensor parallelism stay eager. True by default until the compiled path pays
+    # (docs/benchmarks.md, "The compiled forward").
+    enforce_eager: bool = True
 
     @classmethod
     def from_dict(cls, values: dict) -> "EngineConfig":
@@ -76,7 +79,7 @@ class EngineConfig:
         for key, value in values.items():
             default = getattr(cls, key)
             try:
-                parsed[key] = type(default)(value)
+                parsed[key] = _read_bool(value) if isinstance(default, bool) else type(default)(value)
             except (TypeError, ValueError):
                 raise ConfigError(f"{key}: cannot read {value!r} as {type(default).__name__}") from None
         config = cls(**parsed)
@@ -163,3 +166,13 @@ def parse_cpus(spec: str, key: str) -> set[int]:
     except ValueError:
         raise ConfigError(f"{key}: expected cores like '0', '0-3' or '0,2', got {spec!r}") from None
     return cpus
+
+
+def _read_bool(value) -> bool:
+    """A boolean from config.pbtxt's strings ("true", "false", "1", "0") or a bool."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "false", "1", "0"):
+        raise ValueError(value)
+    return text in ("true", "1")

@@ -1,22 +1,28 @@
-"""Who runs: the waiting queue and the internal batches. Bookkeeping only, no tensors."""
+"""Who runs: the waiting queue and the internal batches. Bookkeeping only: rows are indices here;
+the caches that rows address belong to the engine (the target's) and to drafting (the draft's),
+which apply the row moves this module reports."""
 from collections import deque
+from dataclasses import dataclass
 
-from .kv_cache import RowKVCache
-from .sequence import Sequence
+from minedraft.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class RowMove:
+    """A batch's last row took the place of a row that left: `seq`'s cache row moves src -> dst."""
+    seq: Sequence
+    src: int
+    dst: int
 
 
 class Batch:
     """One internal batch. Its live rows are always 0..len-1 of its caches: a leaving request's
-    row is filled by the last row, and the move is queued for the drafter's copy of the cache."""
+    row is filled by the last row (`remove` reports the move)."""
 
-    def __init__(self, slot: int, target_cache: RowKVCache, capacity: int):
+    def __init__(self, slot: int, capacity: int):
         self.slot = slot
-        self.target_cache = target_cache
         self.capacity = capacity
         self.seqs: list[Sequence] = []
-        self.draft_moves: list[tuple[int, int, int]] = []
-        self.is_drafted = False  # drafts for every row are waiting for verification
-        self.drafter = None  # the drafter whose cache holds this batch's rows (flex has two)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -24,14 +30,14 @@ class Batch:
     def add(self, seq: Sequence) -> None:
         self.seqs.append(seq)
 
-    def remove(self, seq: Sequence) -> None:
+    def remove(self, seq: Sequence) -> RowMove | None:
         row, last = self.seqs.index(seq), len(self.seqs) - 1
+        moved = None
         if row != last:
-            moved = self.seqs[last]
-            self.target_cache.move_row(last, row, moved.target_cached)
-            self.draft_moves.append((last, row, moved.draft_cached + moved.draft_extent))
-            self.seqs[row] = moved
+            moved = RowMove(self.seqs[last], last, row)
+            self.seqs[row] = moved.seq
         self.seqs.pop()
+        return moved
 
 
 class Scheduler:
@@ -92,9 +98,3 @@ class Scheduler:
                 if seq.request_id == request_id:
                     return seq, batch
         return None
-
-    def drop(self, seq: Sequence, batch: Batch | None) -> None:
-        if batch is None:
-            self.waiting.remove(seq)
-        else:
-            batch.remove(seq)

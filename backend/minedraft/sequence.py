@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling_params import SamplingParams
+from minedraft.sampling_params import SamplingParams
 
 
 @dataclass
@@ -83,18 +83,13 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_ids)
         self.num_draft_tokens = num_draft_tokens
         self.generator = generator
-        # How many of token_ids each model's KV cache holds. The target keeps exactly one
-        # token pending (fed at the next verification); the drafter catches up when it drafts.
-        self.target_cached = 0
-        self.draft_cached = 0
+        # How many of token_ids the target's KV cache holds: all but one pending token, fed at the
+        # next verification. (The draft cache's extent is drafting's: drafting.coordinator.)
+        self.num_target_cached_tokens = 0
         # The target's hidden states at the positions its cache holds (kept only for a feature draft).
         self.target_features = FeatureBuffer()
-        # Drafts waiting for verification: token ids and their [k, V] probabilities.
-        self.draft_ids: list[int] = []
-        self.draft_probs: torch.Tensor | None = None
-        self.draft_extent = 0  # drafted tokens the draft cache holds beyond token_ids
-        self.num_drafted = 0
-        self.num_accepted = 0
+        self.num_drafted_tokens = 0
+        self.num_accepted_tokens = 0
         self.cumulative_logprob = 0.0
         self.acceptance = AcceptanceEstimate(acceptance_prior)
         self.finish_reason: str | None = None

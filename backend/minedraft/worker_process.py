@@ -2,14 +2,13 @@
 start a Python child inside Triton's stub, and how to wait on its pipe."""
 import os
 import shutil
+import socket
 import sys
 import time
 from multiprocessing.connection import Connection
 
 # Both sides poll the pipe this long before blocking on it: a blocked virtual CPU halts, and
-# waking it is slow. In one profiling run here, SD steps through the worker with both sides
-# blocking ran their verifications 26 % and their drafts 48 % slower than the same steps in one
-# process; polling first recovered much of that (noisy). Beyond this, an idle drafter sleeps.
+# waking it is slow (docs/drafts.md). Beyond this, an idle drafter sleeps.
 SPIN_SECONDS = 0.05
 
 
@@ -29,3 +28,10 @@ def python_executable() -> str:
         return sys.executable
     candidate = os.path.join(sys.exec_prefix, "bin", "python3")
     return candidate if os.path.exists(candidate) else shutil.which("python3")
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback now (for a child's rendezvous or a server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

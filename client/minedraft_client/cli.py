@@ -15,7 +15,7 @@ class Chunk:
     text: str
     finish_reason: str
     num_output_tokens: int
-    num_draft_tokens: int
+    num_drafted_tokens: int
     num_accepted_tokens: int
 
 
@@ -40,7 +40,7 @@ def _grpc_chunk(result) -> Chunk:
         value = result.as_numpy(name).reshape(-1)[0]
         return value.decode() if isinstance(value, bytes) else int(value)
     return Chunk(item("text_output"), item("finish_reason"), item("num_output_tokens"),
-                 item("num_draft_tokens"), item("num_accepted_tokens"))
+                 item("num_drafted_tokens"), item("num_accepted_tokens"))
 
 
 def stream_http(url: str, model: str, prompt: str, params: dict):
@@ -56,7 +56,7 @@ def stream_http(url: str, model: str, prompt: str, params: dict):
             if "error" in event:
                 raise RuntimeError(event["error"])
             yield Chunk(event["text_output"], event["finish_reason"], event["num_output_tokens"],
-                        event["num_draft_tokens"], event["num_accepted_tokens"])
+                        event["num_drafted_tokens"], event["num_accepted_tokens"])
 
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
@@ -95,9 +95,9 @@ def run_turn(args, url, prompt, echo) -> tuple[str, int]:
         return text, 1
     elapsed = time.monotonic() - started
     if last is not None:
-        rate = last.num_accepted_tokens / last.num_draft_tokens if last.num_draft_tokens else float("nan")
+        rate = last.num_accepted_tokens / last.num_drafted_tokens if last.num_drafted_tokens else float("nan")
         print(f"\n\n[{tokens} tokens in {elapsed:.2f}s: {tokens / elapsed:.1f} tokens/s, "
-              f"acceptance {rate:.2f} ({last.num_accepted_tokens}/{last.num_draft_tokens}), "
+              f"acceptance {rate:.2f} ({last.num_accepted_tokens}/{last.num_drafted_tokens}), "
               f"finish: {last.finish_reason}]", file=sys.stderr)
     return text, 0
 

@@ -22,12 +22,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import DEFAULT_MODEL_DIR, MODE_TRAITS
-from ..cost_model import STEP_MODES
-from ..launcher import TritonServer, free_port
-from ..prompts import PROMPT_SETS, prompts_path
-from ..triton_metrics import read_metrics
-from ..draft_vocabulary import D2T_FILE
+from minedraft.config import DEFAULT_MODEL_DIR, MODE_TRAITS
+from minedraft.drafting.vocabulary import D2T_FILE
+from minedraft.policy.cost_model import STEP_MODES
+from minedraft.prompts import PROMPT_SETS, prompts_path
+from minedraft.serving.launcher import TritonServer
+from minedraft.serving.triton_metrics import read_metrics
+from minedraft.worker_process import free_port
+
 from .bench_engine import chat_prompts, engine_for, load_prompts, measure
 from .bench_report import report_dir, write_report
 from .perf_analyzer import run_with_export, write_input_data
@@ -205,7 +207,7 @@ def hf_assisted_generation(model_dir: Path, draft_dir: Path, prompts, max_tokens
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..quantization import quantize_linears
+    from minedraft.model.quantization import quantize_linears
     tokenizer = AutoTokenizer.from_pretrained(model_dir / "target")
     target = AutoModelForCausalLM.from_pretrained(model_dir / "target", dtype=getattr(torch, dtype)).eval()
     if (draft_dir / D2T_FILE).exists():

@@ -13,9 +13,10 @@ import os
 import time
 from pathlib import Path
 
-from ..config import DEFAULT_MODEL_DIR, MODE_TRAITS, EngineConfig
-from ..engine import Engine
-from ..prompts import PROMPT_SETS, prompts_path
+from minedraft.config import DEFAULT_MODEL_DIR, MODE_TRAITS, EngineConfig
+from minedraft.engine.llm_engine import Engine
+from minedraft.prompts import PROMPT_SETS, prompts_path
+
 from .setups import best_by_tokens_per_s
 
 

@@ -4,8 +4,9 @@ so benchmarking one pair leaves the other's figures as they were."""
 import json
 from pathlib import Path
 
-from ..cost_model import StepCosts
-from .setups import FIXED_SETUPS, CHOOSING_SETUPS, SETUPS, best_by_tokens_per_s
+from minedraft.policy.cost_model import StepCosts
+
+from .setups import CHOOSING_SETUPS, FIXED_SETUPS, SETUPS, best_by_tokens_per_s
 
 GOALS = {"P1": 1.0, "P1b": 1.5, "P2": 0.95, "P3": 2.5, "P4": 0.9, "P5": 0.9, "P6": 1.2, "P7": 0.6}
 SETUP_ORDER = (*FIXED_SETUPS, *CHOOSING_SETUPS)

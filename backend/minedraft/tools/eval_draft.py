@@ -17,11 +17,13 @@ import numpy as np
 import torch
 
 from minedraft import Engine, EngineConfig
-from minedraft.draft_model import build_draft_model, is_feature_draft
-from minedraft.drafter import DraftRow, DraftWork
-from minedraft.model_runner import ModelRunner, load_config, load_model
+from minedraft.config import QUANTIZATIONS
+from minedraft.drafting.draft_model import build_draft_model, is_feature_draft
+from minedraft.drafting.drafter import DraftRow, DraftWork
+from minedraft.model.loading import load_config, load_model
+from minedraft.model.quantization import quantize_linears
+from minedraft.model.runner import ModelRunner
 from minedraft.prompts import PROMPT_SETS, prompts_path
-from minedraft.quantization import QUANTIZATIONS, quantize_linears
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -37,10 +39,10 @@ def acceptance(target: str, draft: str, prompts: list[dict], k: int, max_tokens:
     by_position = [[0, 0] for _ in range(k)]
     verify = engine._verify
 
-    def recording(batch):
-        verdict = verify(batch)
-        for seq, n in zip(batch.seqs, verdict.accepted.tolist()):
-            for position in range(len(seq.draft_ids)):
+    def recording(batch, drafts):
+        verdict = verify(batch, drafts)
+        for num_drafted, n in zip(drafts.lengths.tolist(), verdict.accepted.tolist()):
+            for position in range(num_drafted):
                 by_position[position][0] += 1
                 by_position[position][1] += position < n
         return verdict

@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from ..calibration import measure_step_costs
-from ..config import DEFAULT_MODEL_DIR, EngineConfig
-from ..engine import Engine
-from ..prompts import PROMPT_SETS
+from minedraft.config import DEFAULT_MODEL_DIR, EngineConfig
+from minedraft.engine.llm_engine import Engine
+from minedraft.policy.calibration import measure_step_costs
+from minedraft.prompts import PROMPT_SETS
+
 from .bench_engine import load_prompts, ratio_table, sweep
 from .law import reference_greedy, two_token_pvalue
 from .simulate import predict, prediction_table
@@ -160,8 +161,7 @@ def forward_costs(plan: Plan, pair: CostPair, workdir: Path):
                                  target_device=plan.device, draft_device=plan.device, dtype=pair.dtype,
                                  drafter="inline"))
     try:
-        batch = engine.scheduler.batches[0]
-        return measure_step_costs(engine.target, batch.target_cache, engine.drafting.sequential_drafter,
+        return measure_step_costs(engine.target, engine.target_caches[0], engine.drafting.sequential_drafter,
                                   plan.cost_max_k, plan.cost_batch, engine.eos_token_ids)
     finally:
         engine.close()

@@ -3,7 +3,7 @@ output from HF alone, the exact joint law of its first two sampled tokens, and a
 comparison of sampled counts with that law (in torch, so a bare GPU machine needs no scipy)."""
 import torch
 
-from .. import sampler
+from minedraft.model import sampler
 
 
 def reference_greedy(model, tokenizer, prompt, max_tokens, ignore_eos=False):

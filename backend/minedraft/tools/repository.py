@@ -8,7 +8,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from ..launcher import DEFAULT_REPOSITORY
+from minedraft.serving.launcher import DEFAULT_REPOSITORY
 
 TEMPLATE = DEFAULT_REPOSITORY / "minedraft" / "config.pbtxt"
 DEMO_VERSION_DIR = DEFAULT_REPOSITORY / "minedraft" / "1"

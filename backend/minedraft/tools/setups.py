@@ -1,5 +1,5 @@
 """The benchmark's set-ups, shared by bench and bench_report, and the best-row helper."""
-from ..config import MODE_TRAITS
+from minedraft.config import MODE_TRAITS
 
 # Set-ups: (model name, engine parameters). Cores: 0 and 1 of the machine's first two.
 SETUPS = {

@@ -19,7 +19,14 @@ import json
 import sys
 from pathlib import Path
 
-from ..cost_model import Choice, StepCosts, estimate, expected_tokens, rank
+from minedraft.policy.cost_model import (
+    Choice,
+    StepCosts,
+    estimate,
+    expected_tokens,
+    rank,
+)
+
 from .setups import best_by_tokens_per_s
 
 # Benchmark set-ups that the costs file describes: the target on one core, the drafter

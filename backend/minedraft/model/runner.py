@@ -1,0 +1,155 @@
+"""Runs batched forwards of one model over rows of a RowKVCache: through the compact, compiled
+forward (model/compact.py) where the architecture has one, else through transformers' own."""
+import inspect
+import logging
+import time
+
+import torch
+
+from minedraft.model import compact
+from minedraft.model.kv_cache import RowKVCache
+
+log = logging.getLogger("minedraft")
+
+
+class ModelRunner:
+    """Turns rows of token ids into one padded forward pass; never decides who runs.
+
+    `enforce_eager` (vLLM's key) keeps transformers' eager forward; otherwise a Llama or Qwen2
+    model runs the compact forward under torch.compile (fullgraph, dynamic shapes, inductor with
+    frozen weights), compiled at load for the shapes steps take."""
+
+    def __init__(self, model, num_rows: int, capacity: int, enforce_eager: bool = True):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.num_rows = num_rows
+        self.capacity = capacity
+        self.vocab_size = model.config.vocab_size
+        # transformers 5 renamed past_key_values to cache (the old name goes in 5.40); 4.x knows only the old one.
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.compact, self.compiled = None, None
+        if not enforce_eager and compact.is_supported(model):
+            self.compact = compact.CompactDecoder(model)
+            self.compiled = compact.compile_decoder(self.compact)
+            self._warm_up()
+
+    def new_cache(self) -> RowKVCache:
+        cache = RowKVCache(self.num_rows, self.capacity)
+        if self.compiled is not None:  # the compact forward writes every layer from its first call
+            cache.allocate(self.model.config.num_hidden_layers, self.compact.num_kv_heads, self.compact.head_dim,
+                           self.model.dtype, self.device)
+        return cache
+
+    def _warm_up(self) -> None:
+        """Compile now, not in the first requests' steps. Dynamic shapes specialise sizes 1, so:
+        one row and several, one token and several, a cache of one position and more, the first
+        rows (steps) and rows picked out (prefills)."""
+        started = time.monotonic()
+        cache = self.new_cache()
+        for num_rows in sorted({1, min(2, self.num_rows)}):
+            for num_tokens, start in ((1, 0), (1, 4), (3, 4)):
+                feeds = [[1] * num_tokens] * num_rows
+                self.forward(cache, slice(0, num_rows), [start] * num_rows, feeds)
+                self.fill(cache, list(range(num_rows))[::-1], [start] * num_rows, feeds)
+        log.info("compiled %s's forward in %.1f s", type(self.model).__name__, time.monotonic() - started)
+
+    def close(self) -> None:
+        """Nothing to stop: the model lives in this process (TensorParallelRunner's has workers)."""
+
+    @torch.inference_mode()
+    def fill(self, cache: RowKVCache, rows, start_lens: list[int], feeds: list[list[int]], with_hidden: bool = False,
+             embeds: list[torch.Tensor] | None = None):
+        """Write the feeds' keys and values to the cache (a prefill). No logits are wanted, so the LM
+        head runs at one position only; `with_hidden` returns the last hidden states [b, n, H]
+        instead (what a feature draft reads) and runs no LM head at all."""
+        if self.compiled is not None:
+            hidden = self._compact_hidden(cache, rows, start_lens, feeds, embeds)
+            return hidden if with_hidden else None
+        inputs = self._inputs(cache, rows, start_lens, feeds, embeds)
+        if with_hidden:
+            return self.model.get_decoder()(**inputs).last_hidden_state
+        self.model(**inputs, logits_to_keep=1)
+        return None
+
+    @torch.inference_mode()
+    def forward(self, cache: RowKVCache, rows, start_lens: list[int], feeds: list[list[int]],
+                last_only: bool = False, with_hidden: bool = False, embeds: list[torch.Tensor] | None = None):
+        """Feed each row its tokens, written after its first `start_lens[r]` cached positions.
+
+        Returns float32 logits, [b, n, V], or [b, V] at each row's last real token when `last_only`.
+        `with_hidden` returns (logits, last hidden states) alike: the states are the LM head's
+        input, which a feature draft reads. `embeds` (a feature draft's inputs, [n_r, H] per row)
+        replaces the feeds' token embeddings; the feeds still give the rows' lengths.
+        """
+        last = torch.tensor([len(f) - 1 for f in feeds], device=self.device) if last_only else None
+        if self.compiled is not None:
+            hidden = self._compact_hidden(cache, rows, start_lens, feeds, embeds)
+            if last_only:
+                hidden = hidden[torch.arange(len(feeds), device=self.device), last]
+            logits = self.model.get_output_embeddings()(hidden).float()
+            return (logits, hidden) if with_hidden else logits
+        inputs = self._inputs(cache, rows, start_lens, feeds, embeds)
+        if with_hidden:
+            hidden = self.model.get_decoder()(**inputs).last_hidden_state
+            if last_only:
+                hidden = hidden[torch.arange(len(feeds), device=self.device), last]
+            return self.model.get_output_embeddings()(hidden).float(), hidden
+        if not last_only:
+            return self.model(**inputs).logits.float()
+        # The LM head runs only at the rows' last real positions (a prefill's other positions need
+        # no logits: for a 49k vocabulary that is a fifth of the work).
+        keep = torch.unique(last)  # sorted
+        logits = self.model(**inputs, logits_to_keep=keep).logits
+        return logits[torch.arange(len(feeds), device=self.device), torch.searchsorted(keep, last)].float()
+
+    def _compact_hidden(self, cache: RowKVCache, rows, start_lens: list[int], feeds: list[list[int]],
+                        embeds: list[torch.Tensor] | None) -> torch.Tensor:
+        """The compiled forward's last hidden states [b, n, H]. Padding repeats its row's last
+        position and writes to the cache's scratch slot, which no query sees."""
+        num_new = max(len(f) for f in feeds)
+        starts = torch.tensor(start_lens, device=self.device)
+        lengths = torch.tensor([len(f) for f in feeds], device=self.device)
+        visible_len = max(s + len(f) for s, f in zip(start_lens, feeds))
+        if visible_len > self.capacity:
+            raise ValueError(f"KV cache overflow: a row needs {visible_len} positions, capacity is {self.capacity}")
+        offsets = torch.arange(num_new, device=self.device)
+        positions = starts[:, None] + torch.minimum(offsets, lengths[:, None] - 1)
+        write_positions = torch.where(offsets < lengths[:, None], starts[:, None] + offsets, self.capacity)
+        if embeds is None:
+            input_ids, embeds_in = torch.tensor([f + [0] * (num_new - len(f)) for f in feeds], device=self.device), None
+        else:
+            input_ids, embeds_in = None, torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)
+        row_ids = None
+        if not (isinstance(rows, slice) and rows.start == 0):
+            row_ids = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else torch.as_tensor(rows)
+            row_ids = row_ids.to(self.device)
+        return self.compiled(input_ids, embeds_in, positions, write_positions, row_ids, visible_len, cache.keys,
+                             cache.values)
+
+    def _inputs(self, cache: RowKVCache, rows, start_lens: list[int], feeds: list[list[int]],
+                embeds: list[torch.Tensor] | None = None) -> dict:
+        """The model's keyword arguments for these rows, with the cache aimed at them. Rows are
+        right-padded to the longest feed; padding writes only to the cache's scratch slot and its
+        outputs are garbage that no caller reads."""
+        num_new = max(len(f) for f in feeds)
+        if embeds is None:
+            tokens = {"input_ids": torch.tensor([f + [0] * (num_new - len(f)) for f in feeds], device=self.device)}
+        else:
+            tokens = {"inputs_embeds": torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)}
+        starts = torch.tensor(start_lens, device=self.device)
+        lengths = torch.tensor([len(f) for f in feeds], device=self.device)
+        if isinstance(rows, list):
+            rows = torch.tensor(rows, device=self.device)
+        cache.prepare(rows, starts, lengths, num_new)
+        # Padding repeats its row's last real position: it must not run past the model's position table.
+        positions = starts[:, None] + torch.minimum(torch.arange(num_new, device=self.device), lengths[:, None] - 1)
+        return dict(**tokens, position_ids=positions, use_cache=True,
+                    attention_mask=self._mask(positions, cache._visible_len), **{self._cache_arg: cache})
+
+    def _mask(self, positions: torch.Tensor, visible_len: int) -> torch.Tensor:
+        """Additive [b, 1, n, t] mask: a query at position p sees keys 0..p of its own row."""
+        keys = torch.arange(visible_len, device=self.device)
+        visible = keys[None, None, :] <= positions[:, :, None]
+        dtype = self.model.dtype
+        mask = torch.zeros(visible.shape, dtype=dtype, device=self.device)
+        return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]

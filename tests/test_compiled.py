@@ -1,0 +1,65 @@
+"""The compiled forward (`enforce_eager: false`): the compact Llama/Qwen2 forward under
+torch.compile(fullgraph=True) gives the eager path's logits and output, and a varied load after
+the load-time warm-up compiles nothing more."""
+import pytest
+import torch
+from engine_helpers import PROMPTS, make_engine
+from minedraft.model import compact
+from minedraft.model.loading import load_model
+from minedraft.model.runner import ModelRunner
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def unique_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_the_compact_forward_matches_transformers_row_by_row(tiny_pair):
+    model = load_model(tiny_pair[0], "cpu", "float32")
+    assert compact.is_supported(model)
+    eager, fast = ModelRunner(model, 3, 64), ModelRunner(model, 3, 64, enforce_eager=False)
+    caches = {eager: eager.new_cache(), fast: fast.new_cache()}
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]
+    steps = [[[20], [21], [22]], [[23, 24, 25], [26], [27, 28]]]
+    logits = {}
+    for runner, cache in caches.items():
+        runner.fill(cache, [2, 0, 1], [0, 0, 0], prompts)  # rows picked out, as a prefill picks them
+        logits[runner] = []
+        starts = [len(prompts[1]), len(prompts[2]), len(prompts[0])]  # rows 0, 1, 2 after the fill above
+        for feeds in steps:
+            out = runner.forward(cache, slice(0, 3), starts, feeds)
+            logits[runner].append([out[r, :len(f)] for r, f in enumerate(feeds)])
+            starts = [s + len(f) for s, f in zip(starts, feeds)]
+    for step_eager, step_fast in zip(logits[eager], logits[fast]):
+        for row_eager, row_fast in zip(step_eager, step_fast):
+            torch.testing.assert_close(row_fast, row_eager, atol=1e-4, rtol=1e-4)
+
+
+def test_a_varied_load_is_lossless_and_compiles_nothing_after_warm_up(tiny_pair):
+    """Arrivals and departures, rollbacks of every length, a different k per request and a
+    cancellation, greedy: the compiled engine's output is the eager engine's, token for token."""
+    params = [{"max_tokens": 20 + 3 * i, "temperature": 0, "num_draft_tokens": i % 4} for i in range(len(PROMPTS))]
+
+    def run(engine):
+        outputs, submitted, step = {}, 0, 0
+        while submitted < len(PROMPTS) or engine.has_work():
+            if submitted < len(PROMPTS) and step % 2 == 0:
+                engine.submit(str(submitted), PROMPTS[submitted], params[submitted])
+                submitted += 1
+            if step == 5:
+                engine.cancel("1")
+            for out in engine.step():
+                outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+            step += 1
+        engine.close()
+        return outputs
+
+    expected = run(make_engine(*tiny_pair, mode="sd", drafter="inline"))
+    engine = make_engine(*tiny_pair, mode="sd", drafter="inline", enforce_eager=False)
+    assert engine.target.compiled is not None
+    graphs_after_warm_up = unique_graphs()
+    got = run(engine)
+    assert unique_graphs() == graphs_after_warm_up
+    assert {rid: tokens for rid, tokens in got.items() if rid != "1"} == \
+        {rid: tokens for rid, tokens in expected.items() if rid != "1"}
