@@ -12,7 +12,7 @@ class ModeTraits:
 
 
 # The one table of what each serving mode needs; a step itself is always "ar", "sd" or "psd"
-# (cost_model.STEP_MODES), chosen per step by flex (flex.py) or by auto's batch-size rule (size_rule.py).
+# (cost_model.STEP_MODES), chosen per step by flex (policy/flex.py) or by auto's batch-size rule (policy/auto.py).
 MODE_TRAITS = {"ar": ModeTraits(two_batches=False, drafts=False), "sd": ModeTraits(two_batches=False, drafts=True),
                "psd": ModeTraits(two_batches=True, drafts=True),
                "flex": ModeTraits(two_batches=True, drafts=True, chooses_each_step=True),
@@ -47,7 +47,7 @@ class EngineConfig:
     # "int8" or "int4". Lossless whatever it is: only the target's distribution counts. On CPU a
     # quantized draft computes in bfloat16 whatever `dtype` says: torch's kernels are fast only there.
     draft_quantization: str = "none"
-    # What proposes drafts: "model" (draft_model) or "ngram" (prompt lookup, ngram_drafter.py: the
+    # What proposes drafts: "model" (draft_model) or "ngram" (prompt lookup, drafting/ngram.py: the
     # tokens that followed the context's last n tokens earlier in it, n from prompt_lookup_max down
     # to prompt_lookup_min; mode sd only, no draft model).
     draft_method: str = "model"
@@ -63,9 +63,9 @@ class EngineConfig:
     # Ranks the target is sharded over (transformers' tensor-parallel plan): rank 0 in this process,
     # the others in worker processes it starts. On CUDA rank r runs on target_device's index + r.
     tensor_parallel_size: int = 1
-    # vLLM's key: true runs transformers' eager forward. false runs a Llama or Qwen2 target through
-    # the compact forward under torch.compile (model/compact.py), compiled at load; other
-    # architectures and tensor parallelism stay eager. True by default until the compiled path pays
+    # vLLM's key: true runs transformers' eager forward. false runs Llama and Qwen2 models (target
+    # and draft) through the compact forward under torch.compile (model/compact.py), compiled at
+    # load; other architectures and tensor parallelism stay eager. True by default until the compiled path pays
     # (docs/benchmarks.md, "The compiled forward").
     enforce_eager: bool = True
 

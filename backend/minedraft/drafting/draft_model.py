@@ -117,11 +117,11 @@ def is_feature_draft(path: str) -> bool:
 
 
 def build_draft_model(path: str, device: str, dtype: str, num_rows: int, capacity: int, eos_token_ids,
-                      target_vocab_size: int, quantization: str = "none") -> DraftModel:
+                      target_vocab_size: int, quantization: str = "none", enforce_eager: bool = True) -> DraftModel:
     # torch's CPU weight-only kernels have fast code for bfloat16 activations only.
     dtype = "bfloat16" if quantization != "none" and device == "cpu" else dtype
     model = quantize_linears(load_model(path, device, dtype), quantization)
-    runner = ModelRunner(model, num_rows, capacity)
+    runner = ModelRunner(model, num_rows, capacity, enforce_eager=enforce_eager)
     mask_token_id = getattr(model.config, PARALLEL_DRAFT_KEY, None)  # as vLLM's parallel drafting reads it
     if is_feature_draft(path):
         weights = load_file(Path(path) / FEATURE_PROJECTION_FILE, device=str(model.device))

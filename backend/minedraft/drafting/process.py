@@ -1,5 +1,5 @@
 """Drafting in a worker process on its own cores (see ProcessDrafter); the worker is
-drafter_worker.py. Each call sends a small control message through a pipe; draft ids and their
+worker.py. Each call sends a small control message through a pipe; draft ids and their
 [b, k, V] probabilities come back through shared memory."""
 import json
 import socket
@@ -30,9 +30,9 @@ class ProcessDrafter:
     overlaps = True  # drafts on its own cores beside the target's verification
 
     def __init__(self, path, device, dtype, num_rows, capacity, eos_token_ids, vocab_size, max_tokens, cpus,
-                 reply_timeout: float = 60.0, quantization: str = "none"):
+                 reply_timeout: float = 60.0, quantization: str = "none", enforce_eager: bool = True):
         self._spec = (path, device, dtype, num_rows, capacity, list(eos_token_ids), vocab_size, sorted(cpus),
-                      quantization)
+                      quantization, enforce_eager)
         self.reads_features = is_feature_draft(path)
         self._ids_shape = (NUM_BATCH_SLOTS, num_rows, max_tokens)
         self._probs_shape = (NUM_BATCH_SLOTS, num_rows, max_tokens, vocab_size)

@@ -61,7 +61,7 @@ def build(config: EngineConfig) -> EngineParts:
     if config.traits.chooses_each_step and isinstance(drafter, ProcessDrafter):
         sequential_drafter = InlineDrafter(build_draft_model(
             config.draft_model, config.draft_device, config.dtype, config.max_num_seqs, capacity,
-            eos_token_ids, target_vocab_size, config.draft_quantization))
+            eos_token_ids, target_vocab_size, config.draft_quantization, config.enforce_eager))
     step_cpus = target_cpus if config.target_cpus else set()
     unpinned = os.sched_getaffinity(0)
     _pin_target(config, target_cpus)  # the start-up calibration times the target on its own cores
@@ -103,10 +103,10 @@ def _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity
     if config.drafter_kind == "process":
         return ProcessDrafter(config.draft_model, config.draft_device, config.dtype, config.max_num_seqs, capacity,
                               eos_token_ids, target_vocab_size, config.num_draft_tokens, draft_cpus,
-                              quantization=config.draft_quantization)
+                              quantization=config.draft_quantization, enforce_eager=config.enforce_eager)
     return InlineDrafter(build_draft_model(config.draft_model, config.draft_device, config.dtype,
                                            config.max_num_seqs, capacity, eos_token_ids, target_vocab_size,
-                                           config.draft_quantization))
+                                           config.draft_quantization, config.enforce_eager))
 
 
 def _make_policy(config, target, cache, drafting, eos_token_ids) -> Policy:

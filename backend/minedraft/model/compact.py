@@ -11,7 +11,8 @@ from torch.nn import functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
-RECOMPILE_LIMIT = 256
+MIN_SIZE = 2  # rows and tokens fed are padded to at least this: dynamic shapes specialise sizes 0 and 1
+RECOMPILE_LIMIT = 64
 
 
 def is_supported(model) -> bool:
@@ -70,9 +71,11 @@ def compile_decoder(decoder: CompactDecoder):
     freezes the weights into its kernels (on CPU, prepacked oneDNN matmuls); dynamic shapes keep
     one graph for every row count, token count and cache length (sizes 0 and 1 get their own)."""
     torch._inductor.config.freezing = True
-    # Each model compiles its own graphs (its weights are frozen into them), and one model takes up
-    # to a dozen (sizes 1 specialise; picked-out rows take another graph): the default limit of 8
-    # per code object would stop a second model, or a test session's many.
+    # Equal sizes must not be taken for one symbol (rows and tokens are often both 2).
+    torch.fx.experimental._config.use_duck_shape = False
+    # Each model compiles its own graphs (its weights are frozen into them; a model takes two, for
+    # a batch's first rows and for picked-out rows): the default limit of 8 per code object would
+    # stop a test session's many models.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
                                                            RECOMPILE_LIMIT * 8)

@@ -34,23 +34,21 @@ class ModelRunner:
             self._warm_up()
 
     def new_cache(self) -> RowKVCache:
-        cache = RowKVCache(self.num_rows, self.capacity)
+        # The compiled forward feeds at least two rows (see _compact_hidden): a padding row needs a row.
+        num_rows = max(self.num_rows, compact.MIN_SIZE) if self.compiled is not None else self.num_rows
+        cache = RowKVCache(num_rows, self.capacity)
         if self.compiled is not None:  # the compact forward writes every layer from its first call
             cache.allocate(self.model.config.num_hidden_layers, self.compact.num_kv_heads, self.compact.head_dim,
                            self.model.dtype, self.device)
         return cache
 
     def _warm_up(self) -> None:
-        """Compile now, not in the first requests' steps. Dynamic shapes specialise sizes 1, so:
-        one row and several, one token and several, a cache of one position and more, the first
-        rows (steps) and rows picked out (prefills)."""
+        """Compile now, not in the first requests' steps: the two graphs steps and prefills take,
+        the batch's first rows and rows picked out (feeding sizes of at least 2 keeps them general)."""
         started = time.monotonic()
         cache = self.new_cache()
-        for num_rows in sorted({1, min(2, self.num_rows)}):
-            for num_tokens, start in ((1, 0), (1, 4), (3, 4)):
-                feeds = [[1] * num_tokens] * num_rows
-                self.forward(cache, slice(0, num_rows), [start] * num_rows, feeds)
-                self.fill(cache, list(range(num_rows))[::-1], [start] * num_rows, feeds)
+        self.forward(cache, slice(0, 1), [4], [[1, 2, 3]])
+        self.fill(cache, [0], [0], [[1, 2, 3, 4, 5]])
         log.info("compiled %s's forward in %.1f s", type(self.model).__name__, time.monotonic() - started)
 
     def close(self) -> None:
@@ -105,26 +103,42 @@ class ModelRunner:
     def _compact_hidden(self, cache: RowKVCache, rows, start_lens: list[int], feeds: list[list[int]],
                         embeds: list[torch.Tensor] | None) -> torch.Tensor:
         """The compiled forward's last hidden states [b, n, H]. Padding repeats its row's last
-        position and writes to the cache's scratch slot, which no query sees."""
-        num_new = max(len(f) for f in feeds)
-        starts = torch.tensor(start_lens, device=self.device)
-        lengths = torch.tensor([len(f) for f in feeds], device=self.device)
+        position and writes to the cache's scratch slot, which no query sees. Rows and tokens are
+        padded to at least 2 (MIN_SIZE): dynamic shapes would otherwise compile a graph of their
+        own for a size of 1, and at a row or two a forward costs what one row does."""
+        num_rows, num_tokens = len(feeds), max(len(f) for f in feeds)
         visible_len = max(s + len(f) for s, f in zip(start_lens, feeds))
         if visible_len > self.capacity:
             raise ValueError(f"KV cache overflow: a row needs {visible_len} positions, capacity is {self.capacity}")
+        if num_rows < compact.MIN_SIZE:
+            # A padding row: its one token starts at the scratch slot, so it writes nothing else. It
+            # reads row 1, or the picked-out row again; its output is dropped.
+            if isinstance(rows, slice) and rows.start == 0:
+                rows = slice(0, compact.MIN_SIZE)
+            else:
+                rows = list(range(rows.start, rows.stop) if isinstance(rows, slice) else rows)
+                rows = rows + rows[:1]
+            start_lens, feeds = list(start_lens) + [self.capacity], list(feeds) + [[0]]
+            embeds = None if embeds is None else list(embeds) + [embeds[0][:1]]
+        num_new = max(compact.MIN_SIZE, *(len(f) for f in feeds))
+        visible_len = max(visible_len, compact.MIN_SIZE)
+        starts = torch.tensor(start_lens, device=self.device)
+        lengths = torch.tensor([len(f) for f in feeds], device=self.device)
         offsets = torch.arange(num_new, device=self.device)
         positions = starts[:, None] + torch.minimum(offsets, lengths[:, None] - 1)
         write_positions = torch.where(offsets < lengths[:, None], starts[:, None] + offsets, self.capacity)
         if embeds is None:
             input_ids, embeds_in = torch.tensor([f + [0] * (num_new - len(f)) for f in feeds], device=self.device), None
         else:
-            input_ids, embeds_in = None, torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)
+            padded = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)
+            input_ids, embeds_in = None, torch.nn.functional.pad(padded, (0, 0, 0, num_new - padded.size(1)))
         row_ids = None
         if not (isinstance(rows, slice) and rows.start == 0):
             row_ids = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else torch.as_tensor(rows)
             row_ids = row_ids.to(self.device)
-        return self.compiled(input_ids, embeds_in, positions, write_positions, row_ids, visible_len, cache.keys,
-                             cache.values)
+        hidden = self.compiled(input_ids, embeds_in, positions, write_positions, row_ids, visible_len, cache.keys,
+                               cache.values)
+        return hidden[:num_rows, :num_tokens]
 
     def _inputs(self, cache: RowKVCache, rows, start_lens: list[int], feeds: list[list[int]],
                 embeds: list[torch.Tensor] | None = None) -> dict:

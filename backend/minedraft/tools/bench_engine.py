@@ -1,6 +1,7 @@
 """In-process benchmark: AR vs SD vs PSD output-token throughput, closed loop, no Triton.
 
-    python -m minedraft.tools.bench_engine [--concurrency 1 2 4 8 16 32] [--draft-lengths 2 4 6 8] [--chat] [--out FILE]
+    python -m minedraft.tools.bench_engine [--concurrency 1 2 4 8 16 32] [--draft-lengths 2 4 6 8] [--chat]
+        [--modes ar sd psd] [--compiled] [--dtype float32] [--out FILE]
 
 Each mode gets one engine; concurrency is the number of requests kept in flight, and the
 draft length is set per request (num_draft_tokens), so one engine serves the whole sweep.
@@ -65,9 +66,9 @@ def engine_for(mode: str, max_concurrency: int, max_draft: int, model_dir: Path,
 
 
 def sweep(concurrencies, draft_lengths, max_tokens, model_dir: Path, prompts, requests_per_level=2, progress=print,
-          **overrides):
+          modes=("ar", "sd", "psd"), **overrides):
     """`overrides`: EngineConfig fields for every engine (devices, drafter kind, another draft)."""
-    results = {"ar": [], "sd": [], "psd": []}
+    results = {mode: [] for mode in modes}
     for mode in results:
         engine = engine_for(mode, max(concurrencies), max(draft_lengths), model_dir, **overrides)
         lengths = [0] if mode == "ar" else draft_lengths
@@ -107,19 +108,27 @@ def main(argv=None) -> None:
                         help=f"a prompt set ({', '.join(PROMPT_SETS)}) or a JSONL of {{\"prompt\": ...}} (default: demo_pair)")
     parser.add_argument("--chat", action="store_true", help="send the prompts through the target's chat template")
     parser.add_argument("--draft", help="another draft for the same target (default: the model dir's draft)")
+    parser.add_argument("--compiled", action="store_true", help="enforce_eager false: the compiled forward")
+    parser.add_argument("--modes", nargs="+", default=["ar", "sd", "psd"], choices=["ar", "sd", "psd"])
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--draft-quantization", default="none")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     prompts = load_prompts(prompts_path(args.prompts))
     if args.chat:
         prompts = chat_prompts(prompts, args.model_dir / "target")
     overrides = {"draft_model": args.draft} if args.draft else {}
-    results = sweep(args.concurrency, args.draft_lengths, args.max_tokens, args.model_dir, prompts, **overrides)
-    report = {"cpus": len(os.sched_getaffinity(0)), "max_tokens": args.max_tokens, "results": results,
-              "ratios": ratio_table(results)}
+    overrides.update(enforce_eager=not args.compiled, dtype=args.dtype, draft_quantization=args.draft_quantization)
+    results = sweep(args.concurrency, args.draft_lengths, args.max_tokens, args.model_dir, prompts, modes=args.modes,
+                    **overrides)
+    report = {"cpus": len(os.sched_getaffinity(0)), "max_tokens": args.max_tokens, "compiled": args.compiled,
+              "dtype": args.dtype, "results": results}
+    if set(args.modes) == {"ar", "sd", "psd"}:
+        report["ratios"] = ratio_table(results)
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text)
-    print(json.dumps(report["ratios"], indent=2))
+    print(json.dumps(report.get("ratios", results), indent=2))
 
 
 if __name__ == "__main__":
