@@ -120,14 +120,14 @@ class Drafting:
         """`seq` left `batch` (finished, cancelled or moved); `move` is the row that took its place."""
         self._row_states.pop(seq, None)
         state = self._batch_states[batch.slot]
+        # The batch had one row more before `seq` left; rows admitted after the drafting have none.
+        drafts = state.drafts.with_rows_added(len(batch) + 1) if state.drafts is not None else None
         if move is None:
-            if state.drafts is not None:
-                state.drafts = state.drafts.without_last_row()
+            state.drafts = drafts.without_last_row() if drafts is not None else None
             return
         moved = self.row(move.seq)
         state.pending_moves.append((move.src, move.dst, moved.num_cached_tokens + moved.num_cached_drafts))
-        if state.drafts is not None:
-            state.drafts = state.drafts.with_row_moved(move.src, move.dst)
+        state.drafts = drafts.with_row_moved(move.src, move.dst) if drafts is not None else None
 
     def forget_all(self) -> None:
         """No drafts anywhere, every draft cache row to be refed: after a drafter failure, or a
