@@ -69,7 +69,8 @@ class CompactDecoder(nn.Module):
 def compile_decoder(decoder: CompactDecoder):
     """torch.compile over the whole forward (fullgraph: a graph break is a bug here). Inductor
     freezes the weights into its kernels (on CPU, prepacked oneDNN matmuls); dynamic shapes keep
-    one graph for every row count, token count and cache length (sizes 0 and 1 get their own)."""
+    one graph for every row count, token count and cache length of at least MIN_SIZE, which the
+    runner pads to."""
     torch._inductor.config.freezing = True
     # Equal sizes must not be taken for one symbol (rows and tokens are often both 2).
     torch.fx.experimental._config.use_duck_shape = False

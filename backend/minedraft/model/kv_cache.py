@@ -9,6 +9,17 @@ length: stale entries past it are masked out and later overwritten (gpt-fast's h
 import torch
 
 
+def feed_positions(start_lens: torch.Tensor, feed_lens: torch.Tensor, num_new: int, capacity: int):
+    """Each fed token's position and the cache position its keys go to, [b, num_new] each, for rows
+    right-padded to `num_new`. Padding repeats its row's last position (it must not run past the
+    model's position table) and writes to the scratch slot past the capacity, which no query sees,
+    so that a row near the end of its capacity cannot overflow it."""
+    offsets = torch.arange(num_new, device=start_lens.device)
+    positions = start_lens[:, None] + torch.minimum(offsets, feed_lens[:, None] - 1)
+    write_positions = torch.where(offsets < feed_lens[:, None], start_lens[:, None] + offsets, capacity)
+    return positions, write_positions
+
+
 class RowKVCache:
     """Duck-types the part of transformers' `Cache` that attention layers call: `update`."""
 
@@ -23,23 +34,22 @@ class RowKVCache:
         self._write_positions: torch.Tensor | None = None
         self._visible_len = 0
 
-    def prepare(self, rows: slice | torch.Tensor, start_lens: torch.Tensor, feed_lens: torch.Tensor,
-                num_new: int) -> None:
-        """Aim the next forward at `rows`, whose `feed_lens` new tokens start at `start_lens`.
+    def check_room(self, num_positions: int) -> None:
+        if num_positions > self.capacity:
+            raise ValueError(f"KV cache overflow: a row needs {num_positions} positions, capacity is {self.capacity}")
 
-        Rows are padded to `num_new`; padding is written to a scratch position past the capacity,
-        which no query sees, so that a row near the end of its capacity cannot overflow it."""
-        if int((start_lens + feed_lens).max()) > self.capacity:
-            raise ValueError(f"KV cache overflow: a row needs {int((start_lens + feed_lens).max())} positions, "
-                             f"capacity is {self.capacity}")
-        device = start_lens.device
+    def prepare(self, rows: slice | torch.Tensor, start_lens: torch.Tensor, feed_lens: torch.Tensor,
+                num_new: int) -> torch.Tensor:
+        """Aim the next forward at `rows`, whose `feed_lens` new tokens start at `start_lens`, padded
+        to `num_new` (see feed_positions). Returns the fed tokens' positions."""
+        visible_len = int((start_lens + feed_lens).max())
+        self.check_room(visible_len)
+        self._visible_len = visible_len
         self._rows = rows
-        row_ids = torch.arange(rows.start, rows.stop, device=device) if isinstance(rows, slice) else rows
+        row_ids = torch.arange(rows.start, rows.stop, device=start_lens.device) if isinstance(rows, slice) else rows
         self._write_rows = row_ids[:, None].expand(-1, num_new)
-        offsets = torch.arange(num_new, device=device)
-        self._write_positions = torch.where(offsets < feed_lens[:, None], start_lens[:, None] + offsets,
-                                            self.capacity)
-        self._visible_len = int((start_lens + feed_lens).max())
+        positions, self._write_positions = feed_positions(start_lens, feed_lens, num_new, self.capacity)
+        return positions
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # key_states: [b, kv_heads, n, head_dim]

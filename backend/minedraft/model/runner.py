@@ -7,7 +7,7 @@ import time
 import torch
 
 from minedraft.model import compact
-from minedraft.model.kv_cache import RowKVCache
+from minedraft.model.kv_cache import RowKVCache, feed_positions
 
 log = logging.getLogger("minedraft")
 
@@ -108,8 +108,7 @@ class ModelRunner:
         own for a size of 1, and at a row or two a forward costs what one row does."""
         num_rows, num_tokens = len(feeds), max(len(f) for f in feeds)
         visible_len = max(s + len(f) for s, f in zip(start_lens, feeds))
-        if visible_len > self.capacity:
-            raise ValueError(f"KV cache overflow: a row needs {visible_len} positions, capacity is {self.capacity}")
+        cache.check_room(visible_len)
         if num_rows < compact.MIN_SIZE:
             # A padding row: its one token starts at the scratch slot, so it writes nothing else. It
             # reads row 1, or the picked-out row again; its output is dropped.
@@ -122,13 +121,10 @@ class ModelRunner:
             embeds = None if embeds is None else list(embeds) + [embeds[0][:1]]
         num_new = max(compact.MIN_SIZE, *(len(f) for f in feeds))
         visible_len = max(visible_len, compact.MIN_SIZE)
-        starts = torch.tensor(start_lens, device=self.device)
-        lengths = torch.tensor([len(f) for f in feeds], device=self.device)
-        offsets = torch.arange(num_new, device=self.device)
-        positions = starts[:, None] + torch.minimum(offsets, lengths[:, None] - 1)
-        write_positions = torch.where(offsets < lengths[:, None], starts[:, None] + offsets, self.capacity)
+        starts, lengths = self._lengths(start_lens, feeds)
+        positions, write_positions = feed_positions(starts, lengths, num_new, self.capacity)
         if embeds is None:
-            input_ids, embeds_in = torch.tensor([f + [0] * (num_new - len(f)) for f in feeds], device=self.device), None
+            input_ids, embeds_in = self._padded_ids(feeds, num_new), None
         else:
             padded = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)
             input_ids, embeds_in = None, torch.nn.functional.pad(padded, (0, 0, 0, num_new - padded.size(1)))
@@ -147,18 +143,22 @@ class ModelRunner:
         outputs are garbage that no caller reads."""
         num_new = max(len(f) for f in feeds)
         if embeds is None:
-            tokens = {"input_ids": torch.tensor([f + [0] * (num_new - len(f)) for f in feeds], device=self.device)}
+            tokens = {"input_ids": self._padded_ids(feeds, num_new)}
         else:
             tokens = {"inputs_embeds": torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)}
-        starts = torch.tensor(start_lens, device=self.device)
-        lengths = torch.tensor([len(f) for f in feeds], device=self.device)
         if isinstance(rows, list):
             rows = torch.tensor(rows, device=self.device)
-        cache.prepare(rows, starts, lengths, num_new)
-        # Padding repeats its row's last real position: it must not run past the model's position table.
-        positions = starts[:, None] + torch.minimum(torch.arange(num_new, device=self.device), lengths[:, None] - 1)
+        positions = cache.prepare(rows, *self._lengths(start_lens, feeds), num_new)
         return dict(**tokens, position_ids=positions, use_cache=True,
                     attention_mask=self._mask(positions, cache._visible_len), **{self._cache_arg: cache})
+
+    def _lengths(self, start_lens: list[int], feeds: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's cached length and its feed's length, as tensors on the model's device."""
+        return (torch.tensor(start_lens, device=self.device),
+                torch.tensor([len(f) for f in feeds], device=self.device))
+
+    def _padded_ids(self, feeds: list[list[int]], num_new: int) -> torch.Tensor:
+        return torch.tensor([f + [0] * (num_new - len(f)) for f in feeds], device=self.device)
 
     def _mask(self, positions: torch.Tensor, visible_len: int) -> torch.Tensor:
         """Additive [b, 1, n, t] mask: a query at position p sees keys 0..p of its own row."""
