@@ -95,6 +95,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.text = ""
         self.num_text_sent = 0
+        self.detokenizer = None  # engine.output.IncrementalDetokenizer, made at the first output
 
     @property
     def num_generated(self) -> int:

@@ -2,8 +2,28 @@
 stop token, stop string, length), detokenising, text deltas that always concatenate to the
 final text, and the emitted tokens' log-probabilities."""
 import torch
+from tokenizers.decoders import DecodeStream
 
 from minedraft.sequence import RequestOutput, Sequence
+
+
+class IncrementalDetokenizer:
+    """A request's output text as tokens arrive: tokenizers' streaming decoder takes each token
+    once, where decoding the whole output again at every step costs time quadratic in its length.
+    Its text is always a prefix of the whole output's decoding (it holds back a character whose
+    bytes have not all arrived; tests/test_output.py checks it on the shipped tokenizers)."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool):
+        self.backend = tokenizer.backend_tokenizer
+        self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self.text = ""
+        self.num_tokens = 0
+
+    def update(self, output_ids: list[int]) -> str:
+        for token in output_ids[self.num_tokens:]:
+            self.text += self.stream.step(self.backend, token) or ""
+        self.num_tokens = len(output_ids)
+        return self.text
 
 
 class OutputBuilder:
@@ -65,8 +85,16 @@ class OutputBuilder:
         return self.tokenizer.decode(seq.output_ids if ids is None else ids,
                                      skip_special_tokens=seq.params.skip_special_tokens)
 
+    def _streamed_text(self, seq: Sequence) -> str:
+        """The output's text so far, decoded incrementally where the tokenizer is a fast one."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            return self.decode(seq)
+        if seq.detokenizer is None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.params.skip_special_tokens)
+        return seq.detokenizer.update(seq.output_ids)
+
     def _cut_at_stop(self, seq: Sequence) -> bool:
-        text = self.decode(seq)
+        text = self._streamed_text(seq)
         hits = [i for i in (text.find(s, max(0, seq.num_text_sent - len(s))) for s in seq.params.stop) if i >= 0]
         if hits:
             first = min(hits)
@@ -79,8 +107,10 @@ class OutputBuilder:
         """New text since the last output. Held back while it ends in an incomplete UTF-8
         character, or could still grow into a stop string, so the deltas always concatenate
         to the final text."""
-        if seq.finish_reason != "stop":
-            seq.text = self.decode(seq)
+        if not seq.is_finished:
+            seq.text = self._streamed_text(seq)
+        elif seq.finish_reason != "stop":
+            seq.text = self.decode(seq)  # once: with any trailing bytes the stream still holds
         ready = len(seq.text)
         if not seq.is_finished:
             ready = len(seq.text.rstrip("\ufffd"))

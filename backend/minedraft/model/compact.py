@@ -5,13 +5,20 @@ per-call Python state, so that `torch.compile(fullgraph=True)` takes it whole. t
 forward stays the reference in the tests and the path for other architectures, for tensor
 parallelism and for `enforce_eager`.
 """
+import functools
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
-MIN_SIZE = 2  # rows and tokens fed are padded to at least this: dynamic shapes specialise sizes 0 and 1
+# oneDNN's CPU matmul streams packed weights slower for 1 to 3 input rows than for 4
+# (docs/benchmarks.md): a forward of packed layers feeds at least 4 tokens, padded.
+MIN_TOKENS_PER_FORWARD = 4
+# A row count and a token count of 1 each take a graph of their own (dynamic shapes specialise
+# sizes 0 and 1): these feeds of (rows, tokens) compile every graph a model's steps can take.
+WARM_UP_SHAPES = ((1, 1), (1, 3), (MIN_TOKENS_PER_FORWARD, 1), (MIN_TOKENS_PER_FORWARD, 3))
 RECOMPILE_LIMIT = 64
 
 
@@ -19,6 +26,32 @@ def is_supported(model) -> bool:
     config = model.config
     return (config.model_type in SUPPORTED_MODEL_TYPES and not getattr(config, "use_sliding_window", False)
             and getattr(config, "hidden_act", "silu") == "silu")
+
+
+def decoder_layer(block, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, visible: torch.Tensor,
+                  rows: torch.Tensor, write_positions: torch.Tensor, row_ids: torch.Tensor | None, visible_len: int,
+                  layer_keys: torch.Tensor, layer_values: torch.Tensor, *, num_heads: int, num_kv_heads: int,
+                  head_dim: int, grouped: bool) -> torch.Tensor:
+    """One decoder layer over `hidden` [b, n, H]; writes the layer's new keys and values in place.
+    `grouped`: fewer key/value heads than query heads (a bool, so a compiled graph takes it as a
+    constant; the head counts are symbolic sizes there)."""
+    b, n = hidden.shape[:2]
+    attention = block.self_attn
+    x = block.input_layernorm(hidden)
+    q = attention.q_proj(x).view(b, n, num_heads, head_dim).transpose(1, 2)
+    k = attention.k_proj(x).view(b, n, num_kv_heads, head_dim).transpose(1, 2)
+    v = attention.v_proj(x).view(b, n, num_kv_heads, head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    layer_keys[rows, :, write_positions] = k.transpose(1, 2)
+    layer_values[rows, :, write_positions] = v.transpose(1, 2)
+    if row_ids is None:
+        seen_keys, seen_values = layer_keys[:b, :, :visible_len], layer_values[:b, :, :visible_len]
+    else:
+        seen_keys, seen_values = layer_keys[row_ids, :, :visible_len], layer_values[row_ids, :, :visible_len]
+    out = F.scaled_dot_product_attention(q, seen_keys, seen_values, attn_mask=visible,
+                                         enable_gqa=grouped)
+    hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+    return hidden + block.mlp(block.post_attention_layernorm(hidden))
 
 
 class CompactDecoder(nn.Module):
@@ -33,6 +66,8 @@ class CompactDecoder(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.layer = functools.partial(decoder_layer, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                                       head_dim=self.head_dim, grouped=self.num_kv_heads != self.num_heads)
 
     def forward(self, input_ids: torch.Tensor | None, embeds: torch.Tensor | None, positions: torch.Tensor,
                 write_positions: torch.Tensor, row_ids: torch.Tensor | None, visible_len: int,
@@ -40,44 +75,30 @@ class CompactDecoder(nn.Module):
         """Returns the last hidden states [b, n, H] (the LM head's input). `row_ids` [b]: the cache
         rows fed; None: rows 0..b-1, which attention reads in place (a step's rows always are)."""
         hidden = self.decoder.embed_tokens(input_ids) if embeds is None else embeds
-        b, n = positions.shape
+        b = positions.shape[0]
         cos, sin = self.decoder.rotary_emb(hidden, positions)
         rows = (torch.arange(b, device=positions.device) if row_ids is None else row_ids)[:, None]
         # [b, 1, n, t]: key j is visible to a query at position p when j <= p.
         visible = torch.arange(visible_len, device=positions.device) <= positions[:, None, :, None]
-        for layer, (layer_keys, layer_values) in enumerate(zip(keys, values)):
-            block = self.decoder.layers[layer]
-            attention = block.self_attn
-            x = block.input_layernorm(hidden)
-            q = attention.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-            k = attention.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = attention.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            layer_keys[rows, :, write_positions] = k.transpose(1, 2)
-            layer_values[rows, :, write_positions] = v.transpose(1, 2)
-            if row_ids is None:
-                seen_keys, seen_values = layer_keys[:b, :, :visible_len], layer_values[:b, :, :visible_len]
-            else:
-                seen_keys, seen_values = layer_keys[row_ids, :, :visible_len], layer_values[row_ids, :, :visible_len]
-            out = F.scaled_dot_product_attention(q, seen_keys, seen_values, attn_mask=visible,
-                                                 enable_gqa=self.num_kv_heads != self.num_heads)
-            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(b, n, -1))
-            hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
+        for block, layer_keys, layer_values in zip(self.decoder.layers, keys, values):
+            hidden = self.layer(block, hidden, cos, sin, visible, rows, write_positions, row_ids, visible_len,
+                                layer_keys, layer_values)
         return self.decoder.norm(hidden)
 
 
-def compile_decoder(decoder: CompactDecoder):
-    """torch.compile over the whole forward (fullgraph: a graph break is a bug here). Inductor
-    freezes the weights into its kernels (on CPU, prepacked oneDNN matmuls); dynamic shapes keep
-    one graph for every row count, token count and cache length of at least MIN_SIZE, which the
-    runner pads to."""
-    torch._inductor.config.freezing = True
+def compile_decoder(decoder: CompactDecoder) -> CompactDecoder:
+    """torch.compile over one decoder layer (fullgraph: a graph break is a bug here), the regional
+    compilation torch recommends for a stack of like blocks: the layers' modules are inputs to one
+    graph, so tracing and compiling happen once for all of them (and for every model of the
+    architecture) and inductor's on-disk cache serves a restart. On CPU the runner has packed the
+    weights already (model/packed_linear.py). Dynamic shapes keep one graph for every row count
+    and token count of at least 2 (see WARM_UP_SHAPES) and every cache length."""
     # Equal sizes must not be taken for one symbol (rows and tokens are often both 2).
     torch.fx.experimental._config.use_duck_shape = False
-    # Each model compiles its own graphs (its weights are frozen into them; a model takes two, for
-    # a batch's first rows and for picked-out rows): the default limit of 8 per code object would
-    # stop a test session's many models.
+    # Models of other sizes and dtypes guard differently and compile graphs of their own: the
+    # default limit of 8 per code object would stop a test session's many models.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
                                                            RECOMPILE_LIMIT * 8)
-    return torch.compile(decoder, fullgraph=True, dynamic=True)
+    decoder.layer = torch.compile(decoder.layer, fullgraph=True, dynamic=True)
+    return decoder

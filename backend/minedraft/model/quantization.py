@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minedraft.model.packed_linear import PackedLinear
+
 # The CPU kernels read the quantized weights once per row of the input: they beat a bfloat16 matmul
 # only for a few rows (docs/qwen-coder.md). Wider inputs (a batch of 8 drafting, a prefill) run on
-# the layer's bfloat16 weights, which a CPU layer keeps.
+# the layer's bfloat16 weights, which a CPU layer keeps packed for oneDNN (model/packed_linear.py).
 MAX_QUANTIZED_ROWS = 4
 INT4_GROUP_SIZE = 32
 INT4_INNER_K_TILES = 2  # tinygemm's packing: K must be a multiple of 16 * this
@@ -29,13 +31,15 @@ class WeightOnlyLinear(nn.Module):
         super().__init__()
         self.out_features = linear.out_features
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
-        on_cpu = linear.weight.device.type == "cpu"
-        self.register_buffer("dense", linear.weight.detach().to(torch.bfloat16) if on_cpu else None)
+        self.dense = None
+        if linear.weight.device.type == "cpu":
+            bias = None if linear.bias is None else linear.bias.to(torch.bfloat16)
+            self.dense = PackedLinear(linear.weight.to(torch.bfloat16), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if self.dense is not None and flat.shape[0] > MAX_QUANTIZED_ROWS:
-            return F.linear(x.to(self.dense.dtype), self.dense, self.bias).to(x.dtype)
+            return self.dense(x.to(torch.bfloat16)).to(x.dtype)
         # The kernels want a contiguous input; a slice of a wider tensor (an attention output) is not.
         out = self.quantized_matmul(flat.contiguous()).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
@@ -103,6 +107,10 @@ def quantize_linears(model: nn.Module, kind: str) -> nn.Module:
             if isinstance(child, nn.Linear) and _fits(kind, child):
                 setattr(parent, name, make(child))
     return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(module, WeightOnlyLinear) for module in model.modules())
 
 
 def _fits(kind: str, linear: nn.Linear) -> bool:

@@ -8,6 +8,8 @@ import torch
 
 from minedraft.model import compact
 from minedraft.model.kv_cache import RowKVCache, feed_positions
+from minedraft.model.packed_linear import pack_linears
+from minedraft.model.quantization import is_quantized
 
 log = logging.getLogger("minedraft")
 
@@ -15,9 +17,10 @@ log = logging.getLogger("minedraft")
 class ModelRunner:
     """Turns rows of token ids into one padded forward pass; never decides who runs.
 
-    `enforce_eager` (vLLM's key) keeps transformers' eager forward; otherwise a Llama or Qwen2
-    model runs the compact forward under torch.compile (fullgraph, dynamic shapes, inductor with
-    frozen weights), compiled at load for the shapes steps take."""
+    `enforce_eager` (vLLM's key) keeps transformers' eager forward as loaded; otherwise a CPU
+    model's linear layers are packed for oneDNN (model/packed_linear.py, in place: the model is
+    the runner's) and a Llama or Qwen2 model runs the compact forward under torch.compile
+    (fullgraph, dynamic shapes), compiled at load for the shapes steps take."""
 
     def __init__(self, model, num_rows: int, capacity: int, enforce_eager: bool = True):
         self.model = model
@@ -28,27 +31,31 @@ class ModelRunner:
         # transformers 5 renamed past_key_values to cache (the old name goes in 5.40); 4.x knows only the old one.
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.compact, self.compiled = None, None
+        # Quantized kernels read their weights once per input row: padding would only cost.
+        self.min_tokens_per_forward = 1
+        if not enforce_eager and pack_linears(model) and not is_quantized(model):
+            self.min_tokens_per_forward = compact.MIN_TOKENS_PER_FORWARD
         if not enforce_eager and compact.is_supported(model):
             self.compact = compact.CompactDecoder(model)
             self.compiled = compact.compile_decoder(self.compact)
             self._warm_up()
 
-    def new_cache(self) -> RowKVCache:
-        # The compiled forward feeds at least two rows (see _compact_hidden): a padding row needs a row.
-        num_rows = max(self.num_rows, compact.MIN_SIZE) if self.compiled is not None else self.num_rows
-        cache = RowKVCache(num_rows, self.capacity)
+    def new_cache(self, num_rows: int | None = None) -> RowKVCache:
+        cache = RowKVCache(num_rows or self.num_rows, self.capacity)
         if self.compiled is not None:  # the compact forward writes every layer from its first call
             cache.allocate(self.model.config.num_hidden_layers, self.compact.num_kv_heads, self.compact.head_dim,
                            self.model.dtype, self.device)
         return cache
 
     def _warm_up(self) -> None:
-        """Compile now, not in the first requests' steps: the two graphs steps and prefills take,
-        the batch's first rows and rows picked out (feeding sizes of at least 2 keeps them general)."""
+        """Compile now, not in the first requests' steps: the graphs steps and prefills take, for
+        a batch's first rows and for rows picked out, at every shape that has its own."""
         started = time.monotonic()
-        cache = self.new_cache()
-        self.forward(cache, slice(0, 1), [4], [[1, 2, 3]])
-        self.fill(cache, [0], [0], [[1, 2, 3, 4, 5]])
+        cache = self.new_cache(max(self.num_rows, *(rows for rows, _ in compact.WARM_UP_SHAPES)))
+        for num_rows, num_tokens in compact.WARM_UP_SHAPES:
+            feeds = [list(range(1, num_tokens + 1))] * num_rows
+            self.forward(cache, slice(0, num_rows), [4] * num_rows, feeds)
+            self.fill(cache, list(range(num_rows)), [0] * num_rows, feeds)
         log.info("compiled %s's forward in %.1f s", type(self.model).__name__, time.monotonic() - started)
 
     def close(self) -> None:
@@ -102,25 +109,14 @@ class ModelRunner:
 
     def _compact_hidden(self, cache: RowKVCache, rows, start_lens: list[int], feeds: list[list[int]],
                         embeds: list[torch.Tensor] | None) -> torch.Tensor:
-        """The compiled forward's last hidden states [b, n, H]. Padding repeats its row's last
-        position and writes to the cache's scratch slot, which no query sees. Rows and tokens are
-        padded to at least 2 (MIN_SIZE): dynamic shapes would otherwise compile a graph of their
-        own for a size of 1, and at a row or two a forward costs what one row does."""
+        """The compiled forward's last hidden states [b, n, H]. Feeds are padded to a common
+        length, and to `min_tokens_per_forward` tokens in all; padding repeats its row's last
+        position and writes to the cache's scratch slot, which no query sees."""
         num_rows, num_tokens = len(feeds), max(len(f) for f in feeds)
         visible_len = max(s + len(f) for s, f in zip(start_lens, feeds))
         cache.check_room(visible_len)
-        if num_rows < compact.MIN_SIZE:
-            # A padding row: its one token starts at the scratch slot, so it writes nothing else. It
-            # reads row 1, or the picked-out row again; its output is dropped.
-            if isinstance(rows, slice) and rows.start == 0:
-                rows = slice(0, compact.MIN_SIZE)
-            else:
-                rows = list(range(rows.start, rows.stop) if isinstance(rows, slice) else rows)
-                rows = rows + rows[:1]
-            start_lens, feeds = list(start_lens) + [self.capacity], list(feeds) + [[0]]
-            embeds = None if embeds is None else list(embeds) + [embeds[0][:1]]
-        num_new = max(compact.MIN_SIZE, *(len(f) for f in feeds))
-        visible_len = max(visible_len, compact.MIN_SIZE)
+        num_new = max(num_tokens, -(-self.min_tokens_per_forward // num_rows))
+        visible_len = max(visible_len, 2)  # a visible length of 1 would take a graph of its own
         starts, lengths = self._lengths(start_lens, feeds)
         positions, write_positions = feed_positions(starts, lengths, num_new, self.capacity)
         if embeds is None:

@@ -5,6 +5,7 @@ responses (TritonResponder), engine settings from the model config. The serving 
 threads, cancellation and failure handling live in minedraft.serving.loop, which runs without Triton.
 """
 import json
+import locale
 import logging
 import os
 from dataclasses import fields
@@ -35,6 +36,15 @@ OUTPUTS = [("text_output", "TYPE_STRING"), ("finish_reason", "TYPE_STRING"), ("n
            ("num_output_tokens", "TYPE_UINT32"), ("num_drafted_tokens", "TYPE_UINT32"),
            ("num_accepted_tokens", "TYPE_UINT32"), ("cumulative_logprob", "TYPE_FP32"), ("logprobs", "TYPE_STRING")]
 ERROR_CODES = {INVALID: "INVALID_ARG", CANCELLED: "CANCELLED", INTERNAL: "INTERNAL", UNAVAILABLE: "UNAVAILABLE"}
+
+
+def _read_files_as_utf8() -> None:
+    """The python backend's stub embeds Python without its C-locale coercion, so under a server
+    started in the C locale (a container's default) open() reads ASCII, and inductor fails on the
+    generated code it reads back (it quotes the model's source, where transformers writes UTF-8).
+    The stub runs one model: its character type locale is ours to set."""
+    if locale.getpreferredencoding(False).lower().replace("-", "") != "utf8":
+        locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
 
 
 class TritonResponder:
@@ -115,6 +125,7 @@ class TritonPythonModel:
         return config
 
     def initialize(self, args):
+        _read_files_as_utf8()
         model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise pb_utils.TritonModelException("minedraft needs `model_transaction_policy { decoupled: true }`")

@@ -158,12 +158,14 @@ def load_requests(concurrency: int, max_tokens: int, window_s: float, expected_t
     return 1 + steady + learning_requests + concurrency
 
 
-def measure_server(server, setup, k, concurrency, prompts, args, workdir: Path, expected_tokens_per_s: float) -> dict:
+def measure_server(server, setup, k, concurrency, prompts, args, workdir: Path, expected_tokens_per_s: float,
+                   model: str | None = None) -> dict:
     """One point: perf_analyzer streams a fixed number of requests at this concurrency while the
     server's counters are read; throughput is their steady rate (`steady_rate`), latencies come from
     the export. A run whose steady span came out under half of --window-seconds (the rate was not
-    known yet) is run again, sized by the rate it measured."""
-    model = SETUPS[setup][0]
+    known yet) is run again, sized by the rate it measured. `model`: the served name, when it is
+    not the set-up's own."""
+    model = model or SETUPS[setup][0]
     params = {"max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
     if not setup.startswith("ar"):
         params["num_draft_tokens"] = k
