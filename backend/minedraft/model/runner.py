@@ -7,6 +7,7 @@ import time
 import torch
 
 from minedraft.model import compact
+from minedraft.model.cuda_graphs import StepGraphs
 from minedraft.model.kv_cache import RowKVCache, feed_positions
 from minedraft.model.packed_linear import pack_linears
 from minedraft.model.quantization import is_quantized
@@ -22,7 +23,11 @@ class ModelRunner:
     the runner's) and a Llama or Qwen2 model runs the compact forward under torch.compile
     (fullgraph, dynamic shapes), compiled at load for the shapes steps take."""
 
-    def __init__(self, model, num_rows: int, capacity: int, enforce_eager: bool = True):
+    def __init__(self, model, num_rows: int, capacity: int, enforce_eager: bool = True,
+                 step_buckets: bool | None = None):
+        """`step_buckets`: run steps (a batch's first rows, up to 8 tokens each) through static
+        buffers per bucket of rows and tokens (model/cuda_graphs.py); None: on CUDA, where each
+        bucket is captured as a CUDA graph. Only with the compact forward."""
         self.model = model
         self.device = next(model.parameters()).device
         self.num_rows = num_rows
@@ -30,7 +35,7 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         # transformers 5 renamed past_key_values to cache (the old name goes in 5.40); 4.x knows only the old one.
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self.compact, self.compiled = None, None
+        self.compact, self.compiled, self.graphs = None, None, None
         # Quantized kernels read their weights once per input row: padding would only cost.
         self.min_tokens_per_forward = 1
         if not enforce_eager and pack_linears(model) and not is_quantized(model):
@@ -39,12 +44,17 @@ class ModelRunner:
             self.compact = compact.CompactDecoder(model)
             self.compiled = compact.compile_decoder(self.compact)
             self._warm_up()
+            on_cuda = self.device.type == "cuda"
+            if step_buckets or (step_buckets is None and on_cuda):
+                self.graphs = StepGraphs(self.compiled, num_rows, capture=on_cuda)
 
     def new_cache(self, num_rows: int | None = None) -> RowKVCache:
         cache = RowKVCache(num_rows or self.num_rows, self.capacity)
         if self.compiled is not None:  # the compact forward writes every layer from its first call
             cache.allocate(self.model.config.num_hidden_layers, self.compact.num_kv_heads, self.compact.head_dim,
                            self.model.dtype, self.device)
+        if self.graphs is not None:
+            self.graphs.prepare(cache)
         return cache
 
     def _warm_up(self) -> None:
@@ -124,6 +134,10 @@ class ModelRunner:
         else:
             padded = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)
             input_ids, embeds_in = None, torch.nn.functional.pad(padded, (0, 0, 0, num_new - padded.size(1)))
+        if self.graphs is not None and embeds is None and isinstance(rows, slice) and rows.start == 0:
+            bucket = self.graphs.bucket(cache, num_rows, num_new)
+            if bucket is not None:
+                return bucket.replay(input_ids, positions, write_positions)[:, :num_tokens]
         row_ids = None
         if not (isinstance(rows, slice) and rows.start == 0):
             row_ids = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else torch.as_tensor(rows)

@@ -12,6 +12,9 @@ and the toy pair (model_repository/minedraft/1, 15 MB); the realistic sizes get 
      Qwen2.5-Coder 1.5B/0.5B pair's shapes in bfloat16, each fed to `minedraft simulate` for
      predicted AR/SD/PSD/flex throughput.
 
+On a GPU, losslessness and the Qwen-shaped pair's costs are checked again with `enforce_eager`
+false: the compact forward compiled, its steps replayed as CUDA graphs (model/cuda_graphs.py).
+
 It writes a markdown report (docs/gpu.md). `--dry-run` runs the same code on the CPU at toy
 sizes, so the tests can check the script without a GPU.
 """
@@ -65,6 +68,9 @@ class Plan:
     cost_max_k: int
     simulate_concurrency: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     simulate_alphas: tuple[float, ...] = (0.6, 0.8)
+    # Checked again with enforce_eager false (on a GPU: compiled, steps as CUDA graphs).
+    compiled_greedy_modes: tuple[str, ...] = ()
+    compiled_cost_pairs: tuple[CostPair, ...] = ()
 
 
 # 1B target (Llama-3.2-1B's shape with a 32k vocabulary) and a 68M draft (llama-68m's shape); the
@@ -80,7 +86,8 @@ QWEN_CODER_PAIR = CostPair("Qwen2.5-Coder 1.5B / 0.5B shapes", "qwen2", "bfloat1
                            dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True))
 GPU_PLAN = Plan("cuda", 3000, (1, 2, 4, 8, 16, 32), (2, 4, 6), 64, (LLAMA_1B_68M, QWEN_CODER_PAIR),
-                cost_batch=32, cost_max_k=8)
+                cost_batch=32, cost_max_k=8, compiled_greedy_modes=("ar", "sd", "psd"),
+                compiled_cost_pairs=(QWEN_CODER_PAIR,))
 TOY_SHAPES = (dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False),
               dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
@@ -108,13 +115,15 @@ def check_greedy(plan: Plan, model, tokenizer) -> dict:
     """Each mode's greedy output against HF's greedy decoding of the target alone, on the device."""
     expected = [reference_greedy(model, tokenizer, p, 32, ignore_eos=True)[1] for p in GREEDY_PROMPTS]
     results = {}
-    for mode in ("ar", "sd", "psd"):
-        engine = toy_engine(plan, mode, max_num_seqs=4)
+    runs = [(mode, True) for mode in ("ar", "sd", "psd")] + [(mode, False) for mode in plan.compiled_greedy_modes]
+    for mode, enforce_eager in runs:
+        engine = toy_engine(plan, mode, max_num_seqs=4, enforce_eager=enforce_eager)
         try:
             outputs = engine.generate(GREEDY_PROMPTS, {"max_tokens": 32, "temperature": 0, "ignore_eos": True})
         finally:
             engine.close()
-        results[mode] = sum(o.new_token_ids == e for o, e in zip(outputs, expected))
+        results[mode if enforce_eager else f"{mode} compiled"] = sum(o.new_token_ids == e
+                                                                     for o, e in zip(outputs, expected))
     return {"prompts": len(GREEDY_PROMPTS), "identical": results,
             "passed": all(n == len(GREEDY_PROMPTS) for n in results.values())}
 
@@ -145,7 +154,7 @@ def toy_sweep(plan: Plan) -> list[dict]:
     return ratio_table(results)
 
 
-def forward_costs(plan: Plan, pair: CostPair, workdir: Path):
+def forward_costs(plan: Plan, pair: CostPair, workdir: Path, enforce_eager: bool = True):
     """t_verify(b, k) and t_draft(b) of a random-weight pair, timed by the engine's own calibration
     (the same code flex runs at start-up)."""
     tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR / "target")
@@ -159,7 +168,7 @@ def forward_costs(plan: Plan, pair: CostPair, workdir: Path):
     engine = Engine(EngineConfig(target_model=str(workdir / "target"), draft_model=str(workdir / "draft"), mode="sd",
                                  num_draft_tokens=plan.cost_max_k, max_num_seqs=plan.cost_batch, max_model_len=256,
                                  target_device=plan.device, draft_device=plan.device, dtype=pair.dtype,
-                                 drafter="inline"))
+                                 drafter="inline", enforce_eager=enforce_eager))
     try:
         return measure_step_costs(engine.target, engine.target_caches[0], engine.drafting.sequential_drafter,
                                   plan.cost_max_k, plan.cost_batch, engine.eos_token_ids)
@@ -182,7 +191,7 @@ def environment(plan: Plan) -> dict:
 
 
 def report(plan: Plan, env: dict, greedy: dict, law: dict, ratios: list[dict], measured: list, seconds: float) -> str:
-    """`measured`: (pair, costs, predictions) for each cost pair."""
+    """`measured`: (pair, forward path, costs, predictions) for each cost pair and path."""
     verdict = lambda ok: "pass" if ok else "FAIL"  # noqa: E731
     lines = ["# GPU check", "",
              f"Written by `bash scripts/gpu_check.sh{' --dry-run' if plan.device == 'cpu' else ''}` "
@@ -199,8 +208,8 @@ def report(plan: Plan, env: dict, greedy: dict, law: dict, ratios: list[dict], m
     lines += [f"| {r['concurrency']} | {r['ar_tok_s']} | {r['sd_tok_s']} ({r['sd_k']}) | {r['psd_tok_s']} ({r['psd_k']}) "
               f"| {r['sd_over_ar']} | {r['psd_over_ar']} | {r['psd_over_sd']} |" for r in ratios]
     shape = lambda s: f"{s['num_hidden_layers']} layers x {s['hidden_size']}, vocabulary {s['vocab_size']}"  # noqa: E731
-    for pair, costs, predicted in measured:
-        lines += ["", f"## Forward costs: {pair.name}, random weights, {pair.dtype}", "",
+    for pair, path, costs, predicted in measured:
+        lines += ["", f"## Forward costs: {pair.name}, random weights, {pair.dtype}, {path}", "",
                   f"Target: {shape(pair.target_shape)}; draft: {shape(pair.draft_shape)}. Milliseconds, context 64.",
                   "", "| rows | " + " | ".join(f"verify k={k}" for k in range(costs.max_k + 1)) + " | draft step |",
                   "|---" * (costs.max_k + 3) + "|"]
@@ -208,7 +217,7 @@ def report(plan: Plan, env: dict, greedy: dict, law: dict, ratios: list[dict], m
                   + f" | {1e3 * costs.draft[i]:.2f} |" for i, b in enumerate(costs.batch_sizes)]
         lines += ["", "Costs as JSON (`minedraft simulate --costs`):", "", "```json", costs.to_json(), "```", ""]
         for alpha, text in predicted.items():
-            lines += [f"### {pair.name}: `minedraft simulate` on these costs, alpha {alpha}, "
+            lines += [f"### {pair.name} ({path}): `minedraft simulate` on these costs, alpha {alpha}, "
                       "128 output tokens after 64 prompt tokens", "", "```", text, "```", ""]
     return "\n".join(lines)
 
@@ -233,11 +242,13 @@ def main(argv=None) -> int:
     print(f"sampled law: {law}", flush=True)
     ratios = toy_sweep(plan)
     measured = []
-    for pair in plan.cost_pairs:
+    runs = [(pair, True) for pair in plan.cost_pairs] + [(pair, False) for pair in plan.compiled_cost_pairs]
+    for pair, enforce_eager in runs:
         with tempfile.TemporaryDirectory() as workdir:
-            costs = forward_costs(plan, pair, Path(workdir))
-        print(f"{pair.name}: {costs.to_json()}", flush=True)
-        measured.append((pair, costs, predictions(plan, costs)))
+            costs = forward_costs(plan, pair, Path(workdir), enforce_eager)
+        path = "eager" if enforce_eager else "compiled, steps as CUDA graphs"
+        print(f"{pair.name} ({path}): {costs.to_json()}", flush=True)
+        measured.append((pair, path, costs, predictions(plan, costs)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report(plan, env, greedy, law, ratios, measured, time.monotonic() - started))
     print(f"wrote {args.out}", flush=True)
