@@ -5,8 +5,7 @@ the input grows from one row (an AR step) to a verification's rows x (k + 1) tok
 
 Formats: bfloat16 through `F.linear`, bfloat16 packed for oneDNN (model/packed_linear.py), and the
 weight-only int8 and int4 layers of model/quantization.py on torch's own kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), with inductor's weight-only int8 GEMM
-(freezing, max-autotune) beside them. `--layers` copies of the layer run in turn, so that the
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`). `--layers` copies of the layer run in turn, so that the
 weights stream from memory as a model's do. Prints JSON: ms a layer and the weights' read rate.
 """
 import argparse
@@ -14,7 +13,6 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from minedraft.model.packed_linear import PackedLinear
@@ -45,25 +43,12 @@ class QuantizedKernel(nn.Module):
         return self.layer.quantized_matmul(x)
 
 
-class InductorInt8(nn.Module):
-    """int8 weights dequantised in the graph; inductor's freezing and max-autotune lower the
-    pattern to its weight-only-quantization GEMM."""
-
-    def __init__(self, layer: Int8WeightOnlyLinear):
-        super().__init__()
-        self.weight, self.scales = layer.weight, layer.scales
-
-    def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype)) * self.scales
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", type=int, nargs=2, default=[1536, 8960], metavar=("IN", "OUT"))
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 5, 8, 10, 20, 40])
     parser.add_argument("--layers", type=int, default=8, help="copies, so that the weights outgrow the caches")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--inductor", action="store_true", help="also inductor's int8 GEMM (compiles per width)")
     args = parser.parse_args(argv)
     in_features, out_features = args.shape
     torch.manual_seed(0)
@@ -76,10 +61,6 @@ def main(argv=None) -> None:
         "int4 _weight_int4pack_mm_for_cpu": ([QuantizedKernel(Int4WeightOnlyLinear(linear)) for linear in linears],
                                              0.5),
     }
-    if args.inductor:
-        torch._inductor.config.freezing = True
-        formats["int8 inductor max-autotune"] = (
-            [torch.compile(InductorInt8(layer), mode="max-autotune", dynamic=False) for layer in int8], 1)
     weight_bytes = in_features * out_features
     report = {"shape": args.shape, "layers": args.layers, "threads": torch.get_num_threads(),
               "max_quantized_rows": MAX_QUANTIZED_ROWS, "ms": {}, "gb_s": {}}
