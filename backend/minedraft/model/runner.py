@@ -21,7 +21,8 @@ class ModelRunner:
     `enforce_eager` (vLLM's key) keeps transformers' eager forward as loaded; otherwise a CPU
     model's linear layers are packed for oneDNN (model/packed_linear.py, in place: the model is
     the runner's) and a Llama or Qwen2 model runs the compact forward under torch.compile
-    (fullgraph, dynamic shapes), compiled at load for the shapes steps take."""
+    (fullgraph, dynamic shapes), compiled at load for the shapes steps take; on CUDA its steps
+    replay as CUDA graphs (model/cuda_graphs.py)."""
 
     def __init__(self, model, num_rows: int, capacity: int, enforce_eager: bool = True,
                  step_buckets: bool | None = None):
