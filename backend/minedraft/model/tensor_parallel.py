@@ -19,6 +19,7 @@ the rank, so the step fails and the serving loop ends the requests in flight. Th
 restarts every rank (a new process group, rank 0's shard reloaded); cache rows written before the
 restart are refused, so no request can continue on a half-lost cache.
 """
+import contextlib
 import datetime
 import json
 import logging
@@ -150,6 +151,10 @@ class RankProcesses:
                 try:
                     status, detail = conn.recv()[1:]
                 except (EOFError, OSError):
+                    # A dying process's pipe closes a moment before its exit status can be read:
+                    # wait for it, so that the error names the signal or exit code.
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.processes[worker].wait(timeout=1.0)
                     raise TensorParallelError(f"{self._describe(worker)} died during {what}") from None
                 if status != "ok":
                     raise TensorParallelError(f"{self._describe(worker)} failed during {what}: {detail}")
