@@ -15,8 +15,9 @@ def _permute_for_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_llama_gguf(model, tokenizer, path: Path) -> Path:
-    """Write `model` (a LlamaForCausalLM) with `tokenizer` to `path` as an unquantised (float32) GGUF."""
+def write_llama_gguf(model, tokenizer, path: Path, quantized: dict[str, gguf.GGMLQuantizationType] | None = None) -> Path:
+    """Write `model` (a LlamaForCausalLM) with `tokenizer` to `path` as a GGUF, in float32 except the
+    tensors `quantized` names by their GGUF kind ("attn_q", "ffn_down", ...), which gguf-py quantizes."""
     path = Path(path)
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -65,7 +66,12 @@ def write_llama_gguf(model, tokenizer, path: Path) -> Path:
             w = _permute_for_rope(w, cfg.num_attention_heads)
         elif name.endswith("attn_k.weight"):
             w = _permute_for_rope(w, cfg.num_key_value_heads)
-        writer.add_tensor(name, np.ascontiguousarray(w))
+        kind = name.split(".")[-2]
+        if quantized and kind in quantized:
+            writer.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(w), quantized[kind]),
+                              raw_dtype=quantized[kind])
+        else:
+            writer.add_tensor(name, np.ascontiguousarray(w))
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

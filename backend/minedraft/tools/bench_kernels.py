@@ -3,9 +3,10 @@ the input grows from one row (an AR step) to a verification's rows x (k + 1) tok
 
     python -m minedraft.tools.bench_kernels [--shape 1536 8960] [--rows 1 2 4 5 8 10 20 40]
 
-Formats: bfloat16 through `F.linear`, bfloat16 packed for oneDNN (model/packed_linear.py), and the
+Formats: bfloat16 through `F.linear`, bfloat16 packed for oneDNN (model/packed_linear.py), the
 weight-only int8 and int4 layers of model/quantization.py on torch's own kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`). `--layers` copies of the layer run in turn, so that the
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), and its W8A8 layer (int8 weights, activations
+quantized per row, oneDNN's u8 x s8 GEMM). `--layers` copies of the layer run in turn, so that the
 weights stream from memory as a model's do. Prints JSON: ms a layer and the weights' read rate.
 """
 import argparse
@@ -16,7 +17,12 @@ import torch
 from torch import nn
 
 from minedraft.model.packed_linear import PackedLinear
-from minedraft.model.quantization import MAX_QUANTIZED_ROWS, Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from minedraft.model.quantization import (
+    MAX_QUANTIZED_ROWS,
+    Int4WeightOnlyLinear,
+    Int8DynamicLinear,
+    Int8WeightOnlyLinear,
+)
 
 
 def layer_ms(layers, x: torch.Tensor, repeats: int) -> float:
@@ -60,6 +66,7 @@ def main(argv=None) -> None:
         "int8 _weight_int8pack_mm": ([QuantizedKernel(layer) for layer in int8], 1),
         "int4 _weight_int4pack_mm_for_cpu": ([QuantizedKernel(Int4WeightOnlyLinear(linear)) for linear in linears],
                                              0.5),
+        "w8a8 onednn qlinear": ([Int8DynamicLinear(linear) for linear in linears], 1),
     }
     weight_bytes = in_features * out_features
     report = {"shape": args.shape, "layers": args.layers, "threads": torch.get_num_threads(),

