@@ -130,6 +130,9 @@ def test_the_keys_are_checked_at_load(tiny_pair):
         with pytest.raises(ConfigError, match=f"{key} must be one of"):
             EngineConfig.from_dict({key: "int2"})
         assert getattr(EngineConfig.from_dict({key: "int4"}), key) == "int4"
+        device = key.replace("quantization", "device")
+        with pytest.raises(ConfigError, match=f"{key} w8a8 has CPU kernels only"):
+            EngineConfig.from_dict({key: "w8a8", device: "cuda"})
     with pytest.raises(ConfigError, match="target_quantization needs tensor_parallel_size 1"):
         EngineConfig.from_dict({"target_quantization": "int8", "tensor_parallel_size": 2})
 
@@ -214,16 +217,20 @@ def test_q4_k_blocks_read_as_gguf_py_dequantises_them():
     assert torch.equal(groups.dequantize(), torch.from_numpy(want))
 
 
-@pytest.mark.parametrize("quantization", ["int4", "w8a8"])
-@pytest.mark.parametrize("mode", ["sd", "psd"])
-def test_speculation_over_a_quantized_target_gives_its_own_output(published_gguf, tiny_pair, mode, quantization):
+@pytest.mark.parametrize(("quantization", "mode", "enforce_eager"), [
+    ("int4", "sd", True), ("int4", "psd", True), ("w8a8", "sd", True), ("w8a8", "psd", True), ("w8a8", "sd", False)])
+def test_speculation_over_a_quantized_target_gives_its_own_output(published_gguf, tiny_pair, mode, quantization,
+                                                                  enforce_eager):
     """Lossless relative to the served (quantized) target: greedy identity in float32 with its AR
-    output, though under int4 verification's widths run the dense kernel and AR's the quantized one."""
+    output, though under int4 verification's widths run the dense kernel and AR's the quantized one;
+    also compiled (the activations' quantization then fused by inductor)."""
     prompts = ["def add(a, b):", "class Point:\n", "for i in", "import os"]
     params = {"max_tokens": 20, "temperature": 0, "ignore_eos": True}
-    target = {"target_model": published_gguf, "target_quantization": quantization, "max_model_len": 256}
+    target = {"target_model": published_gguf, "target_quantization": quantization, "max_model_len": 256,
+              "enforce_eager": enforce_eager}
     expected = _generate(EngineConfig(mode="ar", **target), prompts, params)
-    unquantized = _generate(EngineConfig(target_model=published_gguf, mode="ar", max_model_len=256), prompts, params)
+    unquantized = _generate(EngineConfig(target_model=published_gguf, mode="ar", max_model_len=256,
+                                         enforce_eager=enforce_eager), prompts, params)
     got = _generate(EngineConfig(draft_model=tiny_pair[1], mode=mode, num_draft_tokens=3, **target), prompts, params)
     assert got == expected
     assert unquantized != expected  # the quantized target is a model of its own

@@ -14,6 +14,9 @@ import torch
 from conftest import REPO
 from engine_helpers import two_token_pvalue
 from minedraft import Engine, EngineConfig
+from minedraft.model.gguf_blocks import GgufBlocks, gguf_beside
+from minedraft.model.quantization import quantize_linears
+from minedraft.tools.bench_peer import shipped_parameters
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 QWEN_CODER = REPO / "model_repository" / "qwen-coder" / "1"
@@ -48,7 +51,23 @@ def chat(tokenizer, question: str) -> str:
 @pytest.fixture(scope="module")
 def reference(qwen_coder):
     """The target alone, HF `generate` at batch 1: each question's greedy tokens and logits."""
-    tokenizer, model = qwen_coder
+    return generate_reference(*qwen_coder)
+
+
+@pytest.fixture(scope="module")
+def served_reference(qwen_coder, reference):
+    """The target as the shipped entry serves it: quantized as its `target_quantization` says (the
+    served model, which speculation must follow), else the target alone."""
+    kind = shipped_parameters(QWEN_CODER).get("target_quantization", "none")
+    if kind == "none":
+        return reference
+    model = AutoModelForCausalLM.from_pretrained(TARGET, dtype=torch.bfloat16).eval()
+    published = gguf_beside(str(TARGET))
+    quantize_linears(model, kind, GgufBlocks(published, model.config) if published else None)
+    return generate_reference(qwen_coder[0], model)
+
+
+def generate_reference(tokenizer, model) -> list[tuple[list[int], torch.Tensor]]:
     answers = []
     for question in QUESTIONS:
         ids = tokenizer(chat(tokenizer, question), return_tensors="pt").input_ids
@@ -99,10 +118,11 @@ def test_greedy_output_differs_from_the_target_alone_only_at_near_ties(qwen_code
 
 
 @pytest.mark.server
-def test_the_shipped_entry_serves_and_speculates_through_tritonserver(qwen_coder, reference, tmp_path):
+def test_the_shipped_entry_serves_and_speculates_through_tritonserver(qwen_coder, served_reference, tmp_path):
     """model_repository/qwen-coder as shipped (its config.pbtxt, its links), through tritonserver and
-    gRPC streaming: near-tie-equal to the target alone, and the server's own counters show the
-    draft accepted for most of its tokens."""
+    gRPC streaming: near-tie-equal to the target alone as served (quantized as the entry says), and
+    the server's own counters show the draft accepted for most of its tokens."""
+    reference = served_reference
     import shutil
     import urllib.request
 
@@ -116,7 +136,7 @@ def test_the_shipped_entry_serves_and_speculates_through_tritonserver(qwen_coder
     server = TritonServer(root, *(free_port() for _ in range(3)), log_path=tmp_path / "server.log")
     server.start()
     try:
-        server.wait_ready(timeout=300)
+        server.wait_ready(timeout=600)
         texts = []
         for question in QUESTIONS:
             deltas = []

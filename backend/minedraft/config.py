@@ -22,6 +22,7 @@ DRAFTER_KINDS = ("auto", "inline", "process")
 DRAFT_METHODS = ("model", "ngram")
 DTYPES = ("float32", "float16", "bfloat16")  # torch dtypes by name (model.loading maps them)
 QUANTIZATIONS = ("none", "int8", "int4", "w8a8")  # of the linear layers (model/quantization.py)
+CPU_QUANTIZATIONS = ("w8a8",)  # oneDNN's u8 x s8 GEMM: a CPU kernel only
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "model_repository" / "minedraft" / "1"
 
 
@@ -105,9 +106,11 @@ class EngineConfig:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-        for key in ("draft_quantization", "target_quantization"):
+        for key, device in (("draft_quantization", self.draft_device), ("target_quantization", self.target_device)):
             if getattr(self, key) not in QUANTIZATIONS:
                 raise ConfigError(f"{key} must be one of {QUANTIZATIONS}, got {getattr(self, key)!r}")
+            if getattr(self, key) in CPU_QUANTIZATIONS and device != "cpu":
+                raise ConfigError(f"{key} {getattr(self, key)} has CPU kernels only; on {device} use int4 or int8")
         if self.drafter not in DRAFTER_KINDS:
             raise ConfigError(f"drafter must be one of {DRAFTER_KINDS}, got {self.drafter!r}")
         for key in ("target_device", "draft_device"):

@@ -115,24 +115,17 @@ ACTIVATION_ZERO_POINT = 128
 
 
 @torch.library.custom_op("minedraft::w8a8_linear", mutates_args=())
-def w8a8_linear(x: torch.Tensor, packed_weight: torch.Tensor, weight_scales: torch.Tensor,
-                zero_point_sums: torch.Tensor) -> torch.Tensor:
-    """x [rows, in] -> [rows, out] in float32. Each row is quantized with its own scale, so a row's
-    result never depends on the rows beside it, and the integer sums are exact: bit for bit the
-    same at any width (a verification and an AR step compute the same function)."""
-    scale = x.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
-    quantized = (torch.round(x.float() / scale) + ACTIVATION_ZERO_POINT).to(torch.uint8)
-    # Input scale 1 and zero point 0: oneDNN returns the weight-scaled integer sums; the rows'
-    # scales and zero points are applied here.
-    sums = torch.ops.onednn.qlinear_pointwise.tensor(
-        quantized, torch.ones((), dtype=torch.float32), torch.zeros((), dtype=torch.int64), packed_weight,
+def w8a8_linear(activations: torch.Tensor, packed_weight: torch.Tensor, weight_scales: torch.Tensor) -> torch.Tensor:
+    """uint8 activations [rows, in] (zero point ACTIVATION_ZERO_POINT, scale 1) -> the weight-scaled
+    integer sums [rows, out], float32. oneDNN's op, opaque to torch.compile (its weight is packed)."""
+    return torch.ops.onednn.qlinear_pointwise.tensor(
+        activations, torch.ones((), dtype=torch.float32), torch.zeros((), dtype=torch.int64), packed_weight,
         weight_scales, torch.zeros_like(weight_scales, dtype=torch.int64), None, 1.0, 0, torch.float32, "none", [], "")
-    return (sums - zero_point_sums) * scale
 
 
 @w8a8_linear.register_fake
-def _w8a8_linear_shape(x, packed_weight, weight_scales, zero_point_sums):
-    return x.new_empty(x.shape[0], weight_scales.shape[0], dtype=torch.float32)
+def _w8a8_linear_shape(activations, packed_weight, weight_scales):
+    return activations.new_empty(activations.shape[0], weight_scales.shape[0], dtype=torch.float32)
 
 
 class Int8DynamicLinear(nn.Module):
@@ -151,20 +144,17 @@ class Int8DynamicLinear(nn.Module):
         self.register_buffer("weight_scales", scales)
         self.register_buffer("zero_point_sums", ACTIVATION_ZERO_POINT * scales * quantized.sum(dim=1).float())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
-        self.on_cpu = weight.device.type == "cpu"
-        if self.on_cpu:
-            self.packed_weight = torch.ops.onednn.qlinear_prepack(quantized, None)
-        else:
-            self.register_buffer("weight", quantized)
+        self.packed_weight = torch.ops.onednn.qlinear_prepack(quantized, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        if self.on_cpu:
-            out = w8a8_linear(flat, self.packed_weight, self.weight_scales, self.zero_point_sums)
-        else:
-            scale = flat.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
-            out = F.linear(torch.round(flat.float() / scale), self.weight.float()) * self.weight_scales * scale
-        out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        # Each row quantized with its own scale, so a row's result never depends on the rows beside
+        # it, and the integer sums are exact: bit for bit the same at any width (a verification and
+        # an AR step compute the same function). Outside the custom op, so that inductor fuses it.
+        flat = x.reshape(-1, x.shape[-1]).float()
+        scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
+        activations = (torch.round(flat / scale) + ACTIVATION_ZERO_POINT).to(torch.uint8)
+        sums = w8a8_linear(activations, self.packed_weight, self.weight_scales)
+        out = ((sums - self.zero_point_sums) * scale).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
 

@@ -87,7 +87,10 @@ class TritonServer:
     """A running tritonserver serving `model_repository` with the minedraft backend."""
 
     def __init__(self, model_repository=DEFAULT_REPOSITORY, http_port=8000, grpc_port=8001, metrics_port=8002,
-                 extra_args=(), log_path=None):
+                 extra_args=(), log_path=None, ready_timeout: float = 300):
+        """`ready_timeout`: how long `with` waits for every model to load (a quantized target's
+        load takes minutes on two cores)."""
+        self.ready_timeout = ready_timeout
         self.model_repository = Path(model_repository).resolve()
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.extra_args = list(extra_args)
@@ -174,7 +177,11 @@ class TritonServer:
 
     def __enter__(self):
         self.start()
-        self.wait_ready()
+        try:
+            self.wait_ready(self.ready_timeout)
+        except BaseException:  # __exit__ does not run when __enter__ raises: nothing may be left running
+            self.stop()
+            raise
         return self
 
     def __exit__(self, *exc):

@@ -11,6 +11,7 @@ weights stream from memory as a model's do. Prints JSON: ms a layer and the weig
 """
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -77,7 +78,7 @@ def main(argv=None) -> None:
             ms = layer_ms(layers, x, args.repeats)
             report["ms"].setdefault(name, {})[rows] = round(ms, 3)
             report["gb_s"].setdefault(name, {})[rows] = round(weight_bytes * bytes_per_weight / ms / 1e6, 1)
-        print(rows, {name: times[rows] for name, times in report["ms"].items()}, flush=True)
+        print(rows, {name: times[rows] for name, times in report["ms"].items()}, file=sys.stderr, flush=True)
     print(json.dumps(report, indent=2))
 
 

@@ -6,8 +6,8 @@ issue 39's L1 and L2).
         [--variants default int4_target] [--out FILE]
 
 Ours: tritonserver serves the entry's config.pbtxt as shipped (`default`) and, with
-`int4_target` and `w8a8_target`, the same plus `target_quantization`, behind the OpenAI entry of `minedraft
-serve`. llama.cpp: `llama-server` on the GGUFs `prepare_models` keeps beside the conversions
+`int4_target` and `w8a8_target`, the same plus `target_quantization`, behind the OpenAI entry of
+`minedraft serve`, one server per variant in turn. llama.cpp: `llama-server` on the GGUFs `prepare_models` keeps beside the conversions
 (`model.gguf`), alone (AR) and with the draft (`--spec-type draft-simple`, k as ours), with as many
 slots as the concurrency, the same threads. Every server gets the same chat requests on held-out
 prompts (greedy, a fixed number of tokens, ignore_eos) from `concurrency` clients; each set-up first
@@ -29,8 +29,10 @@ from typing import Self
 import aiohttp
 import torch
 
+from minedraft.policy.cost_model import STEP_MODES
 from minedraft.serving.launcher import TritonServer
 from minedraft.serving.openai_api import OpenAIEntry
+from minedraft.serving.triton_metrics import read_metrics
 from minedraft.worker_process import free_port
 
 from .bench import machine
@@ -114,6 +116,15 @@ class LlamaServer:
         self.log.close()
 
 
+def policy_counts(before: dict, after: dict) -> dict:
+    """What the policy chose over a measurement (warm-up round included), and the acceptance."""
+    def delta(name):
+        return after.get(name, 0) - before.get(name, 0)
+    drafted = delta("minedraft_draft_tokens_total")
+    return {"steps_by_mode": {mode: delta(f"minedraft_policy_steps_total/{mode}") for mode in STEP_MODES},
+            "acceptance_rate": round(delta("minedraft_accepted_tokens_total") / drafted, 4) if drafted else None}
+
+
 def _healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -143,17 +154,23 @@ def main(argv=None) -> None:
         rows.append({"server": server, "setup": setup, **point})
         print(f"{server} {setup} c={point['concurrency']}: {point['tokens_per_s']} tok/s", flush=True)
 
-    models = {f"{args.model_dir.resolve().parent.name}-{variant}": {**parameters, **VARIANTS[variant]} for variant in args.variants}
-    write_repository(workdir / "repo", models, max_batch_size=2 * int(parameters["max_num_seqs"]), queue_size=256)
-    with TritonServer(workdir / "repo", *(free_port() for _ in range(3)), log_path=workdir / "server.log") as server:
-        entry = OpenAIEntry(free_port(), server.grpc_url, workdir / "repo", host="127.0.0.1").start()
-        try:
-            for concurrency in args.concurrency:
-                for name in models:
-                    record("minedraft", name, asyncio.run(measure(entry.url, name, prompts, concurrency,
-                                                                  args.max_tokens, args.rounds)))
-        finally:
-            entry.stop()
+    entry_name = args.model_dir.resolve().parent.name
+    # One server per variant, one after the other: each has the machine's cores and memory to
+    # itself, while it loads (auto's calibration times its steps then) and while it is measured.
+    for variant in args.variants:
+        name = f"{entry_name}-{variant}"
+        repository = write_repository(workdir / variant, {name: {**parameters, **VARIANTS[variant]}},
+                                      max_batch_size=2 * int(parameters["max_num_seqs"]), queue_size=256)
+        with TritonServer(repository, *(free_port() for _ in range(3)), log_path=workdir / f"{variant}.log",
+                          ready_timeout=1800) as server:
+            entry = OpenAIEntry(free_port(), server.grpc_url, repository, host="127.0.0.1").start()
+            try:
+                for concurrency in args.concurrency:
+                    before = read_metrics(server.metrics_url, name)
+                    point = asyncio.run(measure(entry.url, name, prompts, concurrency, args.max_tokens, args.rounds))
+                    record("minedraft", name, {**point, **policy_counts(before, read_metrics(server.metrics_url, name))})
+            finally:
+                entry.stop()
     server_binary = args.llama_cpp / "llama-server"
     target_gguf = Path(parameters["target_model"]) / GGUF_NAME
     draft_gguf = Path(parameters["draft_model"]) / GGUF_NAME
