@@ -379,6 +379,14 @@ def run(args) -> dict:
             "rows": rows, **extras}
 
 
+def print_report(report: dict, out: Path | None) -> None:
+    """A tool's JSON report, to stdout and to `out` when given."""
+    text = json.dumps(report, indent=2)
+    if out:
+        out.write_text(text)
+    print(text)
+
+
 def machine() -> dict:
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                  platform.machine())

@@ -10,14 +10,13 @@ server's generated-token counter over its steady span, as `minedraft bench` read
 with each compiled / eager ratio.
 """
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 from minedraft.serving.launcher import TritonServer
 from minedraft.worker_process import free_port
 
-from .bench import bench_prompts, machine, measure_server
+from .bench import bench_prompts, machine, measure_server, print_report
 from .repository import write_repository
 from .setups import SETUPS
 
@@ -67,10 +66,7 @@ def main(argv=None) -> None:
                 print(f"{setup} c={concurrency}: compiled {point['compiled']['tokens_per_s']} tok/s, "
                       f"eager {point['eager']['tokens_per_s']} tok/s, ratio {ratio:.2f}", flush=True)
     report = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text)
-    print(text)
+    print_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from minedraft.serving.openai_api import OpenAIEntry
 from minedraft.serving.triton_metrics import read_metrics
 from minedraft.worker_process import free_port
 
-from .bench import machine
+from .bench import machine, print_report
 from .prepare_models import GGUF_NAME
 from .repository import write_repository
 
@@ -192,10 +192,7 @@ def main(argv=None) -> None:
                                                                    args.max_tokens, args.rounds)))
     report = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "skipped": skipped,
               "rows": rows}
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text)
-    print(text)
+    print_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from minedraft.model.gguf_blocks import GgufBlocks, gguf_beside
 from minedraft.model.loading import load_model, load_tokenizer
 from minedraft.model.quantization import quantize_linears
 from minedraft.prompts import prompts_path
-from minedraft.tools.bench import machine
+from minedraft.tools.bench import machine, print_report
 
 NEAR_TIE = 0.1  # log-probability margin under which tests/test_qwen_pair.py lets two runs differ
 
@@ -77,10 +77,7 @@ def main(argv=None) -> None:
         quantize_linears(model, kind, GgufBlocks(published, model.config) if published else None)
         report["quantization"][kind] = compare(reference, answer_logprobs(model, sequences, prompt_lens))
         del model
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text)
-    print(text)
+    print_report(report, args.out)
 
 
 if __name__ == "__main__":
