@@ -1,5 +1,6 @@
-"""Weight-only int8 / int4 linear layers, as gpt-fast writes them: the draft's (`draft_quantization`)
-and the target's (`target_quantization`).
+"""Quantized linear layers, the draft's (`draft_quantization`) and the target's
+(`target_quantization`): weight-only int8 / int4 as gpt-fast writes them, and W8A8 (int8 weights and
+activations) on oneDNN's integer GEMM.
 
 A quantized draft changes nothing about losslessness: acceptance only reads the draft's
 proposals and their probabilities, and the output follows the target's distribution. A quantized
@@ -130,10 +131,9 @@ def _w8a8_linear_shape(activations, packed_weight, weight_scales):
 
 class Int8DynamicLinear(nn.Module):
     """W8A8 (vLLM's name for it): int8 weights with one scale per output channel, and activations
-    quantized to 8 bits per row at run time, as llama.cpp does with its Q8 activations. On CPU
-    oneDNN's u8 x s8 GEMM (AVX-512 VNNI, AMX where there is one) reads each weight once for all the
-    rows, so a verification of k + 1 tokens costs what one token does; elsewhere a float matmul of
-    the same integers."""
+    quantized to 8 bits per row at run time. oneDNN's u8 x s8 GEMM (AVX-512 VNNI, AMX where there
+    is one) reads each weight once for all the rows, so a verification of k + 1 tokens costs about
+    what one token does. CPU only (config.py refuses it elsewhere)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
