@@ -155,14 +155,17 @@ def main(argv=None) -> None:
         print(f"{server} {setup} c={point['concurrency']}: {point['tokens_per_s']} tok/s", flush=True)
 
     entry_name = args.model_dir.resolve().parent.name
+    load_s = {}  # start to ready: loading, quantizing, compiling and auto's calibration
     # One server per variant, one after the other: each has the machine's cores and memory to
     # itself, while it loads (auto's calibration times its steps then) and while it is measured.
     for variant in args.variants:
         name = f"{entry_name}-{variant}"
         repository = write_repository(workdir / variant, {name: {**parameters, **VARIANTS[variant]}},
                                       max_batch_size=2 * int(parameters["max_num_seqs"]), queue_size=256)
+        started = time.monotonic()
         with TritonServer(repository, *(free_port() for _ in range(3)), log_path=workdir / f"{variant}.log",
                           ready_timeout=1800) as server:
+            load_s[name] = round(time.monotonic() - started, 1)
             entry = OpenAIEntry(free_port(), server.grpc_url, repository, host="127.0.0.1").start()
             try:
                 for concurrency in args.concurrency:
@@ -191,7 +194,7 @@ def main(argv=None) -> None:
                     record("llama.cpp", setup, asyncio.run(measure(peer.url, "peer", prompts, concurrency,
                                                                    args.max_tokens, args.rounds)))
     report = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "skipped": skipped,
-              "rows": rows}
+              "load_s": load_s, "rows": rows}
     print_report(report, args.out)
 
 
