@@ -14,8 +14,7 @@ import torch
 from conftest import REPO
 from engine_helpers import two_token_pvalue
 from minedraft import Engine, EngineConfig
-from minedraft.model.gguf_blocks import GgufBlocks, gguf_beside
-from minedraft.model.quantization import quantize_linears
+from minedraft.model.quantization import quantize_target
 from minedraft.tools.bench_peer import shipped_parameters
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,8 +61,7 @@ def served_reference(qwen_coder, reference):
     if kind == "none":
         return reference
     model = AutoModelForCausalLM.from_pretrained(TARGET, dtype=torch.bfloat16).eval()
-    published = gguf_beside(str(TARGET))
-    quantize_linears(model, kind, GgufBlocks(published, model.config) if published else None)
+    quantize_target(model, kind, str(TARGET))
     return generate_reference(qwen_coder[0], model)
 
 

@@ -15,10 +15,9 @@ from minedraft.drafting.ngram import NgramDrafter
 from minedraft.drafting.process import ProcessDrafter
 from minedraft.drafting.vocabulary import D2T_FILE, DraftVocabulary
 from minedraft.engine.output import OutputBuilder
-from minedraft.model.gguf_blocks import GgufBlocks, gguf_beside
 from minedraft.model.kv_cache import RowKVCache
 from minedraft.model.loading import load_config, load_model, load_tokenizer
-from minedraft.model.quantization import quantize_linears
+from minedraft.model.quantization import quantize_target
 from minedraft.model.runner import ModelRunner
 from minedraft.model.tensor_parallel import TensorParallelRunner, rank_device
 from minedraft.policy.auto import AutoPolicy
@@ -92,9 +91,7 @@ def _start_target(config: EngineConfig, capacity: int, cpus: set[int]):
     if config.tensor_parallel_size == 1:
         model = load_model(config.target_model, config.target_device, config.dtype)
         if config.target_quantization != "none":
-            published = gguf_beside(config.target_model)
-            quantize_linears(model, config.target_quantization,
-                             GgufBlocks(published, model.config) if published is not None else None)
+            quantize_target(model, config.target_quantization, config.target_model)
         return ModelRunner(model, config.max_num_seqs, capacity, enforce_eager=config.enforce_eager)
     check_tensor_parallel(load_config(config.target_model), config)
     return TensorParallelRunner(config.target_model, config.target_device, config.dtype, config.tensor_parallel_size,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minedraft.model.gguf_blocks import GROUP_SIZE as INT4_GROUP_SIZE
-from minedraft.model.gguf_blocks import GgufBlocks, Int4Groups, read_int4_groups
+from minedraft.model.gguf_blocks import GgufBlocks, Int4Groups, gguf_beside, read_int4_groups
 from minedraft.model.packed_linear import PackedLinear
 
 # The CPU kernels read the quantized weights once per row of the input: they beat a bfloat16 matmul
@@ -193,6 +193,12 @@ def quantize_linears(model: nn.Module, kind: str, published: GgufBlocks | None =
 
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(module, (WeightOnlyLinear, Int8DynamicLinear)) for module in model.modules())
+
+
+def quantize_target(model: nn.Module, kind: str, model_path: str) -> nn.Module:
+    """`target_quantization`: quantize_linears with the GGUF the model was converted from, if kept."""
+    published = gguf_beside(model_path)
+    return quantize_linears(model, kind, GgufBlocks(published, model.config) if published is not None else None)
 
 
 def _fits_int4(linear: nn.Linear) -> bool:

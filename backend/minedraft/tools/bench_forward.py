@@ -17,9 +17,8 @@ import time
 import torch
 
 from minedraft.config import DEFAULT_MODEL_DIR, DTYPES, QUANTIZATIONS
-from minedraft.model.gguf_blocks import GgufBlocks, gguf_beside
 from minedraft.model.loading import load_model
-from minedraft.model.quantization import quantize_linears
+from minedraft.model.quantization import quantize_target
 from minedraft.model.runner import ModelRunner
 
 
@@ -39,8 +38,7 @@ def load_runner(spec: str, model_path: str, dtype: str, num_rows: int, capacity:
     kind, _, quantization = spec.partition(":")
     model = load_model(model_path, "cpu", dtype)
     if quantization:
-        published = gguf_beside(model_path)
-        quantize_linears(model, quantization, GgufBlocks(published, model.config) if published else None)
+        quantize_target(model, quantization, model_path)
     return ModelRunner(model, num_rows, capacity, enforce_eager=kind == "eager")
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from minedraft.config import QUANTIZATIONS
-from minedraft.model.gguf_blocks import GgufBlocks, gguf_beside
+from minedraft.model.gguf_blocks import gguf_beside
 from minedraft.model.loading import load_model, load_tokenizer
-from minedraft.model.quantization import quantize_linears
+from minedraft.model.quantization import quantize_target
 from minedraft.prompts import prompts_path
 from minedraft.tools.bench import machine, print_report
 
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
               "published_blocks": str(published) if published else None, "quantization": {}}
     for kind in args.quantization:
         model = load_model(args.model, "cpu", args.dtype)
-        quantize_linears(model, kind, GgufBlocks(published, model.config) if published else None)
+        quantize_target(model, kind, args.model)
         report["quantization"][kind] = compare(reference, answer_logprobs(model, sequences, prompt_lens))
         del model
     print_report(report, args.out)
