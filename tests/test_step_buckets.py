@@ -42,13 +42,17 @@ def test_steps_through_buckets_give_the_eager_logits_and_keep_their_buffers(tiny
             torch.testing.assert_close(row_bucketed, row_eager, atol=1e-4, rtol=1e-4)
 
     cache = caches[bucketed]
-    bucket = bucketed.graphs.bucket(cache, 2, 3)
+    bucket = bucketed.graphs.bucket(2, 3)
     assert bucket.input_ids.shape == (2, 4)  # 2 rows; 3 tokens go in the bucket of 4
-    addresses = (bucket.input_ids.data_ptr(), bucket.positions.data_ptr(), bucket.write_positions.data_ptr())
+    addresses = (bucket.input_ids.data_ptr(), bucket.positions.data_ptr(), bucket.write_slots.data_ptr())
     bucketed.forward(cache, slice(0, 2), [8, 4], [[1, 2, 3], [4]])
     assert bucket.input_ids.tolist() == [[1, 2, 3, 0], [4, 0, 0, 0]]  # the step went through the bucket
-    assert bucket.write_positions.tolist() == [[8, 9, 10, 64], [4, 64, 64, 64]]  # padding: the scratch slot
+    block_size = bucketed.pool.block_size
+    first, second = cache.block_table(0)[0] * block_size, cache.block_table(1)[0] * block_size
+    # Padding writes the scratch slot, in the null block.
+    assert bucket.write_slots.tolist() == [[first + 8, first + 9, first + 10, 0], [second + 4, 0, 0, 0]]
+    assert bucket.slot_table[1, :block_size].tolist() == list(range(second, second + block_size))
     bucketed.forward(cache, slice(0, 2), [11, 5], [[5, 6], [7]])
-    assert bucketed.graphs.bucket(cache, 2, 3) is bucket
-    assert (bucket.input_ids.data_ptr(), bucket.positions.data_ptr(), bucket.write_positions.data_ptr()) == addresses
-    assert bucketed.graphs.bucket(cache, 2, 9) is None  # a prefill's width runs uncaptured
+    assert bucketed.graphs.bucket(2, 3) is bucket
+    assert (bucket.input_ids.data_ptr(), bucket.positions.data_ptr(), bucket.write_slots.data_ptr()) == addresses
+    assert bucketed.graphs.bucket(2, 9) is None  # a prefill's width runs uncaptured

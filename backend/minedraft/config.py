@@ -26,6 +26,9 @@ CPU_QUANTIZATIONS = ("w8a8",)  # oneDNN's u8 x s8 GEMM: a CPU kernel only
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "model_repository" / "minedraft" / "1"
 
 
+BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)  # vLLM's choices, and the smaller ones tests use
+
+
 class ConfigError(ValueError):
     """Invalid engine configuration; the message names the key."""
 
@@ -73,6 +76,12 @@ class EngineConfig:
     # load; other architectures and tensor parallelism stay eager. True by default until the compiled path pays
     # (docs/benchmarks.md, "The compiled forward").
     enforce_eager: bool = True
+    # The KV cache is a pool of blocks per model (model/kv_cache.py), vLLM's keys: positions a block;
+    # the pool's bytes, the target's and the draft's together (0: room for 4,096 tokens a row, or
+    # max_model_len if less, for every row in flight); whether requests share cached prefixes.
+    block_size: int = 16
+    kv_cache_memory_bytes: int = 0
+    enable_prefix_caching: bool = True
 
     @classmethod
     def from_dict(cls, values: dict) -> "EngineConfig":
@@ -104,6 +113,10 @@ class EngineConfig:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.block_size not in BLOCK_SIZES:
+            raise ConfigError(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size}")
+        if self.kv_cache_memory_bytes < 0:
+            raise ConfigError(f"kv_cache_memory_bytes must be >= 0, got {self.kv_cache_memory_bytes}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         for key, device in (("draft_quantization", self.draft_device), ("target_quantization", self.target_device)):

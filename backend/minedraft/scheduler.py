@@ -53,14 +53,15 @@ class Scheduler:
     def capacity(self) -> int:
         return sum(b.capacity for b in self.batches)
 
-    def admit(self, split: bool = True) -> list[tuple[Sequence, Batch]]:
+    def admit(self, split: bool = True, fits=None) -> list[tuple[Sequence, Batch]]:
         """Move waiting requests into the smaller batch (`split`, PSD's layout) or into the first
-        batch with room (one big batch for SD and AR), while there is room. Running requests
-        follow a changed layout through layout_moves."""
+        batch with room (one big batch for SD and AR), in order, while there is a row and `fits`
+        says the queue's head fits (the engine's test: KV blocks). Running requests follow a
+        changed layout through layout_moves."""
         admitted = []
         while self.waiting:
             open_batches = [b for b in self.batches if len(b) < b.capacity]
-            if not open_batches:
+            if not open_batches or (fits is not None and not fits(self.waiting[0])):
                 break
             batch = min(open_batches, key=len) if split else open_batches[0]
             seq = self.waiting.popleft()

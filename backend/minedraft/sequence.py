@@ -96,6 +96,12 @@ class Sequence:
         self.text = ""
         self.num_text_sent = 0
         self.detokenizer = None  # engine.output.IncrementalDetokenizer, made at the first output
+        self.arrival = 0  # the engine's arrival number
+
+    def preempted(self) -> None:
+        """Its cache is gone: the target reads every token again when it is next admitted."""
+        self.num_target_cached_tokens = 0
+        self.target_features = FeatureBuffer()
 
     @property
     def num_generated(self) -> int:

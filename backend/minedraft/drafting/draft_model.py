@@ -14,6 +14,7 @@ from minedraft.drafting.proposers import (
 )
 from minedraft.drafting.vocabulary import DraftVocabulary
 from minedraft.model import sampler
+from minedraft.model.kv_cache import PoolSpec
 from minedraft.model.loading import load_model
 from minedraft.model.quantization import quantize_linears
 from minedraft.model.runner import ModelRunner
@@ -25,7 +26,7 @@ PARALLEL_DRAFT_KEY = "pard_token"  # in a draft's config.json: the mask token id
 
 
 class DraftModel:
-    """Draft model plus one RowKVCache per internal batch."""
+    """Draft model plus one cache per internal batch, over its KV pool."""
 
     def __init__(self, runner: ModelRunner, eos_token_ids: tuple[int, ...], vocabulary: DraftVocabulary,
                  proposer: SequentialProposer):
@@ -53,6 +54,10 @@ class DraftModel:
         for src, dst, length in work.moves:
             cache.move_row(src, dst, length)
         rows, k = work.rows, work.num_tokens
+        # Rows past the batch's belong to requests that left since its last drafting.
+        cache.release_rows(range(len(rows), cache.num_rows))
+        for i, row in enumerate(rows):
+            cache.commit(i, row.cached_len)
         catch_up_started = time.monotonic()
         self.proposer.prepare(rows)
         lens = self._prefill_long_feeds(cache, rows)
@@ -99,16 +104,26 @@ class DraftModel:
 
     def _prefill_long_feeds(self, cache, rows: list[DraftRow]) -> list[int]:
         """Rows that just joined feed their whole context: run it as a sub-batch so that the
-        common one-or-two-token feeds of everyone else carry no padding."""
+        common one-or-two-token feeds of everyone else carry no padding. A row that starts from
+        nothing first takes what the prefix cache holds of it (not a feature draft: its inputs are
+        the target's states too)."""
         long_rows = [i for i, r in enumerate(rows) if len(r.feed) > 2]
         lens = [r.cached_len for r in rows]
-        if long_rows:
-            feeds = [self.vocabulary.to_draft(rows[i].feed[:-2]) for i in long_rows]
-            embeds = [self.proposer.catch_up_embeds(i, f) for i, f in zip(long_rows, feeds)]
-            self.runner.fill(cache, long_rows, [lens[i] for i in long_rows], feeds,
-                             embeds=None if embeds[0] is None else embeds)
+        if not long_rows:
+            return lens
+        feeds = {i: self.vocabulary.to_draft(rows[i].feed[:-2]) for i in long_rows}
+        if not self.proposer.reads_features:
             for i in long_rows:
-                lens[i] += len(rows[i].feed) - 2
+                if lens[i] == 0:
+                    matched = cache.attach_prefix(i, feeds[i], len(feeds[i]))
+                    lens[i], feeds[i] = matched, feeds[i][matched:]
+        fed = [i for i in long_rows if feeds[i]]
+        if fed:
+            embeds = [self.proposer.catch_up_embeds(i, feeds[i]) for i in fed]
+            self.runner.fill(cache, fed, [lens[i] for i in fed], [feeds[i] for i in fed],
+                             embeds=None if embeds[0] is None else embeds)
+        for i in long_rows:
+            lens[i] += len(feeds[i])
         return lens
 
 
@@ -117,11 +132,12 @@ def is_feature_draft(path: str) -> bool:
 
 
 def build_draft_model(path: str, device: str, dtype: str, num_rows: int, capacity: int, eos_token_ids,
-                      target_vocab_size: int, quantization: str = "none", enforce_eager: bool = True) -> DraftModel:
+                      target_vocab_size: int, quantization: str = "none", enforce_eager: bool = True,
+                      pool: PoolSpec | None = None) -> DraftModel:
     # torch's CPU weight-only kernels have fast code for bfloat16 activations only.
     dtype = "bfloat16" if quantization != "none" and device == "cpu" else dtype
     model = quantize_linears(load_model(path, device, dtype), quantization)
-    runner = ModelRunner(model, num_rows, capacity, enforce_eager=enforce_eager)
+    runner = ModelRunner(model, num_rows, capacity, enforce_eager=enforce_eager, pool=pool)
     mask_token_id = getattr(model.config, PARALLEL_DRAFT_KEY, None)  # as vLLM's parallel drafting reads it
     if is_feature_draft(path):
         weights = load_file(Path(path) / FEATURE_PROJECTION_FILE, device=str(model.device))

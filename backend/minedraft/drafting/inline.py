@@ -4,7 +4,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from minedraft.drafting.draft_model import DraftModel
-from minedraft.drafting.drafter import NUM_BATCH_SLOTS, DrafterError, Drafts, DraftWork
+from minedraft.drafting.drafter import DrafterError, Drafts, DraftWork
 
 
 class InlineDrafter:
@@ -56,7 +56,8 @@ class InlineDrafter:
         return result
 
     def restart(self) -> None:
-        self.draft_model.caches = [self.draft_model.runner.new_cache() for _ in range(NUM_BATCH_SLOTS)]
+        for cache in self.draft_model.caches:
+            cache.reset()
 
     def close(self) -> None:
         if self._executor is not None:

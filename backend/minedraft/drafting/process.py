@@ -13,6 +13,7 @@ import torch
 
 from minedraft.drafting.draft_model import is_feature_draft
 from minedraft.drafting.drafter import NUM_BATCH_SLOTS, DrafterError, Drafts, DraftWork
+from minedraft.model.kv_cache import PoolSpec
 from minedraft.worker_process import python_executable, wait_readable
 
 RESPAWN_BACKOFF_SECONDS = (1.0, 60.0)  # first and longest wait before respawning a worker that failed to start
@@ -30,9 +31,10 @@ class ProcessDrafter:
     overlaps = True  # drafts on its own cores beside the target's verification
 
     def __init__(self, path, device, dtype, num_rows, capacity, eos_token_ids, vocab_size, max_tokens, cpus,
-                 reply_timeout: float = 60.0, quantization: str = "none", enforce_eager: bool = True):
+                 reply_timeout: float = 60.0, quantization: str = "none", enforce_eager: bool = True,
+                 pool: PoolSpec | None = None):
         self._spec = (path, device, dtype, num_rows, capacity, list(eos_token_ids), vocab_size, sorted(cpus),
-                      quantization, enforce_eager)
+                      quantization, enforce_eager, pool and [pool.num_blocks, pool.block_size, pool.prefix_caching])
         self.reads_features = is_feature_draft(path)
         self._ids_shape = (NUM_BATCH_SLOTS, num_rows, max_tokens)
         self._probs_shape = (NUM_BATCH_SLOTS, num_rows, max_tokens, vocab_size)

@@ -15,8 +15,8 @@ from minedraft.drafting.ngram import NgramDrafter
 from minedraft.drafting.process import ProcessDrafter
 from minedraft.drafting.vocabulary import D2T_FILE, DraftVocabulary
 from minedraft.engine.output import OutputBuilder
-from minedraft.model.kv_cache import RowKVCache
-from minedraft.model.loading import load_config, load_model, load_tokenizer
+from minedraft.model.kv_cache import PagedKVCache, PoolSpec
+from minedraft.model.loading import TORCH_DTYPES, load_config, load_model, load_tokenizer
 from minedraft.model.quantization import quantize_target
 from minedraft.model.runner import ModelRunner
 from minedraft.model.tensor_parallel import TensorParallelRunner, rank_device
@@ -29,6 +29,10 @@ from minedraft.scheduler import Batch, Scheduler
 
 log = logging.getLogger("minedraft")
 
+# The default pool's tokens a row in flight (kv_cache_memory_bytes 0): the shipped context before
+# the pool, so that the default's memory is at most what it was.
+DEFAULT_TOKENS_PER_ROW = 4096
+
 
 @dataclass
 class EngineParts:
@@ -36,7 +40,7 @@ class EngineParts:
     eos_token_ids: tuple[int, ...]
     max_prompt_chars: int  # longer prompts are refused before tokenizing (see build)
     target: ModelRunner
-    target_caches: list[RowKVCache]  # one per internal batch, by slot
+    target_caches: list[PagedKVCache]  # one per internal batch, by slot, over the target's pool
     scheduler: Scheduler
     drafting: Drafting
     policy: Policy
@@ -50,30 +54,33 @@ def build(config: EngineConfig) -> EngineParts:
     eos_token_ids = end_of_sequence_ids(config.target_model, tokenizer)
     target_vocab_size = load_config(config.target_model).vocab_size
     target_cpus, draft_cpus = config.cpu_split() if config.target_device == "cpu" else (set(), set())
-    # Every cache holds the context plus one verification's drafts and its extra token.
+    # A row holds the context plus one verification's drafts and its extra token.
     capacity = config.max_model_len + config.num_draft_tokens + 2
+    target_pool, draft_pool = pool_specs(config, capacity)
     drafter = None
     if config.traits.drafts and config.num_draft_tokens > 0:
         drafter = (NgramDrafter(config.prompt_lookup_min, config.prompt_lookup_max) if config.draft_method == "ngram"
-                   else _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity, draft_cpus))
+                   else _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity, draft_cpus,
+                                       draft_pool))
     # Flex's and auto's sequential (SD) steps draft in-process: with nothing to overlap, a round
     # trip to the worker process costs more than it hides.
     sequential_drafter = drafter
     if config.traits.chooses_each_step and isinstance(drafter, ProcessDrafter):
         sequential_drafter = InlineDrafter(build_draft_model(
             config.draft_model, config.draft_device, config.dtype, config.max_num_seqs, capacity,
-            eos_token_ids, target_vocab_size, config.draft_quantization, config.enforce_eager))
+            eos_token_ids, target_vocab_size, config.draft_quantization, config.enforce_eager, draft_pool))
     step_cpus = target_cpus if config.target_cpus else set()
     unpinned = os.sched_getaffinity(0)
     _pin_target(config, target_cpus)  # the start-up calibration times the target on its own cores
     try:
-        target = _start_target(config, capacity, target_cpus)
+        target = _start_target(config, capacity, target_cpus, target_pool)
         check_context(target.model.config, config)
         batches = [Batch(slot, config.max_num_seqs) for slot in range(config.num_batches)]
         target_caches = [target.new_cache() for _ in batches]
         drafting = Drafting(drafter, sequential_drafter, batches, config.max_model_len,
                             config.draft_confidence_threshold)
         policy = _make_policy(config, target, target_caches[0], drafting, eos_token_ids)
+        target_caches[0].reset()  # the calibration's scratch rows
     finally:
         # The thread that runs steps pins itself (Engine); the building one, whose later threads
         # serve requests and responses, is let go again.
@@ -87,18 +94,49 @@ def build(config: EngineConfig) -> EngineParts:
                        step_cpus=step_cpus)
 
 
-def _start_target(config: EngineConfig, capacity: int, cpus: set[int]):
+def _start_target(config: EngineConfig, capacity: int, cpus: set[int], pool: PoolSpec):
     if config.tensor_parallel_size == 1:
         model = load_model(config.target_model, config.target_device, config.dtype)
         if config.target_quantization != "none":
             quantize_target(model, config.target_quantization, config.target_model)
-        return ModelRunner(model, config.max_num_seqs, capacity, enforce_eager=config.enforce_eager)
+        return ModelRunner(model, config.max_num_seqs, capacity, enforce_eager=config.enforce_eager, pool=pool)
     check_tensor_parallel(load_config(config.target_model), config)
     return TensorParallelRunner(config.target_model, config.target_device, config.dtype, config.tensor_parallel_size,
-                                config.max_num_seqs, capacity, cpus)
+                                config.max_num_seqs, capacity, cpus, pool)
 
 
-def _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity, draft_cpus):
+def kv_bytes_per_token(model_config, dtype: str) -> int:
+    """Keys and values of every layer for one position."""
+    heads = model_config.num_attention_heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    return 2 * model_config.num_hidden_layers * kv_heads * head_dim * TORCH_DTYPES[dtype].itemsize
+
+
+def pool_specs(config: EngineConfig, capacity: int) -> tuple[PoolSpec, PoolSpec]:
+    """The target's and the draft's KV pools. They hold the same tokens: `kv_cache_memory_bytes`
+    is split by their bytes a token. The draft's has twice the blocks: a batch's rows that left
+    hand their draft blocks back only at its next drafting, so the rows of one batch may still
+    hold what new requests of the other need (on the CPU the unused half is never mapped in)."""
+    rows = config.num_batches * config.max_num_seqs
+    block_size = config.block_size
+    if config.kv_cache_memory_bytes:
+        per_token = kv_bytes_per_token(load_config(config.target_model), config.dtype)
+        if config.traits.drafts and config.draft_method == "model":
+            per_token += kv_bytes_per_token(load_config(config.draft_model), config.dtype)
+        num_blocks = config.kv_cache_memory_bytes // per_token // block_size
+    else:
+        num_blocks = rows * -(-min(capacity, DEFAULT_TOKENS_PER_ROW) // block_size)
+    if num_blocks < -(-capacity // block_size):
+        raise ConfigError(f"kv_cache_memory_bytes {config.kv_cache_memory_bytes} holds {num_blocks} blocks of "
+                          f"{block_size} tokens; one request may need {capacity} tokens (max_model_len "
+                          f"{config.max_model_len} plus a verification's drafts)")
+    spare = rows * -(-(config.num_draft_tokens + 2) // block_size)
+    return (PoolSpec(num_blocks, block_size, config.enable_prefix_caching),
+            PoolSpec(2 * num_blocks + spare, block_size, config.enable_prefix_caching))
+
+
+def _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity, draft_cpus, pool):
     draft_config = load_config(config.draft_model)
     check_vocabularies(tokenizer, config.draft_model, target_vocab_size, draft_config.vocab_size,
                        is_parallel=getattr(draft_config, PARALLEL_DRAFT_KEY, None) is not None)
@@ -106,10 +144,10 @@ def _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity
     if config.drafter_kind == "process":
         return ProcessDrafter(config.draft_model, config.draft_device, config.dtype, config.max_num_seqs, capacity,
                               eos_token_ids, target_vocab_size, config.num_draft_tokens, draft_cpus,
-                              quantization=config.draft_quantization, enforce_eager=config.enforce_eager)
+                              quantization=config.draft_quantization, enforce_eager=config.enforce_eager, pool=pool)
     return InlineDrafter(build_draft_model(config.draft_model, config.draft_device, config.dtype,
                                            config.max_num_seqs, capacity, eos_token_ids, target_vocab_size,
-                                           config.draft_quantization, config.enforce_eager))
+                                           config.draft_quantization, config.enforce_eager, pool))
 
 
 def _make_policy(config, target, cache, drafting, eos_token_ids) -> Policy:

@@ -1,5 +1,9 @@
 """The engine: `step()` = admit -> plan -> draft/verify -> commit, for every policy.
 
+Requests are admitted while the target's KV pool has blocks for them; when running requests need
+more blocks than are free, the newest is preempted: it goes back to the head of the queue with
+every token it has, and is recomputed (from the prefix cache where it can) when admitted again.
+
 Usable without Triton:
 
     engine = Engine(EngineConfig(mode="psd"))
@@ -63,6 +67,8 @@ class Engine:
         self.step_log: deque[StepRecord] = deque(maxlen=4096)
         self.steps_by_mode = dict.fromkeys(STEP_MODES, 0)
         self.num_generated_tokens = 0  # committed by steps, counted as they go (a metric per step, as vLLM's)
+        self.num_preemptions = 0
+        self._num_arrivals = 0  # numbers requests as they arrive: preemption takes the newest
         self.spec_stats = SpecDecodeStats(config.num_draft_tokens)
         self.acceptance_prior = ACCEPTANCE_PRIOR  # a newcomer's alpha before its first verification: the running mean
         self._last_step_end: float | None = None  # None: the engine has waited for work since
@@ -87,6 +93,10 @@ class Engine:
         prompt_ids = self._encode(prompt)
         if len(prompt_ids) >= self.config.max_model_len:
             raise InvalidRequest(f"prompt has {len(prompt_ids)} tokens; max_model_len is {self.config.max_model_len}")
+        pool = self.target.pool
+        if self._blocks_to_start(len(prompt_ids)) > pool.num_blocks:
+            raise InvalidRequest(f"prompt has {len(prompt_ids)} tokens; the KV pool holds "
+                                 f"{pool.num_blocks * pool.block_size} (kv_cache_memory_bytes)")
         num_draft = self.policy.max_draft_tokens
         if params.num_draft_tokens is not None:
             num_draft = min(params.num_draft_tokens, num_draft)
@@ -96,6 +106,8 @@ class Engine:
         with self._lock:
             if self.scheduler.find(request_id) is not None:
                 raise InvalidRequest(f"request id {request_id!r} is already in flight")
+            seq.arrival = self._num_arrivals
+            self._num_arrivals += 1
             self.scheduler.waiting.append(seq)
 
     def _encode(self, prompt) -> list[int]:
@@ -151,8 +163,9 @@ class Engine:
         PSD the prefill runs beside it."""
         self.placement.pin_step_thread()
         outputs = self._apply_cancellations()
+        self._preempt_for_room()
         with self._lock:
-            admitted = self.scheduler.admit(split=self.policy.splits_batches)
+            admitted = self.scheduler.admit(split=self.policy.splits_batches, fits=self._admission())
         self._arrange_batches()
         timer = StepTimer(self._last_step_end)
         plan = self.policy.plan(self.scheduler.batches, self.drafting.drafted_slots())
@@ -202,25 +215,77 @@ class Engine:
             target.add(seq)
 
     def _remove(self, batch: Batch, seq: Sequence) -> None:
-        """Take a request out of its batch; the batch's last row fills its place in every cache."""
+        """Take a request out of its batch: its blocks go back to the pool, and the batch's last
+        row takes its place in every cache."""
+        self.target_caches[batch.slot].release_rows([batch.seqs.index(seq)])
         move = batch.remove(seq)
         if move is not None:
             self.target_caches[batch.slot].move_row(move.src, move.dst, move.seq.num_target_cached_tokens)
         self.drafting.row_left(batch, seq, move)
 
     def _prefill(self, admitted: list[tuple[Sequence, Batch]]) -> None:
-        """Fill the target cache with all but the last prompt token, which stays pending."""
+        """Fill the target cache with all but the last token, which stays pending: from the prefix
+        cache as far as it holds them (not for a feature draft, which reads the target's states at
+        every position), the rest by a forward."""
         for batch in self.scheduler.batches:
-            seqs = [seq for seq, b in admitted if b is batch and len(seq.token_ids) > 1]
-            if seqs:
-                rows = [batch.seqs.index(seq) for seq in seqs]
-                hidden = self.target.fill(self.target_caches[batch.slot], rows, [0] * len(seqs),
-                                          [seq.token_ids[:-1] for seq in seqs], with_hidden=self.drafting.reads_features)
-                for row, seq in enumerate(seqs if hidden is not None else []):
-                    seq.target_features.append(hidden[row, :len(seq.token_ids) - 1])
-            for seq, b in admitted:
-                if b is batch:
-                    seq.num_target_cached_tokens = len(seq.token_ids) - 1
+            cache = self.target_caches[batch.slot]
+            seqs = [seq for seq, b in admitted if b is batch]
+            rows = [batch.seqs.index(seq) for seq in seqs]
+            starts = [0 if self.drafting.reads_features else cache.attach_prefix(row, seq.token_ids,
+                                                                                 len(seq.token_ids) - 1)
+                      for row, seq in zip(rows, seqs)]
+            fed = [(row, seq, start) for row, seq, start in zip(rows, seqs, starts) if start < len(seq.token_ids) - 1]
+            if fed:
+                hidden = self.target.fill(cache, [row for row, _, _ in fed], [start for _, _, start in fed],
+                                          [seq.token_ids[start:-1] for _, seq, start in fed],
+                                          with_hidden=self.drafting.reads_features)
+                for i, (_, seq, _) in enumerate(fed if hidden is not None else []):
+                    seq.target_features.append(hidden[i, :len(seq.token_ids) - 1])
+            for row, seq in zip(rows, seqs):
+                seq.num_target_cached_tokens = len(seq.token_ids) - 1
+                cache.commit(row, seq.num_target_cached_tokens)
+
+    # -- blocks -------------------------------------------------------------------------------------
+    def _blocks_to_start(self, num_tokens: int) -> int:
+        """Blocks a request of `num_tokens` needs through its next verification."""
+        return self.target.pool.blocks_for(num_tokens + self.policy.max_draft_tokens + 1)
+
+    def _blocks_to_grow(self, batch: Batch, row: int) -> int:
+        """Blocks a running request may still need for its next verification."""
+        seq = batch.seqs[row]
+        return max(0, self._blocks_to_start(len(seq.token_ids)) - self.target_caches[batch.slot].num_blocks(row))
+
+    def _running_growth(self) -> int:
+        return sum(self._blocks_to_grow(batch, row) for batch in self.scheduler.batches for row in range(len(batch)))
+
+    def _admission(self):
+        """The scheduler's test of a waiting request: blocks for it, beyond what the running ones
+        may still need (first come, first served: the queue's head waits for room)."""
+        room = self.target.pool.num_free - self._running_growth()
+
+        def fits(seq: Sequence) -> bool:
+            nonlocal room
+            need = self._blocks_to_start(len(seq.token_ids))
+            if need > room:
+                return False
+            room -= need
+            return True
+        return fits
+
+    def _preempt_for_room(self) -> None:
+        """While the running requests may need more blocks than are free, preempt the newest (vLLM's
+        recompute policy): its blocks go back, it waits at the queue's head with every token it has,
+        and its next admission recomputes its cache (the prefix cache keeps what it can)."""
+        while self._running_growth() > self.target.pool.num_free:
+            running = [(seq, batch) for batch in self.scheduler.batches for seq in batch.seqs]
+            if len(running) <= 1:
+                return  # the pool holds one whole request (checked at build)
+            seq, batch = max(running, key=lambda hit: hit[0].arrival)
+            self._remove(batch, seq)
+            seq.preempted()
+            with self._lock:
+                self.scheduler.waiting.appendleft(seq)
+            self.num_preemptions += 1
 
     def _verify(self, batch: Batch, drafts: StepDrafts) -> Verdict:
         """One target forward over the batch: each row feeds its pending token and its drafts."""
@@ -284,6 +349,7 @@ class Engine:
                     seq.target_features.append(
                         verdict.hidden[row, :len(seq.token_ids) - seq.num_target_cached_tokens + num_accepted])
                 self._book(seq, num_drafted, num_accepted)
+                self.target_caches[batch.slot].commit(row, seq.num_target_cached_tokens)
                 appended = self.outputs.append(seq, draft_ids[:num_accepted] + [next_token])
                 logprobs = self.outputs.logprobs(seq, verdict.logits[row], appended)
                 outputs.append(self.outputs.output(seq, appended, logprobs=logprobs))

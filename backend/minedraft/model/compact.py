@@ -1,6 +1,6 @@
 """A compact forward for the Llama and Qwen2 families (the shipped pairs, the demo pair, SmolLM2),
 written for torch.compile: one straight line over the HF model's own modules (embeddings, norms,
-projections, MLPs, rotary table; quantized linears too) and a RowKVCache's tensors, with no
+projections, MLPs, rotary table; quantized linears too) and a KV pool's tensors, with no
 per-call Python state, so that `torch.compile(fullgraph=True)` takes it whole. transformers'
 forward stays the reference in the tests and the path for other architectures, for tensor
 parallelism and for `enforce_eager`.
@@ -29,9 +29,9 @@ def is_supported(model) -> bool:
 
 
 def decoder_layer(block, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, visible: torch.Tensor,
-                  rows: torch.Tensor, write_positions: torch.Tensor, row_ids: torch.Tensor | None, visible_len: int,
-                  layer_keys: torch.Tensor, layer_values: torch.Tensor, *, num_heads: int, num_kv_heads: int,
-                  head_dim: int, grouped: bool) -> torch.Tensor:
+                  write_slots: torch.Tensor, slot_table: torch.Tensor, layer_keys: torch.Tensor,
+                  layer_values: torch.Tensor, *, num_heads: int, num_kv_heads: int, head_dim: int,
+                  grouped: bool) -> torch.Tensor:
     """One decoder layer over `hidden` [b, n, H]; writes the layer's new keys and values in place.
     `grouped`: fewer key/value heads than query heads (a bool, so a compiled graph takes it as a
     constant; the head counts are symbolic sizes there)."""
@@ -42,12 +42,10 @@ def decoder_layer(block, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     k = attention.k_proj(x).view(b, n, num_kv_heads, head_dim).transpose(1, 2)
     v = attention.v_proj(x).view(b, n, num_kv_heads, head_dim).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    layer_keys[rows, :, write_positions] = k.transpose(1, 2)
-    layer_values[rows, :, write_positions] = v.transpose(1, 2)
-    if row_ids is None:
-        seen_keys, seen_values = layer_keys[:b, :, :visible_len], layer_values[:b, :, :visible_len]
-    else:
-        seen_keys, seen_values = layer_keys[row_ids, :, :visible_len], layer_values[row_ids, :, :visible_len]
+    layer_keys[write_slots] = k.transpose(1, 2)
+    layer_values[write_slots] = v.transpose(1, 2)
+    # The rows' positions gathered from their blocks: [b, kv heads, t, head dim].
+    seen_keys, seen_values = layer_keys[slot_table].transpose(1, 2), layer_values[slot_table].transpose(1, 2)
     out = F.scaled_dot_product_attention(q, seen_keys, seen_values, attn_mask=visible,
                                          enable_gqa=grouped)
     hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(b, n, -1))
@@ -55,8 +53,9 @@ def decoder_layer(block, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
 
 
 class CompactDecoder(nn.Module):
-    """`forward` feeds b rows n tokens each (right-padded) and writes their keys and values at
-    `write_positions` of the cache rows 0..b-1; row r's query at position p sees keys 0..p of its row."""
+    """`forward` feeds b rows n tokens each (right-padded), writes their keys and values at
+    `write_slots` of the pool and reads row r's positions 0..t-1 at `slot_table[r]`; a query at
+    position p sees keys 0..p of its row."""
 
     def __init__(self, model):
         super().__init__()
@@ -70,19 +69,15 @@ class CompactDecoder(nn.Module):
                                        head_dim=self.head_dim, grouped=self.num_kv_heads != self.num_heads)
 
     def forward(self, input_ids: torch.Tensor | None, embeds: torch.Tensor | None, positions: torch.Tensor,
-                write_positions: torch.Tensor, row_ids: torch.Tensor | None, visible_len: int,
-                keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
-        """Returns the last hidden states [b, n, H] (the LM head's input). `row_ids` [b]: the cache
-        rows fed; None: rows 0..b-1, which attention reads in place (a step's rows always are)."""
+                write_slots: torch.Tensor, slot_table: torch.Tensor, keys: list[torch.Tensor],
+                values: list[torch.Tensor]) -> torch.Tensor:
+        """Returns the last hidden states [b, n, H] (the LM head's input)."""
         hidden = self.decoder.embed_tokens(input_ids) if embeds is None else embeds
-        b = positions.shape[0]
         cos, sin = self.decoder.rotary_emb(hidden, positions)
-        rows = (torch.arange(b, device=positions.device) if row_ids is None else row_ids)[:, None]
         # [b, 1, n, t]: key j is visible to a query at position p when j <= p.
-        visible = torch.arange(visible_len, device=positions.device) <= positions[:, None, :, None]
+        visible = torch.arange(slot_table.shape[1], device=positions.device) <= positions[:, None, :, None]
         for block, layer_keys, layer_values in zip(self.decoder.layers, keys, values):
-            hidden = self.layer(block, hidden, cos, sin, visible, rows, write_positions, row_ids, visible_len,
-                                layer_keys, layer_values)
+            hidden = self.layer(block, hidden, cos, sin, visible, write_slots, slot_table, layer_keys, layer_values)
         return self.decoder.norm(hidden)
 
 

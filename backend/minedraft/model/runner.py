@@ -1,5 +1,5 @@
-"""Runs batched forwards of one model over rows of a RowKVCache: through the compact, compiled
-forward (model/compact.py) where the architecture has one, else through transformers' own."""
+"""Runs batched forwards of one model over rows of its paged KV cache: through the compact,
+compiled forward (model/compact.py) where the architecture has one, else through transformers' own."""
 import inspect
 import logging
 import time
@@ -8,7 +8,7 @@ import torch
 
 from minedraft.model import compact
 from minedraft.model.cuda_graphs import StepGraphs
-from minedraft.model.kv_cache import RowKVCache, feed_positions
+from minedraft.model.kv_cache import BlockPool, KVStorage, PagedKVCache, PoolSpec
 from minedraft.model.packed_linear import pack_linears
 from minedraft.model.quantization import is_quantized
 
@@ -22,17 +22,24 @@ class ModelRunner:
     model's linear layers are packed for oneDNN (model/packed_linear.py, in place: the model is
     the runner's) and a Llama or Qwen2 model runs the compact forward under torch.compile
     (fullgraph, dynamic shapes), compiled at load for the shapes steps take; on CUDA its steps
-    replay as CUDA graphs (model/cuda_graphs.py)."""
+    replay as CUDA graphs (model/cuda_graphs.py).
+
+    The runner owns the model's KV pool (model/kv_cache.py): its tensors and the bookkeeping of
+    its blocks, which every cache it makes shares."""
 
     def __init__(self, model, num_rows: int, capacity: int, enforce_eager: bool = True,
-                 step_buckets: bool | None = None):
-        """`step_buckets`: run steps (a batch's first rows, up to 8 tokens each) through static
-        buffers per bucket of rows and tokens (model/cuda_graphs.py); None: on CUDA, where each
-        bucket is captured as a CUDA graph. Only with the compact forward."""
+                 step_buckets: bool | None = None, pool: PoolSpec | None = None):
+        """`num_rows` rows a cache, `capacity` positions a row at most; `pool`: the KV pool's size
+        (None: room for two caches' rows at full capacity). `step_buckets`: run steps (a batch's
+        first rows, up to 8 tokens each) through static buffers per bucket of rows and tokens
+        (model/cuda_graphs.py); None: on CUDA, where each bucket is captured as a CUDA graph. Only
+        with the compact forward."""
         self.model = model
         self.device = next(model.parameters()).device
         self.num_rows = num_rows
         self.capacity = capacity
+        self.pool = BlockPool(pool or PoolSpec.holding(2 * num_rows, capacity))
+        self.kv = KVStorage(self.pool.spec)
         self.vocab_size = model.config.vocab_size
         # transformers 5 renamed past_key_values to cache (the old name goes in 5.40); 4.x knows only the old one.
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -44,19 +51,17 @@ class ModelRunner:
         if not enforce_eager and compact.is_supported(model):
             self.compact = compact.CompactDecoder(model)
             self.compiled = compact.compile_decoder(self.compact)
+            # The compact forward writes every layer from its first call.
+            self.kv.allocate(model.config.num_hidden_layers, self.compact.num_kv_heads, self.compact.head_dim,
+                             model.dtype, self.device)
             self._warm_up()
             on_cuda = self.device.type == "cuda"
             if step_buckets or (step_buckets is None and on_cuda):
-                self.graphs = StepGraphs(self.compiled, num_rows, capture=on_cuda)
+                self.graphs = StepGraphs(self.compiled, self.kv, num_rows, self.pool.blocks_for(capacity) *
+                                         self.pool.block_size, capture=on_cuda)
 
-    def new_cache(self, num_rows: int | None = None) -> RowKVCache:
-        cache = RowKVCache(num_rows or self.num_rows, self.capacity)
-        if self.compiled is not None:  # the compact forward writes every layer from its first call
-            cache.allocate(self.model.config.num_hidden_layers, self.compact.num_kv_heads, self.compact.head_dim,
-                           self.model.dtype, self.device)
-        if self.graphs is not None:
-            self.graphs.prepare(cache)
-        return cache
+    def new_cache(self, num_rows: int | None = None) -> PagedKVCache:
+        return PagedKVCache(self.pool, num_rows or self.num_rows, self.capacity)
 
     def _warm_up(self) -> None:
         """Compile now, not in the first requests' steps: the graphs steps and prefills take, for
@@ -67,13 +72,14 @@ class ModelRunner:
             feeds = [list(range(1, num_tokens + 1))] * num_rows
             self.forward(cache, slice(0, num_rows), [4] * num_rows, feeds)
             self.fill(cache, list(range(num_rows)), [0] * num_rows, feeds)
+        cache.reset()
         log.info("compiled %s's forward in %.1f s", type(self.model).__name__, time.monotonic() - started)
 
     def close(self) -> None:
         """Nothing to stop: the model lives in this process (TensorParallelRunner's has workers)."""
 
     @torch.inference_mode()
-    def fill(self, cache: RowKVCache, rows, start_lens: list[int], feeds: list[list[int]], with_hidden: bool = False,
+    def fill(self, cache: PagedKVCache, rows, start_lens: list[int], feeds: list[list[int]], with_hidden: bool = False,
              embeds: list[torch.Tensor] | None = None):
         """Write the feeds' keys and values to the cache (a prefill). No logits are wanted, so the LM
         head runs at one position only; `with_hidden` returns the last hidden states [b, n, H]
@@ -88,7 +94,7 @@ class ModelRunner:
         return None
 
     @torch.inference_mode()
-    def forward(self, cache: RowKVCache, rows, start_lens: list[int], feeds: list[list[int]],
+    def forward(self, cache: PagedKVCache, rows, start_lens: list[int], feeds: list[list[int]],
                 last_only: bool = False, with_hidden: bool = False, embeds: list[torch.Tensor] | None = None):
         """Feed each row its tokens, written after its first `start_lens[r]` cached positions.
 
@@ -118,55 +124,52 @@ class ModelRunner:
         logits = self.model(**inputs, logits_to_keep=keep).logits
         return logits[torch.arange(len(feeds), device=self.device), torch.searchsorted(keep, last)].float()
 
-    def _compact_hidden(self, cache: RowKVCache, rows, start_lens: list[int], feeds: list[list[int]],
+    def _compact_hidden(self, cache: PagedKVCache, rows, start_lens: list[int], feeds: list[list[int]],
                         embeds: list[torch.Tensor] | None) -> torch.Tensor:
         """The compiled forward's last hidden states [b, n, H]. Feeds are padded to a common
         length, and to `min_tokens_per_forward` tokens in all; padding repeats its row's last
-        position and writes to the cache's scratch slot, which no query sees."""
+        position and writes to the pool's scratch slot, which no query sees."""
         num_rows, num_tokens = len(feeds), max(len(f) for f in feeds)
-        visible_len = max(s + len(f) for s, f in zip(start_lens, feeds))
-        cache.check_room(visible_len)
         num_new = max(num_tokens, -(-self.min_tokens_per_forward // num_rows))
-        visible_len = max(visible_len, 2)  # a visible length of 1 would take a graph of its own
-        starts, lengths = self._lengths(start_lens, feeds)
-        positions, write_positions = feed_positions(starts, lengths, num_new, self.capacity)
+        row_ids = _row_ids(rows)
+        cache.reserve(row_ids, start_lens, feeds)
         if embeds is None:
             input_ids, embeds_in = self._padded_ids(feeds, num_new), None
         else:
             padded = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)
             input_ids, embeds_in = None, torch.nn.functional.pad(padded, (0, 0, 0, num_new - padded.size(1)))
-        if self.graphs is not None and embeds is None and isinstance(rows, slice) and rows.start == 0:
-            bucket = self.graphs.bucket(cache, num_rows, num_new)
+        feed_lens = [len(f) for f in feeds]
+        if self.graphs is not None and embeds is None:
+            bucket = self.graphs.bucket(num_rows, num_new)
             if bucket is not None:
-                return bucket.replay(input_ids, positions, write_positions)[:, :num_tokens]
-        row_ids = None
-        if not (isinstance(rows, slice) and rows.start == 0):
-            row_ids = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else torch.as_tensor(rows)
-            row_ids = row_ids.to(self.device)
-        hidden = self.compiled(input_ids, embeds_in, positions, write_positions, row_ids, visible_len, cache.keys,
-                               cache.values)
+                addresses = cache.addresses(row_ids, start_lens, feed_lens, num_new, self.graphs.table_width,
+                                            self.device)
+                return bucket.replay(input_ids, addresses)[:, :num_tokens]
+        # A visible length of 1 would take a graph of its own.
+        visible_len = max(2, max(s + n for s, n in zip(start_lens, feed_lens)))
+        addresses = cache.addresses(row_ids, start_lens, feed_lens, num_new, visible_len, self.device)
+        hidden = self.compiled(input_ids, embeds_in, addresses.positions, addresses.write_slots, addresses.slot_table,
+                               self.kv.keys, self.kv.values)
         return hidden[:num_rows, :num_tokens]
 
-    def _inputs(self, cache: RowKVCache, rows, start_lens: list[int], feeds: list[list[int]],
+    def _inputs(self, cache: PagedKVCache, rows, start_lens: list[int], feeds: list[list[int]],
                 embeds: list[torch.Tensor] | None = None) -> dict:
         """The model's keyword arguments for these rows, with the cache aimed at them. Rows are
-        right-padded to the longest feed; padding writes only to the cache's scratch slot and its
+        right-padded to the longest feed; padding writes only to the pool's scratch slot and its
         outputs are garbage that no caller reads."""
         num_new = max(len(f) for f in feeds)
         if embeds is None:
             tokens = {"input_ids": self._padded_ids(feeds, num_new)}
         else:
             tokens = {"inputs_embeds": torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)}
-        if isinstance(rows, list):
-            rows = torch.tensor(rows, device=self.device)
-        positions = cache.prepare(rows, *self._lengths(start_lens, feeds), num_new)
-        return dict(**tokens, position_ids=positions, use_cache=True,
-                    attention_mask=self._mask(positions, cache._visible_len), **{self._cache_arg: cache})
-
-    def _lengths(self, start_lens: list[int], feeds: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's cached length and its feed's length, as tensors on the model's device."""
-        return (torch.tensor(start_lens, device=self.device),
-                torch.tensor([len(f) for f in feeds], device=self.device))
+        row_ids = _row_ids(rows)
+        cache.reserve(row_ids, start_lens, feeds)
+        feed_lens = [len(f) for f in feeds]
+        visible_len = max(s + n for s, n in zip(start_lens, feed_lens))
+        addresses = cache.addresses(row_ids, start_lens, feed_lens, num_new, visible_len, self.device)
+        cache.aim(self.kv, addresses)
+        return dict(**tokens, position_ids=addresses.positions, use_cache=True,
+                    attention_mask=self._mask(addresses.positions, visible_len), **{self._cache_arg: cache})
 
     def _padded_ids(self, feeds: list[list[int]], num_new: int) -> torch.Tensor:
         return torch.tensor([f + [0] * (num_new - len(f)) for f in feeds], device=self.device)
@@ -178,3 +181,7 @@ class ModelRunner:
         dtype = self.model.dtype
         mask = torch.zeros(visible.shape, dtype=dtype, device=self.device)
         return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
+
+
+def _row_ids(rows) -> list[int]:
+    return list(range(rows.start, rows.stop)) if isinstance(rows, slice) else [int(r) for r in rows]

@@ -6,11 +6,12 @@ and gate/up column-wise, o/down row-wise) over torch.distributed (gloo on CPU, N
 TP is SPMD: each rank must run the same forward, whose all-reduces meet in the middle. So
 `TensorParallelRunner` has ModelRunner's interface and, for every fill and forward, first sends
 the call (method name and arguments, a few token lists) down each worker's pipe, then runs its own
-shard; every worker runs the same call on its shard and acknowledges it. Caches are per rank:
-attention reshapes with -1 heads, so a rank's RowKVCache simply holds its own heads. The engine's
-mutations of the target's caches (`move_row`, `copy_row_from`) go through `ShardedCache`, which
-sends them to the workers by cache id. Logits come out whole on rank 0, where sampling and
-acceptance stay.
+shard; every worker runs the same call on its shard and acknowledges it. KV pools are per rank:
+attention reshapes with -1 heads, so a rank's pool simply holds its own heads. Each rank keeps
+the bookkeeping of its blocks itself, and all agree because every rank sees the same calls in
+the same order: the forwards, and the engine's mutations of the target's caches (row moves,
+releases, prefix attachments), which go through `ShardedCache` to the workers by cache id.
+Logits come out whole on rank 0, where sampling and acceptance stay.
 
 Failures: a worker that dies breaks the collective at once (gloo: "connection reset"); one that
 hangs is caught by the process group's timeout and by the deadline on its acknowledgement; one
@@ -34,7 +35,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
-from minedraft.model.kv_cache import RowKVCache
+from minedraft.model.kv_cache import BlockPool, PagedKVCache, PoolSpec
 from minedraft.model.loading import TORCH_DTYPES
 from minedraft.model.runner import ModelRunner
 from minedraft.worker_process import free_port, python_executable, wait_readable
@@ -76,15 +77,16 @@ def load_shard(path: str, device: str, dtype: str, world_size: int):
     return model.eval()
 
 
-class ShardedCache(RowKVCache):
+class ShardedCache(PagedKVCache):
     """Rank 0's cache; its row mutations are mirrored on every worker's cache of the same id.
 
     `row_epochs` says after which restart of the ranks each row was written: a forward that
     continues a row (start > 0) written before the last restart would read keys the new workers
     never had."""
 
-    def __init__(self, num_rows: int, capacity: int, cache_id: int, runner: "TensorParallelRunner"):
-        super().__init__(num_rows, capacity)
+    def __init__(self, pool: BlockPool, num_rows: int, capacity: int, cache_id: int,
+                 runner: "TensorParallelRunner"):
+        super().__init__(pool, num_rows, capacity)
         self.cache_id = cache_id
         self._runner = runner
         self.row_epochs = [0] * num_rows
@@ -98,6 +100,20 @@ class ShardedCache(RowKVCache):
         super().copy_row_from(other, src, dst, length)
         self.row_epochs[dst] = other.row_epochs[src]
         self._runner.mirror("copy_row_from", self, other.cache_id, src, dst, length)
+
+    def release_rows(self, rows) -> None:
+        rows = list(rows)
+        super().release_rows(rows)
+        self._runner.mirror("release_rows", self, rows)
+
+    def attach_prefix(self, row: int, token_ids: list[int], max_tokens: int) -> int:
+        matched = super().attach_prefix(row, token_ids, max_tokens)
+        self._runner.mirror("attach_prefix", self, row, token_ids, max_tokens)
+        return matched
+
+    def commit(self, row: int, length: int) -> None:
+        super().commit(row, length)
+        self._runner.mirror("commit", self, row, length)
 
 
 class RankProcesses:
@@ -196,15 +212,18 @@ class TensorParallelRunner:
     """ModelRunner's interface over N ranks of the target; rank 0's shard runs in this process."""
 
     def __init__(self, path: str, target_device: str, dtype: str, world_size: int, num_rows: int, capacity: int,
-                 cpus: set[int]):
+                 cpus: set[int], pool: PoolSpec):
         if dist.is_initialized():
             raise TensorParallelError("this process already belongs to a process group: one tensor-parallel "
                                       "engine per process")
         self.world_size = world_size
         self.num_rows = num_rows
         self.capacity = capacity
+        self.pool_spec = pool
+        self.pool = BlockPool(pool)
         self._spec = {"path": path, "device": target_device, "dtype": dtype, "world_size": world_size,
-                      "num_rows": num_rows, "capacity": capacity, "cpus": sorted(cpus)}
+                      "num_rows": num_rows, "capacity": capacity, "cpus": sorted(cpus),
+                      "pool": [pool.num_blocks, pool.block_size, pool.prefix_caching]}
         self._caches: list[ShardedCache] = []
         self.epoch = 0  # restarts of the ranks so far
         self.num_failures = 0
@@ -227,7 +246,7 @@ class TensorParallelRunner:
 
     def new_cache(self) -> ShardedCache:
         # Workers create a cache the first time a call names its id.
-        self._caches.append(ShardedCache(self.num_rows, self.capacity, len(self._caches), self))
+        self._caches.append(ShardedCache(self.pool, self.num_rows, self.capacity, len(self._caches), self))
         return self._caches[-1]
 
     def fill(self, cache: ShardedCache, rows, start_lens: list[int], feeds: list[list[int]], **kwargs):
@@ -302,7 +321,7 @@ class TensorParallelRunner:
             device = rank_device(self._spec["device"], 0)
             init_process_group(init_method, 0, self.world_size, device, LOCKSTEP_TIMEOUT_SECONDS)
             self.local = ModelRunner(load_shard(self._spec["path"], device, self._spec["dtype"], self.world_size),
-                                     self.num_rows, self.capacity)
+                                     self.num_rows, self.capacity, pool=self.pool_spec)
             self.ranks.pending = [1] * (self.world_size - 1)  # each worker says when its shard is loaded
             self.ranks.wait_acknowledged("start-up", START_TIMEOUT_SECONDS)
         except Exception as exc:
@@ -310,6 +329,10 @@ class TensorParallelRunner:
             raise TensorParallelError(f"tensor-parallel ranks did not start: {exc}") from exc
 
     def _restart(self) -> None:
+        """New ranks start with empty pools: so does rank 0's bookkeeping (its rows' requests fail)."""
+        self.pool = BlockPool(self.pool_spec)
+        for cache in self._caches:
+            cache.reset(self.pool)
         self.epoch += 1
         log.info("restarting %d tensor-parallel ranks (restart %d)", self.world_size, self.epoch)
         self._start_ranks()

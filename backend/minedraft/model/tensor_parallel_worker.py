@@ -14,10 +14,12 @@ from multiprocessing.connection import Connection
 
 import torch
 
+from minedraft.model.kv_cache import PoolSpec
 from minedraft.model.runner import ModelRunner
 from minedraft.model.tensor_parallel import init_process_group, load_shard, rank_device
 
 PARENT_CHECK_SECONDS = 0.5
+CACHE_MUTATIONS = ("move_row", "release_rows", "attach_prefix", "commit")
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -47,8 +49,8 @@ def _serve(conn: Connection, runner: ModelRunner) -> None:
             if method == "copy_row_from":
                 other_id, *rest = args
                 cache(cache_id).copy_row_from(cache(other_id), *rest)
-            elif method == "move_row":
-                cache(cache_id).move_row(*args)
+            elif method in CACHE_MUTATIONS:
+                getattr(cache(cache_id), method)(*args)
             else:  # fill or forward: rank 0 keeps the outputs, this rank only takes part in the collectives
                 getattr(runner, method)(cache(cache_id), *args, **kwargs)
             conn.send((number, "ok", None))
@@ -67,7 +69,7 @@ def _worker_main(spec: dict) -> None:
         device = rank_device(spec["device"], spec["rank"])
         init_process_group(spec["init_method"], spec["rank"], spec["world_size"], device, spec["timeout"])
         runner = ModelRunner(load_shard(spec["path"], device, spec["dtype"], spec["world_size"]),
-                             spec["num_rows"], spec["capacity"])
+                             spec["num_rows"], spec["capacity"], pool=PoolSpec(*spec["pool"]))
         conn.send((0, "ok", None))
     except Exception:
         conn.send((0, "error", traceback.format_exc()))
