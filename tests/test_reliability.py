@@ -27,6 +27,11 @@ from minedraft_client.grpc_stream import StreamError, request_inputs, responses
 
 pytestmark = pytest.mark.server
 MAX_NUM_SEQS = 16
+# A KV pool of 75 blocks of 16 tokens (the demo pair: 14,592 bytes a token, target and draft): just
+# over one request at max_model_len 1024, where the 32 requests in flight here need about twice that.
+# Every test of this module runs with the pool exhausted: admission waits, running requests are
+# preempted and recomputed.
+KV_POOL_BYTES = 75 * 16 * 14_592
 FINAL_DEADLINE_S = 180
 
 
@@ -40,7 +45,8 @@ def start_server(root: Path, models: dict, **config) -> TritonServer:
 
 @pytest.fixture(scope="module")
 def server(demo_pair, tmp_path_factory):
-    srv = start_server(tmp_path_factory.mktemp("reliability"), {"minedraft": {"max_num_seqs": MAX_NUM_SEQS}},
+    srv = start_server(tmp_path_factory.mktemp("reliability"),
+                       {"minedraft": {"max_num_seqs": MAX_NUM_SEQS, "kv_cache_memory_bytes": KV_POOL_BYTES}},
                        max_batch_size=2 * MAX_NUM_SEQS)
     yield srv
     srv.stop()
@@ -208,6 +214,9 @@ def test_cancellation_storm_leaves_nothing_behind(server, prompts):
     assert 0.9 * cancelled <= server_cancelled <= cancelled
     assert m["minedraft_requests_in_flight"] == 0
     assert m["minedraft_batch_size_a"] == 0 and m["minedraft_batch_size_b"] == 0
+    # The storm outgrew the pool, and every block came back.
+    assert m["minedraft_num_preemptions_total"] > before.get("minedraft_num_preemptions_total", 0)
+    assert m["minedraft_kv_cache_blocks_total"] == 75 and m["minedraft_kv_cache_usage_perc"] == 0
     assert one_stream(server, prompts[0], {"max_tokens": 8, "temperature": 0})[0] == "final"
 
 

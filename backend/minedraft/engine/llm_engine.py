@@ -93,10 +93,6 @@ class Engine:
         prompt_ids = self._encode(prompt)
         if len(prompt_ids) >= self.config.max_model_len:
             raise InvalidRequest(f"prompt has {len(prompt_ids)} tokens; max_model_len is {self.config.max_model_len}")
-        pool = self.target.pool
-        if self._blocks_to_start(len(prompt_ids)) > pool.num_blocks:
-            raise InvalidRequest(f"prompt has {len(prompt_ids)} tokens; the KV pool holds "
-                                 f"{pool.num_blocks * pool.block_size} (kv_cache_memory_bytes)")
         num_draft = self.policy.max_draft_tokens
         if params.num_draft_tokens is not None:
             num_draft = min(params.num_draft_tokens, num_draft)

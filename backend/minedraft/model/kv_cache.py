@@ -3,7 +3,10 @@ both internal batches; each batch's rows reach it through block tables.
 
 - `BlockPool`: bookkeeping only. Which blocks are free, which are in use (ref-counted: rows that
   share a cached prefix share its blocks) and which hold a cached prefix that no row uses (reused
-  least recently used first, vLLM's automatic prefix caching).
+  least recently used first, vLLM's automatic prefix caching). A block never used yet is handed
+  out only when no other is free: on the CPU its memory is mapped in when first written, so the
+  pool's resident memory follows the most tokens ever in flight, and cached prefixes live in
+  memory already mapped.
 - `KVStorage`: the tensors, per layer [slots, kv heads, head dim], a slot per position of each
   block. Block 0 is the null block, never handed out: table entries past a row's blocks point to
   it (what a query may not see) and padding tokens write its first slot.
@@ -15,8 +18,8 @@ both internal batches; each batch's rows reach it through block tables.
 Attention reads a row's keys through a slot table, [rows, positions] (model/compact.py gathers
 them): every position it may see, in order, whichever blocks they sit in.
 """
-import mmap
 import math
+import mmap
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -59,7 +62,8 @@ class BlockPool:
         self.num_blocks = spec.num_blocks
         self.block_size = spec.block_size
         self.prefix_caching = spec.prefix_caching
-        self._free = list(range(spec.num_blocks, NULL_BLOCK, -1))  # a stack: recently freed blocks first
+        self._free: list[int] = []  # a stack: recently freed blocks first
+        self._next_unused = NULL_BLOCK + 1  # blocks from here on have never been handed out
         self._refs = [0] * (spec.num_blocks + 1)
         self._cached_unused: OrderedDict[int, None] = OrderedDict()  # least recently used first
         self._block_of_hash: dict[int, int] = {}
@@ -70,7 +74,7 @@ class BlockPool:
     @property
     def num_free(self) -> int:
         """Blocks that can be handed out: free ones and cached ones no row uses."""
-        return len(self._free) + len(self._cached_unused)
+        return len(self._free) + len(self._cached_unused) + self.num_blocks + 1 - self._next_unused
 
     @property
     def usage(self) -> float:
@@ -86,6 +90,9 @@ class BlockPool:
         elif self._cached_unused:
             block, _ = self._cached_unused.popitem(last=False)
             del self._block_of_hash[self._hash_of_block.pop(block)]
+        elif self._next_unused <= self.num_blocks:
+            block = self._next_unused
+            self._next_unused += 1
         else:
             raise KVCacheFull(f"all {self.num_blocks} KV blocks are in use")
         self._refs[block] = 1
@@ -199,6 +206,8 @@ class PagedKVCache:
         for row, start, feed in zip(rows, start_lens, feeds):
             end = start + len(feed)
             self.check_room(end)
+            if 0 < start < len(self._keys[row]) * self.block_size:
+                raise RuntimeError("a row may not write into its committed blocks: others may share them")
             if self.pool.prefix_caching:
                 self._tokens[row][start:] = feed
             self._trim(row, self.pool.blocks_for(start))
@@ -217,7 +226,8 @@ class PagedKVCache:
         positions = starts[:, None] + torch.minimum(offsets, lengths[:, None] - 1)
         bs = self.block_size
         blocks = self._table_tensor[torch.tensor(rows)][:, :-(-visible_len // bs)]
-        slot_table = (blocks[:, :, None] * bs + torch.arange(bs)).flatten(1)[:, :visible_len]
+        # Contiguous: a compiled graph would guard on the stride of a sliced table.
+        slot_table = (blocks[:, :, None] * bs + torch.arange(bs)).flatten(1)[:, :visible_len].contiguous()
         write_slots = torch.where(offsets < lengths[:, None],
                                   slot_table.gather(1, positions.clamp(max=visible_len - 1)), SCRATCH_SLOT)
         return Addresses(positions.to(device), write_slots.to(device), slot_table.to(device))
@@ -294,9 +304,8 @@ class PagedKVCache:
     def _trim(self, row: int, num_blocks: int) -> None:
         table = self._tables[row]
         if num_blocks < len(self._keys[row]):
-            if num_blocks:
-                raise RuntimeError("a row may not roll back into its committed blocks")
-            self._keys[row], self._tokens[row] = [], []
+            del self._keys[row][num_blocks:]
+            del self._tokens[row][num_blocks * self.block_size:]
         while len(table) > num_blocks:
             self.pool.release(table.pop())
         self._table_tensor[row, num_blocks:] = NULL_BLOCK

@@ -14,6 +14,8 @@ from minedraft.model.quantization import is_quantized
 
 log = logging.getLogger("minedraft")
 
+PREFILL_CHUNK_TOKENS = 512
+
 
 class ModelRunner:
     """Turns rows of token ids into one padded forward pass; never decides who runs.
@@ -83,7 +85,26 @@ class ModelRunner:
              embeds: list[torch.Tensor] | None = None):
         """Write the feeds' keys and values to the cache (a prefill). No logits are wanted, so the LM
         head runs at one position only; `with_hidden` returns the last hidden states [b, n, H]
-        instead (what a feature draft reads) and runs no LM head at all."""
+        instead (what a feature draft reads) and runs no LM head at all. Feeds longer than
+        PREFILL_CHUNK_TOKENS run in chunks, each attending to the ones before it: attention's
+        scores grow with the chunk times the context, not the context squared."""
+        longest = max(len(f) for f in feeds)
+        if longest <= PREFILL_CHUNK_TOKENS or embeds is not None:
+            return self._fill_once(cache, rows, start_lens, feeds, with_hidden, embeds)
+        rows, pieces = _row_ids(rows), [[] for _ in feeds]
+        for offset in range(0, longest, PREFILL_CHUNK_TOKENS):
+            part = [i for i, feed in enumerate(feeds) if len(feed) > offset]
+            chunks = [feeds[i][offset:offset + PREFILL_CHUNK_TOKENS] for i in part]
+            hidden = self._fill_once(cache, [rows[i] for i in part], [start_lens[i] + offset for i in part], chunks,
+                                     with_hidden, None)
+            for j, (i, chunk) in enumerate(zip(part, chunks) if with_hidden else []):
+                pieces[i].append(hidden[j, :len(chunk)])
+        if not with_hidden:
+            return None
+        return torch.nn.utils.rnn.pad_sequence([torch.cat(piece) for piece in pieces], batch_first=True)
+
+    def _fill_once(self, cache: PagedKVCache, rows, start_lens: list[int], feeds: list[list[int]], with_hidden: bool,
+                   embeds: list[torch.Tensor] | None):
         if self.compiled is not None:
             hidden = self._compact_hidden(cache, rows, start_lens, feeds, embeds)
             return hidden if with_hidden else None

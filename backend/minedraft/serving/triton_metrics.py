@@ -70,6 +70,17 @@ class EngineMetrics:
                                        "Requests admitted to the engine and waiting for a batch row", M.GAUGE)
         self.kv_rows_in_use = family("minedraft_kv_rows_in_use", "Target KV cache rows holding a request", M.GAUGE)
         self.kv_rows_total = family("minedraft_kv_rows_total", "Target KV cache rows, all batches", M.GAUGE)
+        # The target's KV pool, under vLLM's names.
+        self.kv_usage = family("minedraft_kv_cache_usage_perc",
+                               "Fraction of the target's KV blocks in use by requests (1 = full)", M.GAUGE)
+        self.kv_blocks_total = family("minedraft_kv_cache_blocks_total", "Blocks in the target's KV pool", M.GAUGE)
+        self.prefix_queries = family("minedraft_prefix_cache_queries_total",
+                                     "Prompt tokens looked up in the prefix cache", M.COUNTER)
+        self.prefix_hits = family("minedraft_prefix_cache_hits_total",
+                                  "Prompt tokens found in the prefix cache (their prefill skipped)", M.COUNTER)
+        self.preemptions = family("minedraft_num_preemptions_total",
+                                  "Requests preempted for KV blocks (recomputed when admitted again)", M.COUNTER)
+        self._pool_seen = {"queries": 0, "hits": 0, "preemptions": 0}
         self.drafter_alive = family("minedraft_drafter_alive",
                                     "1 while a drafter is loaded and its worker process (if any) runs", M.GAUGE)
         self.tp_workers_alive = family("minedraft_tensor_parallel_workers_alive",
@@ -154,6 +165,16 @@ class EngineMetrics:
         self.requests_waiting.set(len(scheduler.waiting))
         self.kv_rows_in_use.set(scheduler.num_running)  # one row per running request in its batch's cache
         self.kv_rows_total.set(scheduler.capacity)
+        pool = engine.target.pool
+        self.kv_usage.set(pool.usage)
+        self.kv_blocks_total.set(pool.num_blocks)
+        for key, metric, value in (("queries", self.prefix_queries, pool.prefix_queries),
+                                   ("hits", self.prefix_hits, pool.prefix_hits),
+                                   ("preemptions", self.preemptions, engine.num_preemptions)):
+            # A tensor-parallel restart starts a new pool, whose counts start from zero again.
+            if value > self._pool_seen[key]:
+                metric.increment(value - self._pool_seen[key])
+            self._pool_seen[key] = value
         drafter = engine.drafter
         process = getattr(drafter, "process", None)  # a worker drafter's; an inline one lives in this process
         self.drafter_alive.set(int(drafter is not None and (process is None or process.poll() is None)))
