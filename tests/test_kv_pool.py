@@ -31,13 +31,13 @@ def test_a_row_moves_by_its_table_and_nothing_is_copied():
     first.reserve([0, 1, 2], [0, 0, 0], [[1, 2, 3], [4], [5, 6]])
     tables = [first.block_table(row) for row in range(3)]
     first.release_rows([0])
-    first.move_row(2, 0, 2)  # the last row fills the hole
+    first.move_row(2, 0)  # the last row fills the hole
     assert first.block_table(0) == tables[2] and first.block_table(2) == []
-    second.copy_row_from(first, 1, 0, 1)  # a request changes batch
+    second.take_row_from(first, 1, 0)  # a request changes batch
     assert second.block_table(0) == tables[1] and first.block_table(1) == []
     assert pool.num_free == 8 - len(tables[1]) - len(tables[2])
     with pytest.raises(ValueError, match="one block pool"):
-        PagedKVCache(BlockPool(PoolSpec(8, 2)), 3, 8).copy_row_from(first, 0, 0, 2)
+        PagedKVCache(BlockPool(PoolSpec(8, 2)), 3, 8).take_row_from(first, 0, 0)
 
 
 def test_an_exhausted_pool_says_so():
@@ -120,7 +120,7 @@ def test_every_row_reads_back_exactly_its_own_tokens(ops):
             rows[row] = []
         elif op == "move":
             dst = (row + amount) % 4
-            cache.move_row(row, dst, len(rows[row]))
+            cache.move_row(row, dst)
             rows[dst], rows[row] = rows[row], []
         elif op == "share" and not rows[(row + 1) % 4]:
             source = rows[row]

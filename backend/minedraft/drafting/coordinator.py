@@ -37,7 +37,7 @@ class RowDraftState:
 @dataclass
 class BatchDraftState:
     drafter: object = None  # the drafter whose cache holds this batch's rows (flex has two)
-    pending_moves: list[tuple[int, int, int]] = field(default_factory=list)  # (src, dst, length) for that cache
+    pending_moves: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) row moves for that cache
     drafts: StepDrafts | None = None  # every row's drafts, waiting for verification
     fed_to: list[int] | None = None  # while drafting: each row's draft cache length after it
 
@@ -125,8 +125,7 @@ class Drafting:
         if move is None:
             state.drafts = drafts.without_last_row() if drafts is not None else None
             return
-        moved = self.row(move.seq)
-        state.pending_moves.append((move.src, move.dst, moved.num_cached_tokens + moved.num_cached_drafts))
+        state.pending_moves.append((move.src, move.dst))
         state.drafts = drafts.with_row_moved(move.src, move.dst) if drafts is not None else None
 
     def forget_all(self) -> None:

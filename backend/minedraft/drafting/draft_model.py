@@ -51,8 +51,8 @@ class DraftModel:
 
     def _draft(self, work: DraftWork) -> Drafts:
         cache = self.caches[work.batch_slot]
-        for src, dst, length in work.moves:
-            cache.move_row(src, dst, length)
+        for src, dst in work.moves:
+            cache.move_row(src, dst)
         rows, k = work.rows, work.num_tokens
         # Rows past the batch's belong to requests that left since its last drafting.
         cache.release_rows(range(len(rows), cache.num_rows))

@@ -41,7 +41,7 @@ class DraftRow:
 @dataclass
 class DraftWork:
     batch_slot: int
-    moves: list[tuple[int, int, int]]  # (src row, dst row, length) applied to the cache first
+    moves: list[tuple[int, int]]  # (src row, dst row) moves applied to the cache first
     rows: list[DraftRow]
     num_tokens: int  # the longest row cap: draft steps at most
     confidence_threshold: float = 0.0  # FlexDraft's cut: 0 drafts every row to its cap

@@ -205,8 +205,8 @@ class Engine:
         if self.drafting.drafted_slots():
             return
         for seq, source, target in self.scheduler.layout_moves(self.policy.splits_batches):
-            self.target_caches[target.slot].copy_row_from(self.target_caches[source.slot], len(source) - 1,
-                                                          len(target), seq.num_target_cached_tokens)
+            self.target_caches[target.slot].take_row_from(self.target_caches[source.slot], len(source) - 1,
+                                                          len(target))
             self._remove(source, seq)
             target.add(seq)
 
@@ -216,7 +216,7 @@ class Engine:
         self.target_caches[batch.slot].release_rows([batch.seqs.index(seq)])
         move = batch.remove(seq)
         if move is not None:
-            self.target_caches[batch.slot].move_row(move.src, move.dst, move.seq.num_target_cached_tokens)
+            self.target_caches[batch.slot].move_row(move.src, move.dst)
         self.drafting.row_left(batch, seq, move)
 
     def _prefill(self, admitted: list[tuple[Sequence, Batch]]) -> None:

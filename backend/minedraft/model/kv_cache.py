@@ -249,11 +249,11 @@ class PagedKVCache:
         self._keys = [[] for _ in range(self.num_rows)]
         self._table_tensor.zero_()
 
-    def move_row(self, src: int, dst: int, length: int) -> None:
+    def move_row(self, src: int, dst: int) -> None:
         """Row `src` becomes row `dst` (whose blocks are handed back): keeps live rows contiguous."""
         self._take_row(self, src, dst)
 
-    def copy_row_from(self, other: "PagedKVCache", src: int, dst: int, length: int) -> None:
+    def take_row_from(self, other: "PagedKVCache", src: int, dst: int) -> None:
         """`other`'s row `src` becomes this cache's row `dst`: a request changes batch."""
         if other.pool is not self.pool:
             raise ValueError("rows move only between caches of one block pool")

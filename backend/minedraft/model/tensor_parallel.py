@@ -91,15 +91,15 @@ class ShardedCache(PagedKVCache):
         self._runner = runner
         self.row_epochs = [0] * num_rows
 
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        super().move_row(src, dst, length)
+    def move_row(self, src: int, dst: int) -> None:
+        super().move_row(src, dst)
         self.row_epochs[dst] = self.row_epochs[src]
-        self._runner.mirror("move_row", self, src, dst, length)
+        self._runner.mirror("move_row", self, src, dst)
 
-    def copy_row_from(self, other: "ShardedCache", src: int, dst: int, length: int) -> None:
-        super().copy_row_from(other, src, dst, length)
+    def take_row_from(self, other: "ShardedCache", src: int, dst: int) -> None:
+        super().take_row_from(other, src, dst)
         self.row_epochs[dst] = other.row_epochs[src]
-        self._runner.mirror("copy_row_from", self, other.cache_id, src, dst, length)
+        self._runner.mirror("take_row_from", self, other.cache_id, src, dst)
 
     def release_rows(self, rows) -> None:
         rows = list(rows)

@@ -46,9 +46,9 @@ def _serve(conn: Connection, runner: ModelRunner) -> None:
             return
         number, method, cache_id, args, kwargs = message
         try:
-            if method == "copy_row_from":
+            if method == "take_row_from":
                 other_id, *rest = args
-                cache(cache_id).copy_row_from(cache(other_id), *rest)
+                cache(cache_id).take_row_from(cache(other_id), *rest)
             elif method in CACHE_MUTATIONS:
                 getattr(cache(cache_id), method)(*args)
             else:  # fill or forward: rank 0 keeps the outputs, this rank only takes part in the collectives
