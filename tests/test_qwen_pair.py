@@ -66,14 +66,7 @@ def served_reference(qwen_coder, reference):
 
 
 def generate_reference(tokenizer, model) -> list[tuple[list[int], torch.Tensor]]:
-    answers = []
-    for question in QUESTIONS:
-        ids = tokenizer(chat(tokenizer, question), return_tensors="pt").input_ids
-        with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True)
-        answers.append((out.sequences[0, ids.size(1):].tolist(), torch.cat(out.logits).float()))
-    return answers
+    return [generate_reference_for(tokenizer, model, chat(tokenizer, question)) for question in QUESTIONS]
 
 
 def assert_divergences_are_near_ties(outputs, reference) -> int:
@@ -172,3 +165,42 @@ def test_sampled_law_on_the_qwen_pair_in_bfloat16_with_three_drafts(qwen_coder):
     for o in outs:
         counts[tuple(o.new_token_ids[:2])] = counts.get(tuple(o.new_token_ids[:2]), 0) + 1
     assert two_token_pvalue(counts, model, tokenizer, prompt, params) > 0.01
+
+
+@pytest.mark.slow
+def test_a_twenty_thousand_token_prompt_is_answered_as_the_target_answers(qwen_coder):
+    """Issue 40's K3: the shipped entry's engine (its native max_model_len, the paged pool, chunked
+    prefill) reads ~20,000 tokens of this repository's code and answers as HF `generate` does, up
+    to near-ties. Prints the times (docs/benchmarks.md, "A paged KV pool")."""
+    import time
+
+    from minedraft.tools.bench_context import code_turns
+
+    tokenizer, model = qwen_coder
+    code = code_turns(tokenizer, 1, 20_000)[0]
+    prompt = chat(tokenizer, f"```python\n{code}\n```\nWhich function in this code is the longest?")
+    parameters = shipped_parameters(QWEN_CODER)
+    engine = Engine(EngineConfig(target_model=str(TARGET), draft_model=str(DRAFT), mode=parameters["mode"],
+                                 dtype="bfloat16", draft_quantization=parameters["draft_quantization"],
+                                 num_draft_tokens=int(parameters["num_draft_tokens"]), max_num_seqs=2,
+                                 max_model_len=int(parameters["max_model_len"]), enforce_eager=False))
+    try:
+        started = time.monotonic()
+        out = engine.generate([prompt], {"max_tokens": NEW_TOKENS, "temperature": 0})[0]
+        engine_s = time.monotonic() - started
+    finally:
+        engine.close()
+    started = time.monotonic()
+    reference = generate_reference_for(tokenizer, model, prompt)
+    print(f"K3: {out.num_input_tokens} prompt tokens; engine {engine_s:.1f} s, HF generate "
+          f"{time.monotonic() - started:.1f} s; {out.num_accepted_tokens}/{out.num_drafted_tokens} drafts accepted")
+    assert out.num_input_tokens > 19_000
+    assert_divergences_are_near_ties([out.new_token_ids], [reference])
+
+
+def generate_reference_for(tokenizer, model, prompt: str) -> tuple[list[int], torch.Tensor]:
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    return out.sequences[0, ids.size(1):].tolist(), torch.cat(out.logits).float()

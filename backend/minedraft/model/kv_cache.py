@@ -198,6 +198,10 @@ class PagedKVCache:
     def block_table(self, row: int) -> list[int]:
         return list(self._tables[row])
 
+    def num_keyed_blocks(self, row: int) -> int:
+        """The row's blocks keyed for prefix caching so far (its first ones)."""
+        return len(self._keys[row])
+
     # -- before a forward ------------------------------------------------------------------------
     def reserve(self, rows: list[int], start_lens: list[int], feeds: list[list[int]]) -> None:
         """Make each row hold exactly the blocks for its first `start_len + len(feed)` positions:

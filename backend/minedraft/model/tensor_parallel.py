@@ -112,8 +112,10 @@ class ShardedCache(PagedKVCache):
         return matched
 
     def commit(self, row: int, length: int) -> None:
+        keyed = self.num_keyed_blocks(row)
         super().commit(row, length)
-        self._runner.mirror("commit", self, row, length)
+        if self.num_keyed_blocks(row) != keyed:  # every rank keys the same blocks: mirror only a change
+            self._runner.mirror("commit", self, row, length)
 
 
 class RankProcesses:
