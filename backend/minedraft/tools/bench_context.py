@@ -32,6 +32,7 @@ import aiohttp
 import psutil
 from transformers import AutoTokenizer
 
+from minedraft.serving import launcher
 from minedraft.serving.launcher import TritonServer
 from minedraft.serving.openai_api import OpenAIEntry
 from minedraft.serving.triton_metrics import read_metrics
@@ -87,7 +88,14 @@ def code_turns(tokenizer, num_turns: int, turn_tokens: int) -> list[str]:
     return [tokenizer.decode(ids[i * turn_tokens:(i + 1) * turn_tokens]) for i in range(num_turns)]
 
 
-async def conversation(url: str, model: str, turns: list[str], answer_tokens: int) -> list[dict]:
+def policy_steps(metrics_url: str, model: str) -> float:
+    metrics = read_metrics(metrics_url, model)
+    return sum(value for key, value in metrics.items() if key.startswith("minedraft_policy_steps_total/"))
+
+
+async def conversation(url: str, metrics_url: str, model: str, turns: list[str], answer_tokens: int) -> list[dict]:
+    """Per turn, besides the time to first token and the decode time a token, the decode time a
+    step: a step's cost is what the context changes; tokens a step follow the draft's acceptance."""
     messages, report = [], []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as session:
         for number, code in enumerate(turns, 1):
@@ -95,6 +103,7 @@ async def conversation(url: str, model: str, turns: list[str], answer_tokens: in
                                                         "What does this part do?"})
             body = {"model": model, "messages": messages, "max_tokens": answer_tokens, "temperature": 0,
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            steps_before = policy_steps(metrics_url, model)
             started, first, last, answer, usage = time.monotonic(), None, None, "", {}
             async with session.post(f"{url}/chat/completions", json=body) as response:
                 if response.status != 200:
@@ -113,9 +122,11 @@ async def conversation(url: str, model: str, turns: list[str], answer_tokens: in
                             answer += choice["delta"]["content"]
             messages.append({"role": "assistant", "content": answer})
             tokens = usage.get("completion_tokens", answer_tokens)
+            steps = policy_steps(metrics_url, model) - steps_before  # the first step brought the first token
             report.append({"turn": number, "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": tokens,
                            "ttft_s": round(first - started, 3),
-                           "decode_ms_per_token": round((last - first) * 1000 / max(1, tokens - 1), 1)})
+                           "decode_ms_per_token": round((last - first) * 1000 / max(1, tokens - 1), 1),
+                           "steps": steps, "decode_ms_per_step": round((last - first) * 1000 / max(1, steps - 1), 1)})
             print(f"{model} turn {number}: {report[-1]}", flush=True)
     return report
 
@@ -134,9 +145,14 @@ def measure_build(name: str, parameters: dict, workdir: Path, args, prompts: lis
                   pythonpath: str | None) -> dict:
     repository = write_repository(workdir / name, {name: parameters},
                                   max_batch_size=2 * int(parameters["max_num_seqs"]), queue_size=256)
-    saved = os.environ.get("PYTHONPATH")
+    saved = os.environ.get("PYTHONPATH"), launcher.ADAPTER
     if pythonpath:
-        os.environ["PYTHONPATH"] = pythonpath  # the server's backend imports this build's minedraft
+        # This build's minedraft, in worker processes (PYTHONPATH) and in the python backend's stub,
+        # which does not read PYTHONPATH: an adapter that puts the build first on sys.path.
+        os.environ["PYTHONPATH"] = pythonpath
+        launcher.ADAPTER = workdir / f"{name}_adapter.py"
+        launcher.ADAPTER.write_text(f"import sys\nsys.path.insert(0, {pythonpath!r})\n"
+                                    "from minedraft.serving.triton_model import TritonPythonModel  # noqa: F401\n")
     try:
         started = time.monotonic()
         with TritonServer(repository, *(free_port() for _ in range(3)), log_path=workdir / f"{name}.log",
@@ -152,7 +168,8 @@ def measure_build(name: str, parameters: dict, workdir: Path, args, prompts: lis
                 result["in_flight_peak_pss_mb"] = sampler.peak
                 result["after_pss_mb"] = tree_pss_mb(server.process.pid)
                 before = read_metrics(server.metrics_url, name)
-                result["conversation"] = asyncio.run(conversation(entry.url, name, turns, args.answer_tokens))
+                result["conversation"] = asyncio.run(conversation(entry.url, server.metrics_url, name, turns,
+                                                                  args.answer_tokens))
                 after = read_metrics(server.metrics_url, name)
                 result["pool_metrics"] = {key: after.get(key, 0) - (0 if key.endswith("blocks_total")
                                                                     else before.get(key, 0))
@@ -163,10 +180,11 @@ def measure_build(name: str, parameters: dict, workdir: Path, args, prompts: lis
             finally:
                 entry.stop()
     finally:
-        if saved is None:
+        launcher.ADAPTER = saved[1]
+        if saved[0] is None:
             os.environ.pop("PYTHONPATH", None)
         else:
-            os.environ["PYTHONPATH"] = saved
+            os.environ["PYTHONPATH"] = saved[0]
     print(json.dumps({k: v for k, v in result.items() if k != "conversation"}), flush=True)
     return result
 
