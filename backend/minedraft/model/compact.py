@@ -46,9 +46,15 @@ def decoder_layer(block, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     layer_values[write_slots] = v.transpose(1, 2)
     # The rows' positions gathered from their blocks: [b, kv heads, t, head dim].
     seen_keys, seen_values = layer_keys[slot_table].transpose(1, 2), layer_values[slot_table].transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, seen_keys, seen_values, attn_mask=visible,
-                                         enable_gqa=grouped)
-    hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+    if grouped:
+        # The query heads that share a key/value head go in as more queries of that head, [b, kv
+        # heads, group * n, head dim]: attention then reads each key once, where SDPA's GQA copies
+        # the keys and values once per query head (the copy grew with the context).
+        group = num_heads // num_kv_heads
+        q = q.reshape(b, num_kv_heads, group * n, head_dim)
+        visible = visible.repeat(1, 1, group, 1)
+    out = F.scaled_dot_product_attention(q, seen_keys, seen_values, attn_mask=visible)
+    hidden = hidden + attention.o_proj(out.reshape(b, num_heads, n, head_dim).transpose(1, 2).reshape(b, n, -1))
     return hidden + block.mlp(block.post_attention_layernorm(hidden))
 
 
