@@ -198,3 +198,11 @@ def test_long_prompts_fill_in_chunks_and_stay_lossless(tiny_pair, target_model, 
         engine.close()
     for prompt, tokens in zip(prompts, got):
         assert tokens == reference_greedy(model, tokenizer, prompt, 16, ignore_eos=True)[1]
+
+
+def test_the_default_pool_holds_one_request_at_the_whole_context():
+    from minedraft import EngineConfig
+    from minedraft.engine.builder import pool_specs
+    config = EngineConfig(mode="ar", max_num_seqs=1, max_model_len=8192, num_draft_tokens=0)
+    target, draft = pool_specs(config, 8192 + 2)
+    assert target.num_blocks * target.block_size >= 8194 and draft.num_blocks >= target.num_blocks

@@ -30,7 +30,7 @@ from minedraft.scheduler import Batch, Scheduler
 log = logging.getLogger("minedraft")
 
 # The default pool's tokens a row in flight (kv_cache_memory_bytes 0): the shipped context before
-# the pool, so that the default's memory is at most what it was.
+# the pool, so that the default's memory is at most what it was (but one request always fits).
 DEFAULT_TOKENS_PER_ROW = 4096
 
 
@@ -125,8 +125,8 @@ def pool_specs(config: EngineConfig, capacity: int) -> tuple[PoolSpec, PoolSpec]
         if config.traits.drafts and config.draft_method == "model":
             per_token += kv_bytes_per_token(load_config(config.draft_model), config.dtype)
         num_blocks = config.kv_cache_memory_bytes // per_token // block_size
-    else:
-        num_blocks = rows * -(-min(capacity, DEFAULT_TOKENS_PER_ROW) // block_size)
+    else:  # and never less than one whole request
+        num_blocks = max(rows * -(-min(capacity, DEFAULT_TOKENS_PER_ROW) // block_size), -(-capacity // block_size))
     if num_blocks < -(-capacity // block_size):
         raise ConfigError(f"kv_cache_memory_bytes {config.kv_cache_memory_bytes} holds {num_blocks} blocks of "
                           f"{block_size} tokens; one request may need {capacity} tokens (max_model_len "
