@@ -181,6 +181,7 @@ def test_a_twenty_thousand_token_prompt_is_answered_as_the_target_answers(qwen_c
     prompt = chat(tokenizer, f"```python\n{code}\n```\nWhich function in this code is the longest?")
     parameters = shipped_parameters(QWEN_CODER)
     engine = Engine(EngineConfig(target_model=str(TARGET), draft_model=str(DRAFT), mode=parameters["mode"],
+                                 drafter=parameters["drafter"],
                                  dtype="bfloat16", draft_quantization=parameters["draft_quantization"],
                                  num_draft_tokens=int(parameters["num_draft_tokens"]), max_num_seqs=2,
                                  max_model_len=int(parameters["max_model_len"]), enforce_eager=False))
