@@ -82,6 +82,16 @@ def test_a_cached_prefix_is_never_written():
         cache.reserve([0], [1], [[9]])
 
 
+def test_a_row_that_starts_over_keys_its_new_tokens():
+    pool = BlockPool(PoolSpec(num_blocks=8, block_size=2, prefix_caching=True))
+    cache = PagedKVCache(pool, 2, 8)
+    cache.reserve([0], [0], [[1, 2, 3]])
+    cache.commit(0, 2)
+    cache.reserve([0], [0], [[4, 5, 6]])  # another request in the same row (a draft row reused)
+    cache.commit(0, 2)
+    assert cache.attach_prefix(1, [4, 5, 6], 2) == 2
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["write", "rollback", "leave", "move", "share"]), st.integers(0, 3),
                           st.integers(1, 7)), max_size=40))

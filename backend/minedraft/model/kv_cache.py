@@ -212,9 +212,9 @@ class PagedKVCache:
             self.check_room(end)
             if 0 < start < len(self._keys[row]) * self.block_size:
                 raise RuntimeError("a row may not write into its committed blocks: others may share them")
+            self._trim(row, self.pool.blocks_for(start))
             if self.pool.prefix_caching:
                 self._tokens[row][start:] = feed
-            self._trim(row, self.pool.blocks_for(start))
             table = self._tables[row]
             while len(table) < self.pool.blocks_for(end):
                 block = self.pool.allocate()
