@@ -120,14 +120,15 @@ def pool_specs(config: EngineConfig, capacity: int) -> tuple[PoolSpec, PoolSpec]
     hold what new requests of the other need (on the CPU the unused half is never mapped in)."""
     rows = config.num_batches * config.max_num_seqs
     block_size = config.block_size
+    one_request = -(-capacity // block_size)
     if config.kv_cache_memory_bytes:
         per_token = kv_bytes_per_token(load_config(config.target_model), config.dtype)
         if config.traits.drafts and config.draft_method == "model":
             per_token += kv_bytes_per_token(load_config(config.draft_model), config.dtype)
         num_blocks = config.kv_cache_memory_bytes // per_token // block_size
     else:  # and never less than one whole request
-        num_blocks = max(rows * -(-min(capacity, DEFAULT_TOKENS_PER_ROW) // block_size), -(-capacity // block_size))
-    if num_blocks < -(-capacity // block_size):
+        num_blocks = max(rows * -(-min(capacity, DEFAULT_TOKENS_PER_ROW) // block_size), one_request)
+    if num_blocks < one_request:
         raise ConfigError(f"kv_cache_memory_bytes {config.kv_cache_memory_bytes} holds {num_blocks} blocks of "
                           f"{block_size} tokens; one request may need {capacity} tokens (max_model_len "
                           f"{config.max_model_len} plus a verification's drafts)")

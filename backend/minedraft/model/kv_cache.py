@@ -270,11 +270,11 @@ class PagedKVCache:
         if not self.pool.prefix_caching:
             return 0
         self._trim(row, 0)
-        num_full = max_tokens // self.block_size
-        blocks = self.pool.match(block_hashes(token_ids, self.block_size, num_full), max_tokens)
+        keys = block_hashes(token_ids, self.block_size, max_tokens // self.block_size)
+        blocks = self.pool.match(keys, max_tokens)
         self._tables[row] = blocks
         self._table_tensor[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-        self._keys[row] = block_hashes(token_ids, self.block_size, len(blocks))
+        self._keys[row] = keys[:len(blocks)]
         self._tokens[row] = list(token_ids[:len(blocks) * self.block_size])
         return len(blocks) * self.block_size
 
