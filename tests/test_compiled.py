@@ -38,9 +38,11 @@ def test_the_compact_forward_matches_transformers_row_by_row(tiny_pair):
             torch.testing.assert_close(row_fast, row_eager, atol=1e-4, rtol=1e-4)
 
 
-def test_a_varied_load_is_lossless_and_compiles_nothing_after_warm_up(tiny_pair):
+@pytest.mark.parametrize("mode", ["ar", "sd", "psd"])
+def test_a_varied_load_is_lossless_and_compiles_nothing_after_warm_up(tiny_pair, mode):
     """Arrivals and departures, rollbacks of every length, a different k per request and a
-    cancellation, greedy: the compiled engine's output is the eager engine's, token for token."""
+    cancellation, greedy: the compiled engine's output is the eager engine's, token for token, in
+    every mode (PSD's two batches move rows between their caches)."""
     params = [{"max_tokens": 20 + 3 * i, "temperature": 0, "num_draft_tokens": i % 4} for i in range(len(PROMPTS))]
 
     def run(engine):
@@ -57,8 +59,8 @@ def test_a_varied_load_is_lossless_and_compiles_nothing_after_warm_up(tiny_pair)
         engine.close()
         return outputs
 
-    expected = run(make_engine(*tiny_pair, mode="sd", drafter="inline"))
-    engine = make_engine(*tiny_pair, mode="sd", drafter="inline", enforce_eager=False)
+    expected = run(make_engine(*tiny_pair, mode=mode, drafter="inline"))
+    engine = make_engine(*tiny_pair, mode=mode, drafter="inline", enforce_eager=False)
     assert engine.target.compiled is not None
     graphs_after_warm_up = unique_graphs()
     got = run(engine)

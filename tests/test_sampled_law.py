@@ -82,6 +82,20 @@ def test_sampled_law_with_three_drafts(tiny_pair, target_model, mode, drafter, d
     assert_follows_law(pairs, target_model)
 
 
+def test_sampled_law_through_the_compiled_forward(tiny_pair, noisy_draft, target_model):
+    """`enforce_eager: false`: both models' steps through the compiled forward and packed layers."""
+    engine = make_engine(tiny_pair[0], noisy_draft, mode="sd", drafter="inline", max_num_seqs=32,
+                         num_draft_tokens=K, enforce_eager=False)
+    assert engine.target.compiled is not None and engine.drafter.draft_model.runner.compiled is not None
+    lengths = record_draft_lengths(engine)
+    try:
+        pairs, _ = run_seeded(engine)
+    finally:
+        engine.close()
+    assert max(lengths) == K
+    assert_follows_law(pairs, target_model)
+
+
 def test_sampled_law_under_flex_with_confidence_cuts(tiny_pair, noisy_draft, target_model):
     from test_flex import scripted_choices
     engine = make_engine(tiny_pair[0], noisy_draft, mode="flex", drafter="inline", max_num_seqs=32,

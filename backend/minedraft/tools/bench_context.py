@@ -14,7 +14,9 @@ the other. For each:
 - a conversation through the chat template: each turn adds about `--turn-tokens` tokens of code
   (this repository's own sources) and asks for a `--answer-tokens`-token answer (greedy,
   ignore_eos), the history re-sent whole as chat clients do; per turn the prompt's tokens, the
-  time to first token, and the decode time a token after it;
+  time to first token, and the decode time a token after it. Then the same conversation again
+  with `num_draft_tokens` 0 (target-only steps, its history now cached): its decode time a token
+  is what the context costs, without the draft's acceptance, which varies with a turn's text;
 - throughput: completion tokens a second at each `--concurrency` on the held-out prompts (as
   bench_peer measures it).
 Prints JSON.
@@ -93,7 +95,8 @@ def policy_steps(metrics_url: str, model: str) -> float:
     return sum(value for key, value in metrics.items() if key.startswith("minedraft_policy_steps_total/"))
 
 
-async def conversation(url: str, metrics_url: str, model: str, turns: list[str], answer_tokens: int) -> list[dict]:
+async def conversation(url: str, metrics_url: str, model: str, turns: list[str], answer_tokens: int,
+                       num_draft_tokens: int | None = None) -> list[dict]:
     """Per turn, besides the time to first token and the decode time a token, the decode time a
     step: a step's cost is what the context changes; tokens a step follow the draft's acceptance."""
     messages, report = [], []
@@ -103,6 +106,8 @@ async def conversation(url: str, metrics_url: str, model: str, turns: list[str],
                                                         "What does this part do?"})
             body = {"model": model, "messages": messages, "max_tokens": answer_tokens, "temperature": 0,
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            if num_draft_tokens is not None:
+                body["num_draft_tokens"] = num_draft_tokens
             steps_before = policy_steps(metrics_url, model)
             started, first, last, answer, usage = time.monotonic(), None, None, "", {}
             async with session.post(f"{url}/chat/completions", json=body) as response:
@@ -171,6 +176,8 @@ def measure_build(name: str, parameters: dict, workdir: Path, args, prompts: lis
                 result["conversation"] = asyncio.run(conversation(entry.url, server.metrics_url, name, turns,
                                                                   args.answer_tokens))
                 after = read_metrics(server.metrics_url, name)
+                result["conversation_target_only"] = asyncio.run(conversation(
+                    entry.url, server.metrics_url, name, turns, args.answer_tokens, num_draft_tokens=0))
                 result["pool_metrics"] = {key: after.get(key, 0) - (0 if key.endswith("blocks_total")
                                                                     else before.get(key, 0))
                                           for key in POOL_METRICS if key in after}
@@ -185,7 +192,7 @@ def measure_build(name: str, parameters: dict, workdir: Path, args, prompts: lis
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = saved[0]
-    print(json.dumps({k: v for k, v in result.items() if k != "conversation"}), flush=True)
+    print(json.dumps({k: v for k, v in result.items() if not k.startswith("conversation")}), flush=True)
     return result
 
 
