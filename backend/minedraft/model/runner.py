@@ -152,14 +152,12 @@ class ModelRunner:
         position and writes to the pool's scratch slot, which no query sees."""
         num_rows, num_tokens = len(feeds), max(len(f) for f in feeds)
         num_new = max(num_tokens, -(-self.min_tokens_per_forward // num_rows))
-        row_ids = _row_ids(rows)
-        cache.reserve(row_ids, start_lens, feeds)
+        row_ids, feed_lens, visible_len = self._reserve(cache, rows, start_lens, feeds)
         if embeds is None:
             input_ids, embeds_in = self._padded_ids(feeds, num_new), None
         else:
             padded = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)
             input_ids, embeds_in = None, torch.nn.functional.pad(padded, (0, 0, 0, num_new - padded.size(1)))
-        feed_lens = [len(f) for f in feeds]
         if self.graphs is not None and embeds is None:
             bucket = self.graphs.bucket(num_rows, num_new)
             if bucket is not None:
@@ -167,8 +165,7 @@ class ModelRunner:
                                             self.device)
                 return bucket.replay(input_ids, addresses)[:, :num_tokens]
         # A visible length of 1 would take a graph of its own.
-        visible_len = max(2, max(s + n for s, n in zip(start_lens, feed_lens)))
-        addresses = cache.addresses(row_ids, start_lens, feed_lens, num_new, visible_len, self.device)
+        addresses = cache.addresses(row_ids, start_lens, feed_lens, num_new, max(2, visible_len), self.device)
         hidden = self.compiled(input_ids, embeds_in, addresses.positions, addresses.write_slots, addresses.slot_table,
                                self.kv.keys, self.kv.values)
         return hidden[:num_rows, :num_tokens]
@@ -183,14 +180,19 @@ class ModelRunner:
             tokens = {"input_ids": self._padded_ids(feeds, num_new)}
         else:
             tokens = {"inputs_embeds": torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)}
-        row_ids = _row_ids(rows)
-        cache.reserve(row_ids, start_lens, feeds)
-        feed_lens = [len(f) for f in feeds]
-        visible_len = max(s + n for s, n in zip(start_lens, feed_lens))
+        row_ids, feed_lens, visible_len = self._reserve(cache, rows, start_lens, feeds)
         addresses = cache.addresses(row_ids, start_lens, feed_lens, num_new, visible_len, self.device)
         cache.aim(self.kv, addresses)
         return dict(**tokens, position_ids=addresses.positions, use_cache=True,
                     attention_mask=self._mask(addresses.positions, visible_len), **{self._cache_arg: cache})
+
+    @staticmethod
+    def _reserve(cache: PagedKVCache, rows, start_lens: list[int], feeds: list[list[int]]):
+        """Blocks for the feeds in the rows' tables; returns the rows' ids, feed lengths and the
+        longest visible length after the forward."""
+        row_ids, feed_lens = _row_ids(rows), [len(f) for f in feeds]
+        cache.reserve(row_ids, start_lens, feeds)
+        return row_ids, feed_lens, max(s + n for s, n in zip(start_lens, feed_lens))
 
     def _padded_ids(self, feeds: list[list[int]], num_new: int) -> torch.Tensor:
         return torch.tensor([f + [0] * (num_new - len(f)) for f in feeds], device=self.device)
