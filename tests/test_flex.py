@@ -2,6 +2,7 @@
 whatever it chooses."""
 import itertools
 import os
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -27,6 +28,8 @@ class FakeSeq:
     def __init__(self, alpha: float, prompt_tokens: int = 0, max_tokens: int = 16):
         self.acceptance = AcceptanceEstimate(alpha, prior_trials=1e9)  # pinned at alpha
         self.num_prompt_tokens = prompt_tokens
+        self.token_ids = [0] * prompt_tokens
+        self.num_drafted_tokens = 0
         self.params = SimpleNamespace(max_tokens=max_tokens)
 
 
@@ -275,6 +278,12 @@ def test_auto_reads_its_rule_off_the_calibrated_costs_by_running_requests():
         probes.append(plan.probe)
         rule.observe(SimpleNamespace(draft_runs=[(16, 1, 0.01, False)] if plan.probe else []))
     assert probes.count(True) == 2 and rule.choice.mode == "ar"
+    # ... unless the probe would make the draft read long contexts it never read (a chat turn's
+    # history): 16 rows of 400 tokens at 0.5 ms a token, 3.2 s, against 8 AR steps of 13 ms each.
+    rule.costs = replace(rule.costs, draft_prefill_per_token=0.0005)
+    rule.steps_since_draft = 8
+    assert not rule.plan(batches_with(16, alpha=0.05, prompt_tokens=400), set()).probe
+    assert rule.plan(batches_with(16, alpha=0.05, prompt_tokens=2), set()).probe
     # A rule that says AR only under load does not probe: it drafts again once the load falls.
     loaded_rule = AutoPolicy(8, costs(draft_step=0.001, verify_fixed=0.010, per_token=0.0005), batch_capacity=32,
                                 max_running=64, overlaps=False)
@@ -283,6 +292,16 @@ def test_auto_reads_its_rule_off_the_calibrated_costs_by_running_requests():
     assert loaded_rule.choice.mode == "ar" and not plan.probe
     assert loaded_rule.plan(batches_with(1, alpha=0.5), set()).mode == "sd"
     assert {c.mode for c in loaded_rule.rule} == {"ar", "sd"}  # no PSD without a drafter beside the target
+
+
+def test_calibration_times_the_drafts_prefill_of_contexts_it_has_not_cached(tiny_pair):
+    """A calibration prefill that the draft's prefix cache answered would time only its tail."""
+    engine = make_engine(*tiny_pair, mode="auto", drafter="inline")
+    try:
+        pool = engine.drafter.draft_model.runner.pool
+        assert pool.prefix_queries > 0 and pool.prefix_hits == 0
+    finally:
+        engine.close()
 
 
 def test_speculation_pays_the_drafts_prefill_of_newcomers():

@@ -7,9 +7,12 @@ ACCEPTANCE_STEP and their prompt tokens per output token rounded to a power of s
 re-read rarely): speculation pays the draft's prefill of every newcomer, which matters more the
 more requests finish per second. No online cost corrections, no per-row acceptance, no
 hysteresis. While the rule says AR at every load, one SD step every PROBE_INTERVAL steps keeps the
-acceptance estimates alive (without it such a rule would never see a draft again). A rule that says
-AR only under load needs no probe: it drafts again, and re-reads acceptance, once the load falls;
-probing there costs a refeed of every row's context to the draft (docs/flex.md).
+acceptance estimates alive (without it such a rule would never see a draft again), unless the
+probe's catch-up would cost more than PROBE_CATCH_UP_SHARE of the AR steps it comes after: a
+probe makes the draft read what it lacks of every row, the whole context of a row that has never
+drafted (a chat turn of a long history: seconds of draft prefill for one draft token). A rule that
+says AR only under load needs no probe: it drafts again, and re-reads acceptance, once the load
+falls; probing there costs a refeed of every row's context to the draft (docs/flex.md).
 """
 import math
 
@@ -20,6 +23,7 @@ from minedraft.step_plan import StepPlan
 
 ACCEPTANCE_STEP = 0.05
 PROBE_INTERVAL = 8
+PROBE_CATCH_UP_SHARE = 0.25
 # What the rule's model still leaves out costs speculation only: the draft's catch-up after AR
 # steps, and acceptance that falls along a draft where the model takes one rate. How the margin
 # was chosen: docs/flex.md.
@@ -75,8 +79,16 @@ class AutoPolicy(Policy):
             self.rule, self.rule_key = self.rule_for(*key), key
             self.never_drafts = all(choice.mode == "ar" for choice in self.rule)
         self.choice = self.rule[min(len(alphas), self.max_running) - 1]
-        probe = self.never_drafts and self.steps_since_draft >= PROBE_INTERVAL
+        probe = self.never_drafts and self.steps_since_draft >= PROBE_INTERVAL and self._probe_is_cheap(seqs)
         return self.plan_choice(batches, drafted, Choice("sd", 1) if probe else self.choice, probe)
+
+    def _probe_is_cheap(self, seqs) -> bool:
+        """Whether the draft's catch-up in a probe (a row that never drafted brings every token it
+        has; one that did, the tokens since the last drafting) stays within PROBE_CATCH_UP_SHARE of
+        the time the AR steps since the last one took."""
+        backlog = sum(len(s.token_ids) if s.num_drafted_tokens == 0 else self.steps_since_draft for s in seqs)
+        between_probes = self.steps_since_draft * self.costs.verify_seconds(len(seqs), 0)
+        return backlog * self.costs.draft_prefill_per_token <= PROBE_CATCH_UP_SHARE * between_probes
 
     def observe(self, record) -> None:
         self.steps_since_draft = 0 if record.draft_runs else self.steps_since_draft + 1

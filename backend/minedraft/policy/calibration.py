@@ -4,6 +4,7 @@ a ladder of batch sizes, on the engine's own devices and cores, before any reque
 The rows used are scratch: every request starts its cache rows from position 0, so what
 calibration writes there is overwritten before anyone reads it.
 """
+import itertools
 import statistics
 import time
 
@@ -14,6 +15,7 @@ from minedraft.model import sampler
 from minedraft.policy.cost_model import StepCosts
 
 CONTEXT_LEN = 64  # a typical prompt plus some output: attention cost grows with it
+_fresh_starts = itertools.count()
 
 
 def batch_ladder(max_batch: int) -> list[int]:
@@ -75,7 +77,9 @@ def _draft_row_work(rows: int, steps: int, cached_len: int, feed: list[int]) -> 
 
 
 def _fill_drafter(drafter, rows: int, steps: int) -> None:
-    drafter.start(_draft_row_work(rows, steps, 0, _tokens(CONTEXT_LEN)))
+    # A context the draft's prefix cache has not seen: a prefill that matched the last one's blocks
+    # would time only its tail (it once made the draft's prefill look 4x cheaper than it is).
+    drafter.start(_draft_row_work(rows, steps, 0, _tokens(CONTEXT_LEN, first=2 + next(_fresh_starts) % 512)))
     drafter.finish()
 
 
@@ -94,6 +98,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def _tokens(n: int) -> list[int]:
-    # Token 1 repeated: compute cost does not depend on which tokens are fed.
-    return [1] * n
+def _tokens(n: int, first: int = 1) -> list[int]:
+    # Token 1 repeated: compute cost does not depend on which tokens are fed. A prefix cache keys
+    # blocks by every token before them too, so another first token makes a context new to it.
+    return [first] + [1] * (n - 1)
