@@ -83,20 +83,6 @@ def pool_view(layer):  # [NSLOTS, KVH, D] -> [1, KVH, NSLOTS, D] (a view, no cop
     return layer.permute(1, 0, 2).unsqueeze(0)
 
 
-def flex_pool_fold(q, layer_keys, layer_values, kv_num, kv_idx, full_num, full_idx, slot_row, slot_pos, q_row, q_pos):
-    """B1: GQA folded like A: queries [1, KVH, b*G*n, D], one q block (G*n queries) per row."""
-    b, _, n, _ = q.shape
-
-    def mask_mod(bb, h, qi, kv):
-        return (slot_row[kv] == q_row[qi]) & (slot_pos[kv] <= q_pos[qi])
-
-    bm = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(G * n, BS), mask_mod=mask_mod,
-                                  seq_lengths=(b * G * n, layer_keys.shape[0]), compute_q_blocks=False)
-    qq = q.reshape(b, KVH, G * n, D).transpose(0, 1).reshape(1, KVH, b * G * n, D)
-    out = flex_attention(qq, pool_view(layer_keys), pool_view(layer_values), block_mask=bm)
-    return out.reshape(KVH, b, G * n, D).transpose(0, 1).reshape(b, H, n, D)
-
-
 def make_flex_pool_fold_kvb(kvb):
     """B1 with a kv tile of `kvb` slots: needs the pool to hand out kvb-slot chunks (kvb / 16
     consecutive pool blocks) so that each tile belongs to one row."""
@@ -113,6 +99,11 @@ def make_flex_pool_fold_kvb(kvb):
         out = flex_attention(qq, pool_view(layer_keys), pool_view(layer_values), block_mask=bm)
         return out.reshape(KVH, b, G * n, D).transpose(0, 1).reshape(b, H, n, D)
     return flex_pool_fold_kvb
+
+
+# B1: GQA folded like A: queries [1, KVH, b*G*n, D], one q block (G*n queries) per row, kv tiles of
+# one pool block.
+flex_pool_fold = make_flex_pool_fold_kvb(BS)
 
 
 def make_step_kvb(b, n, t, kvb, seed=1):
