@@ -106,47 +106,6 @@ def make_flex_pool_fold_kvb(kvb):
 flex_pool_fold = make_flex_pool_fold_kvb(BS)
 
 
-def make_step_kvb(b, n, t, kvb, seed=1):
-    """As make_step, but rows own kvb-slot chunks of the pool (random chunks, chunk 0 unused)."""
-    g = torch.Generator().manual_seed(seed + 1000 * b + 10 * n + t + kvb)
-    nchunks = NSLOTS // kvb
-    nblk = (t + kvb - 1) // kvb
-    block_table = (torch.randperm(nchunks - 1, generator=g)[:b * nblk] + 1).view(b, nblk)
-    pos = torch.arange(t)
-    slot_table = block_table[:, pos // kvb] * kvb + pos % kvb
-    positions = (t - n + torch.arange(n)).expand(b, n).contiguous()
-    num_visible = torch.full((b,), t, dtype=torch.int64)
-    visible = torch.arange(t) <= positions[:, None, :, None]
-    q = torch.randn(b, H, n, D, generator=g).to(DT)
-    return {"block_table": block_table, "slot_table": slot_table, "positions": positions, "num_visible": num_visible,
-                "visible": visible, "q": q}
-
-
-def mask_B1_kvb(block_table, positions, num_visible, kvb):
-    b, n = positions.shape
-    nblk = block_table.shape[1]
-    width = -(-NSLOTS // kvb)
-    first = positions[:, 0]
-    nfull = torch.clamp((first + 1) // kvb, max=nblk)
-    nvis = (num_visible + kvb - 1) // kvb
-    full_idx = torch.zeros(b, width, dtype=torch.int32)
-    full_idx[:, :nblk] = block_table
-    cols = torch.clamp(nfull[:, None] + torch.arange(PART), max=nblk - 1)
-    kv_idx = torch.zeros(b, width, dtype=torch.int32)
-    kv_idx[:, :PART] = torch.gather(block_table, 1, cols)
-    slot_row = torch.full((NSLOTS,), -1, dtype=torch.int32)
-    slot_pos = torch.full((NSLOTS,), -1, dtype=torch.int32)
-    slots = (block_table[:, :, None] * kvb + torch.arange(kvb)).reshape(b, nblk * kvb)
-    pos = torch.arange(nblk * kvb).expand(b, -1)
-    live = pos < num_visible[:, None]
-    slot_row[slots[live]] = torch.arange(b, dtype=torch.int32)[:, None].expand(b, nblk * kvb)[live]
-    slot_pos[slots[live]] = pos[live].to(torch.int32)
-    q_row = torch.arange(b, dtype=torch.int32).repeat_interleave(G * n)
-    q_pos = positions[:, None, :].expand(b, G, n).reshape(-1).to(torch.int32)
-    return ((nvis - nfull).to(torch.int32).view(1, 1, b), kv_idx.view(1, 1, b, -1), nfull.to(torch.int32).view(1, 1, b),
-            full_idx.view(1, 1, b, -1), slot_row, slot_pos, q_row, q_pos)
-
-
 def flex_pool_fold_nofull(q, layer_keys, layer_values, kv_num, kv_idx, slot_row, slot_pos, q_row, q_pos):
     """B1 without full blocks: every visited block is partial (mask_mod everywhere)."""
     b, _, n, _ = q.shape
@@ -189,13 +148,15 @@ def flex_pool_batch(q, layer_keys, layer_values, kv_num, kv_idx, full_num, full_
     return out.reshape(b, H, n, D)
 
 
-def build_pool_mask(block_table, positions, num_visible, n_blocks_pool=NB + 1):
-    """Per-step BlockMask tensors from the block table [b, nblk] (int64) and the queries' positions
-    [b, n]: full blocks = blocks every query of the row sees whole; partial = the next PART."""
+def build_pool_mask(block_table, positions, num_visible, block=BS):
+    """Per-step BlockMask tensors from the block table [b, nblk] (int64, chunks of `block` slots)
+    and the queries' positions [b, n]: full blocks = blocks every query of the row sees whole;
+    partial = the next PART."""
     b, nblk = block_table.shape
+    n_blocks_pool = -(-NSLOTS // block)
     first = positions[:, 0]
-    nfull = torch.clamp((first + 1) // BS, max=nblk)
-    nvis = (num_visible + BS - 1) // BS  # blocks holding visible positions
+    nfull = torch.clamp((first + 1) // block, max=nblk)
+    nvis = (num_visible + block - 1) // block  # blocks holding visible positions
     full_idx = torch.zeros(b, n_blocks_pool, dtype=torch.int32)
     full_idx[:, :nblk] = block_table
     cols = torch.clamp(nfull[:, None] + torch.arange(PART), max=nblk - 1)
@@ -204,24 +165,24 @@ def build_pool_mask(block_table, positions, num_visible, n_blocks_pool=NB + 1):
     return (nvis - nfull).to(torch.int32), kv_idx, nfull.to(torch.int32), full_idx
 
 
-def build_lookups(block_table, num_visible):
+def build_lookups(block_table, num_visible, block=BS):
     """slot -> owner row, slot -> logical position over the whole pool (from scratch; a real pool
     would update these incrementally when it hands out or frees a block)."""
     b, nblk = block_table.shape
     slot_row = torch.full((NSLOTS,), -1, dtype=torch.int32)
     slot_pos = torch.full((NSLOTS,), -1, dtype=torch.int32)
-    slots = (block_table[:, :, None] * BS + torch.arange(BS)).reshape(b, nblk * BS)
-    pos = torch.arange(nblk * BS).expand(b, -1)
+    slots = (block_table[:, :, None] * block + torch.arange(block)).reshape(b, nblk * block)
+    pos = torch.arange(nblk * block).expand(b, -1)
     live = pos < num_visible[:, None]
-    slot_row[slots[live]] = torch.arange(b, dtype=torch.int32)[:, None].expand(b, nblk * BS)[live]
+    slot_row[slots[live]] = torch.arange(b, dtype=torch.int32)[:, None].expand(b, nblk * block)[live]
     slot_pos[slots[live]] = pos[live].to(torch.int32)
     return slot_row, slot_pos
 
 
-def mask_B1(block_table, positions, num_visible):
+def mask_B1(block_table, positions, num_visible, block=BS):
     b, n = positions.shape
-    kv_num, kv_idx, full_num, full_idx = build_pool_mask(block_table, positions, num_visible)
-    slot_row, slot_pos = build_lookups(block_table, num_visible)
+    kv_num, kv_idx, full_num, full_idx = build_pool_mask(block_table, positions, num_visible, block)
+    slot_row, slot_pos = build_lookups(block_table, num_visible, block)
     q_row = torch.arange(b, dtype=torch.int32).repeat_interleave(G * n)
     q_pos = positions[:, None, :].expand(b, G, n).reshape(-1).to(torch.int32)
     return (kv_num.view(1, 1, b), kv_idx.view(1, 1, b, -1), full_num.view(1, 1, b), full_idx.view(1, 1, b, -1),
@@ -343,13 +304,14 @@ def make_pool(seed=0):
     return keys, values
 
 
-def make_step(b, n, t, seed=1):
-    """b rows, each with t visible positions (0..t-1, the n new ones last), blocks scattered."""
-    g = torch.Generator().manual_seed(seed + 1000 * b + 10 * n + t)
-    nblk = (t + BS - 1) // BS
-    block_table = (torch.randperm(NB, generator=g)[:b * nblk] + 1).view(b, nblk)
+def make_step(b, n, t, block=BS, seed=1):
+    """b rows, each with t visible positions (0..t-1, the n new ones last), in scattered chunks of
+    `block` slots (chunk 0 unused): the pool's blocks, or the coarser tiles B1kv* need."""
+    g = torch.Generator().manual_seed(seed + 1000 * b + 10 * n + t + (0 if block == BS else block))
+    nblk = (t + block - 1) // block
+    block_table = (torch.randperm(NSLOTS // block - 1, generator=g)[:b * nblk] + 1).view(b, nblk)
     pos = torch.arange(t)
-    slot_table = block_table[:, pos // BS] * BS + pos % BS  # [b, t]
+    slot_table = block_table[:, pos // block] * block + pos % block  # [b, t]
     positions = (t - n + torch.arange(n)).expand(b, n).contiguous()
     num_visible = torch.full((b,), t, dtype=torch.int64)
     visible = torch.arange(t) <= positions[:, None, :, None]  # [b, 1, n, t], once per step (all layers)
@@ -443,8 +405,8 @@ def run_shape(b, n, t, keys, values, do_time, impls):
     for kvb in (64, 128):
         if f"B1kv{kvb}" not in impls:
             continue
-        s2 = make_step_kvb(b, n, t, kvb)
-        args2 = (s2["q"], keys, values) + mask_B1_kvb(s2["block_table"], s2["positions"], s2["num_visible"], kvb)
+        s2 = make_step(b, n, t, kvb)
+        args2 = (s2["q"], keys, values) + mask_B1(s2["block_table"], s2["positions"], s2["num_visible"], kvb)
         fnk = torch.compile(make_flex_pool_fold_kvb(kvb), fullgraph=True, dynamic=False)
         try:
             t0 = time.perf_counter()
