@@ -4,6 +4,7 @@ the load-time warm-up compiles nothing more."""
 import pytest
 import torch
 from engine_helpers import PROMPTS, make_engine
+from minedraft.config import ConfigError, EngineConfig
 from minedraft.model import compact
 from minedraft.model.loading import load_model
 from minedraft.model.runner import ModelRunner
@@ -67,3 +68,50 @@ def test_a_varied_load_is_lossless_and_compiles_nothing_after_warm_up(tiny_pair,
     assert unique_graphs() == graphs_after_warm_up
     assert {rid: tokens for rid, tokens in got.items() if rid != "1"} == \
         {rid: tokens for rid, tokens in expected.items() if rid != "1"}
+
+
+def test_static_step_graphs_are_lossless_and_compile_nothing_after_warm_up(tiny_pair):
+    """`compile_sizes`: the target's AR and verification steps of one row run static-shape
+    graphs with frozen weights (the rest runs the regional graph); under the varied load the
+    output is the eager engine's and no graph is compiled after the warm-up."""
+    params = [{"max_tokens": 20 + 3 * i, "temperature": 0, "num_draft_tokens": i % 4} for i in range(4)]
+
+    def run(engine):
+        outputs = {}
+        for i, prompt in enumerate(PROMPTS[:4]):
+            engine.submit(str(i), prompt, params[i])
+            for out in engine.step():
+                outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+        while engine.has_work():
+            for out in engine.step():
+                outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+        engine.close()
+        return outputs
+
+    expected = run(make_engine(*tiny_pair, mode="sd", drafter="inline", max_num_seqs=4))
+    engine = make_engine(*tiny_pair, mode="sd", drafter="inline", max_num_seqs=4, enforce_eager=False,
+                         compile_sizes="1")
+    static = engine.target.static_steps
+    assert static.shapes == [(1, 1), (1, 4)]
+    shapes_run = []
+    compiled = static._compiled
+    static._compiled = lambda input_ids, *rest: shapes_run.append(tuple(input_ids.shape)) or compiled(input_ids,
+                                                                                                       *rest)
+    graphs_after_warm_up = unique_graphs()
+    assert run(engine) == expected
+    assert unique_graphs() == graphs_after_warm_up
+    assert {(1, 1), (1, 4)} <= set(shapes_run)
+
+
+def test_compile_sizes_are_checked(tiny_pair):
+    with pytest.raises(ConfigError, match="enforce_eager false"):
+        EngineConfig(target_model=tiny_pair[0], draft_model=tiny_pair[1], compile_sizes="1").validate()
+    with pytest.raises(ConfigError, match=r"\[1, max_num_seqs"):
+        EngineConfig(target_model=tiny_pair[0], draft_model=tiny_pair[1], compile_sizes="0", enforce_eager=False,
+                     max_num_seqs=4).validate()
+    with pytest.raises(ConfigError, match="row counts such as"):
+        EngineConfig(target_model=tiny_pair[0], draft_model=tiny_pair[1], compile_sizes="one", enforce_eager=False,
+                     max_num_seqs=4).validate()
+    config = EngineConfig(target_model=tiny_pair[0], draft_model=tiny_pair[1], compile_sizes="2, 1", mode="ar",
+                          enforce_eager=False)
+    assert config.static_step_shapes == ((1, 1), (2, 1))

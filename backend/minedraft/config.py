@@ -76,6 +76,12 @@ class EngineConfig:
     # load; other architectures and tensor parallelism stay eager. True by default until the compiled path pays
     # (docs/benchmarks.md, "The compiled forward").
     enforce_eager: bool = True
+    # vLLM's `compile_sizes`, on CPU: row counts (e.g. "1" or "1,2") whose target steps, an AR
+    # step's 1 token a row and a verification's num_draft_tokens + 1, each get a static-shape
+    # graph with the weights frozen in (model/compact.py, StaticSteps): ~1.2x faster forwards,
+    # ~1 minute of compiling each at load for the 1.5B target and a second copy of its weights.
+    # Needs enforce_eager false, an unquantized target on CPU, tensor_parallel_size 1.
+    compile_sizes: str = ""
     # The KV cache is a pool of blocks per model (model/kv_cache.py), vLLM's keys: positions a block;
     # the pool's bytes, the target's and the draft's together (0: room for 4,096 tokens a row, or
     # max_model_len if less, for every row in flight); whether requests share cached prefixes.
@@ -138,6 +144,7 @@ class EngineConfig:
             raise ConfigError("target_quantization needs tensor_parallel_size 1: the ranks load their shards unquantized")
         if self.tensor_parallel_size > 1 and self.target_model.endswith(".gguf"):
             raise ConfigError("tensor_parallel_size > 1 needs target_model as an HF model directory, not a .gguf file")
+        self._validate_compile_sizes()
         if self.draft_method not in DRAFT_METHODS:
             raise ConfigError(f"draft_method must be one of {DRAFT_METHODS}, got {self.draft_method!r}")
         if self.draft_method == "ngram":
@@ -152,6 +159,34 @@ class EngineConfig:
             path = getattr(self, key)
             if not ((Path(path) / "config.json").is_file() or (path.endswith(".gguf") and Path(path).is_file())):
                 raise ConfigError(f"{key}: neither an HF model directory (config.json) nor a .gguf file: {path!r}")
+
+    def _validate_compile_sizes(self) -> None:
+        sizes = self.static_step_rows
+        if not sizes:
+            return
+        if any(not 1 <= rows <= self.max_num_seqs for rows in sizes):
+            raise ConfigError(f"compile_sizes are row counts in [1, max_num_seqs = {self.max_num_seqs}], "
+                              f"got {self.compile_sizes!r}")
+        needs = {"enforce_eager false": not self.enforce_eager, "target_device cpu": self.target_device == "cpu",
+                 "target_quantization none": self.target_quantization == "none",
+                 "tensor_parallel_size 1": self.tensor_parallel_size == 1}
+        missing = [what for what, holds in needs.items() if not holds]
+        if missing:
+            raise ConfigError(f"compile_sizes needs {', '.join(missing)} (static CPU graphs of an unquantized target)")
+
+    @property
+    def static_step_rows(self) -> tuple[int, ...]:
+        """compile_sizes as row counts."""
+        try:
+            return tuple(sorted({int(part) for part in self.compile_sizes.replace(" ", "").split(",") if part}))
+        except ValueError:
+            raise ConfigError(f"compile_sizes: want row counts such as '1' or '1,2', got {self.compile_sizes!r}") from None
+
+    @property
+    def static_step_shapes(self) -> tuple[tuple[int, int], ...]:
+        """The target's (rows, tokens) step shapes compile_sizes asks for: AR and verification."""
+        tokens = sorted({1, 1 if self.mode == "ar" else self.num_draft_tokens + 1})
+        return tuple((rows, n) for rows in self.static_step_rows for n in tokens)
 
     @property
     def traits(self) -> ModeTraits:

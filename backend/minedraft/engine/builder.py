@@ -99,7 +99,8 @@ def _start_target(config: EngineConfig, capacity: int, cpus: set[int], pool: Poo
         model = load_model(config.target_model, config.target_device, config.dtype)
         if config.target_quantization != "none":
             quantize_target(model, config.target_quantization, config.target_model)
-        return ModelRunner(model, config.max_num_seqs, capacity, enforce_eager=config.enforce_eager, pool=pool)
+        return ModelRunner(model, config.max_num_seqs, capacity, enforce_eager=config.enforce_eager, pool=pool,
+                           static_shapes=config.static_step_shapes)
     check_tensor_parallel(load_config(config.target_model), config)
     return TensorParallelRunner(config.target_model, config.target_device, config.dtype, config.tensor_parallel_size,
                                 config.max_num_seqs, capacity, cpus, pool)

@@ -5,6 +5,7 @@ per-call Python state, so that `torch.compile(fullgraph=True)` takes it whole. t
 forward stays the reference in the tests and the path for other architectures, for tensor
 parallelism and for `enforce_eager`.
 """
+import copy
 import functools
 
 import torch
@@ -103,3 +104,47 @@ def compile_decoder(decoder: CompactDecoder) -> CompactDecoder:
                                                            RECOMPILE_LIMIT * 8)
     decoder.layer = torch.compile(decoder.layer, fullgraph=True, dynamic=True)
     return decoder
+
+
+class CompactLM(nn.Module):
+    """The compact decoder and the LM head in one forward: float32 logits [b, n, V]."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.decoder = CompactDecoder(model)
+        self.head = model.get_output_embeddings()
+
+    def forward(self, input_ids, positions, write_slots, slot_table, keys, values) -> torch.Tensor:
+        return self.head(self.decoder(input_ids, None, positions, write_slots, slot_table, keys, values)).float()
+
+
+# The settings a static step graph compiles under, and only it: freezing puts the weights in the
+# graph as constants, which lets max-autotune's C++ GEMM template pack them once for its own
+# micro-kernel (it streams a one-row bf16 product from memory about 1.6x faster than oneDNN's
+# packed matmul here, docs/benchmarks.md). The regional graph must not freeze: its layers' weights
+# are its inputs.
+STATIC_STEP_INDUCTOR_CONFIG = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
+
+class StaticSteps:
+    """vLLM's `compile_sizes` on CPU: for a few (rows, tokens) shapes of the steps that repeat (an AR
+    step, a verification of k + 1), one static-shape graph of the whole model, LM head included,
+    with its weights frozen in. Only the attention's context length stays symbolic, so a step at
+    any cache length replays the same graph. The graphs run a structural copy of the model (its
+    modules, sharing its weights): the runner then packs the model's own linear layers for the
+    regional graph, which would otherwise change what these graphs were traced over."""
+
+    def __init__(self, model, shapes):
+        self.shapes = sorted(set(shapes))
+        shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+        self._compiled = torch.compile(CompactLM(copy.deepcopy(model, memo=shared)), fullgraph=True, dynamic=False)
+
+    def shape_for(self, num_rows: int, num_tokens: int) -> tuple[int, int] | None:
+        """The compiled shape of this many rows that holds this many tokens a row, if any."""
+        return next(((rows, tokens) for rows, tokens in self.shapes if rows == num_rows and tokens >= num_tokens),
+                    None)
+
+    def __call__(self, input_ids, positions, write_slots, slot_table, keys, values) -> torch.Tensor:
+        torch._dynamo.mark_dynamic(slot_table, 1)
+        with torch._inductor.config.patch(STATIC_STEP_INDUCTOR_CONFIG):
+            return self._compiled(input_ids, positions, write_slots, slot_table, keys, values)

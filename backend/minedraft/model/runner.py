@@ -30,12 +30,14 @@ class ModelRunner:
     its blocks, which every cache it makes shares."""
 
     def __init__(self, model, num_rows: int, capacity: int, enforce_eager: bool = True,
-                 step_buckets: bool | None = None, pool: PoolSpec | None = None):
+                 step_buckets: bool | None = None, pool: PoolSpec | None = None,
+                 static_shapes: tuple[tuple[int, int], ...] = ()):
         """`num_rows` rows a cache, `capacity` positions a row at most; `pool`: the KV pool's size
         (None: room for two caches' rows at full capacity). `step_buckets`: run steps (a batch's
         first rows, up to 8 tokens each) through static buffers per bucket of rows and tokens
         (model/cuda_graphs.py); None: on CUDA, where each bucket is captured as a CUDA graph. Only
-        with the compact forward."""
+        with the compact forward. `static_shapes`: (rows, tokens) shapes whose forwards run a
+        static-shape graph with frozen weights (compact.StaticSteps; a CPU model, unquantized)."""
         self.model = model
         self.device = next(model.parameters()).device
         self.num_rows = num_rows
@@ -45,7 +47,10 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         # transformers 5 renamed past_key_values to cache (the old name goes in 5.40); 4.x knows only the old one.
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self.compact, self.compiled, self.graphs = None, None, None
+        self.compact, self.compiled, self.graphs, self.static_steps = None, None, None, None
+        if static_shapes and not enforce_eager and compact.is_supported(model):
+            # Before packing: these graphs freeze the plain weights.
+            self.static_steps = compact.StaticSteps(model, static_shapes)
         # Quantized kernels read their weights once per input row: padding would only cost.
         self.min_tokens_per_forward = 1
         if not enforce_eager and pack_linears(model) and not is_quantized(model):
@@ -65,6 +70,7 @@ class ModelRunner:
     def new_cache(self, num_rows: int | None = None) -> PagedKVCache:
         return PagedKVCache(self.pool, num_rows or self.num_rows, self.capacity)
 
+    @torch.inference_mode()
     def _warm_up(self) -> None:
         """Compile now, not in the first requests' steps: the graphs steps and prefills take, for
         a batch's first rows and for rows picked out, at every shape that has its own."""
@@ -72,10 +78,15 @@ class ModelRunner:
         cache = self.new_cache(max(self.num_rows, *(rows for rows, _ in compact.WARM_UP_SHAPES)))
         for num_rows, num_tokens in compact.WARM_UP_SHAPES:
             feeds = [list(range(1, num_tokens + 1))] * num_rows
-            self.forward(cache, slice(0, num_rows), [4] * num_rows, feeds)
+            self._compact_hidden(cache, slice(0, num_rows), [4] * num_rows, feeds, None)
             self.fill(cache, list(range(num_rows)), [0] * num_rows, feeds)
-        cache.reset()
         log.info("compiled %s's forward in %.1f s", type(self.model).__name__, time.monotonic() - started)
+        for num_rows, num_tokens in self.static_steps.shapes if self.static_steps else ():
+            started = time.monotonic()
+            self.forward(cache, slice(0, num_rows), [4] * num_rows, [list(range(1, num_tokens + 1))] * num_rows)
+            log.info("compiled %s's static step of %d rows x %d tokens in %.1f s", type(self.model).__name__,
+                     num_rows, num_tokens, time.monotonic() - started)
+        cache.reset()
 
     def close(self) -> None:
         """Nothing to stop: the model lives in this process (TensorParallelRunner's has workers)."""
@@ -125,6 +136,10 @@ class ModelRunner:
         replaces the feeds' token embeddings; the feeds still give the rows' lengths.
         """
         last = torch.tensor([len(f) - 1 for f in feeds], device=self.device) if last_only else None
+        shape = self.static_steps.shape_for(len(feeds), max(map(len, feeds))) if self.static_steps else None
+        if shape is not None and embeds is None and not with_hidden:
+            logits = self._static_logits(cache, rows, start_lens, feeds, shape[1])
+            return logits[torch.arange(len(feeds)), last] if last_only else logits
         if self.compiled is not None:
             hidden = self._compact_hidden(cache, rows, start_lens, feeds, embeds)
             if last_only:
@@ -169,6 +184,16 @@ class ModelRunner:
         hidden = self.compiled(input_ids, embeds_in, addresses.positions, addresses.write_slots, addresses.slot_table,
                                self.kv.keys, self.kv.values)
         return hidden[:num_rows, :num_tokens]
+
+    def _static_logits(self, cache: PagedKVCache, rows, start_lens: list[int], feeds: list[list[int]],
+                       num_new: int) -> torch.Tensor:
+        """The logits [b, n, V] of a static step graph whose shape holds the feeds, padded as
+        `_compact_hidden` pads them."""
+        row_ids, feed_lens, visible_len = self._reserve(cache, rows, start_lens, feeds)
+        addresses = cache.addresses(row_ids, start_lens, feed_lens, num_new, max(2, visible_len), self.device)
+        logits = self.static_steps(self._padded_ids(feeds, num_new), addresses.positions, addresses.write_slots,
+                                   addresses.slot_table, self.kv.keys, self.kv.values)
+        return logits[:, :max(feed_lens)]
 
     def _inputs(self, cache: PagedKVCache, rows, start_lens: list[int], feeds: list[list[int]],
                 embeds: list[torch.Tensor] | None = None) -> dict:

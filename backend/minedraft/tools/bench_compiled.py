@@ -1,13 +1,14 @@
 """The compiled forward against `enforce_eager`, through the real tritonserver (issue 38's H2, H3).
 
     python -m minedraft.tools.bench_compiled [--model-dir model_repository/qwen-coder/1]
-        [--setups ar auto_inline] [--concurrency 1 8] [--out FILE]
+        [--setups ar auto_inline] [--paths compiled eager] [--concurrency 1 8] [--out FILE]
 
-One server serves each set-up twice over the same weights, `enforce_eager` false and true;
+One server serves each set-up once per path over the same weights: `enforce_eager` false
+(`compiled`) and true (`eager`), and `static` (false, with `compile_sizes` 1);
 perf_analyzer streams held-out prompts through the chat template (fixed max_tokens, ignore_eos)
-at each concurrency, both paths of a set-up measured one after the other. Throughput is the
-server's generated-token counter over its steady span, as `minedraft bench` reads it. Prints JSON
-with each compiled / eager ratio.
+at each concurrency, the paths of a set-up measured one after the other. Throughput is the
+server's generated-token counter over its steady span, as `minedraft bench` reads it. Prints JSON;
+each path's ratio to the last path given is printed as it is measured.
 """
 import argparse
 import tempfile
@@ -20,7 +21,8 @@ from .bench import bench_prompts, machine, measure_server, print_report
 from .repository import write_repository
 from .setups import SETUPS
 
-PATHS = {"compiled": {"enforce_eager": False}, "eager": {"enforce_eager": True}}
+PATHS = {"static": {"enforce_eager": False, "compile_sizes": "1"}, "compiled": {"enforce_eager": False},
+         "eager": {"enforce_eager": True}}
 
 
 def served_name(setup: str, path: str) -> str:
@@ -32,6 +34,8 @@ def main(argv=None) -> None:
     parser.add_argument("--model-dir", type=Path, default=Path("model_repository/qwen-coder/1"))
     parser.add_argument("--setups", nargs="+", default=["ar", "auto_inline"], choices=list(SETUPS))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--paths", nargs="+", default=["compiled", "eager"], choices=list(PATHS),
+                        help="static: compiled with compile_sizes 1 (the target's one-row steps as static graphs)")
     parser.add_argument("--num-draft-tokens", type=int, default=4)
     parser.add_argument("--max-num-seqs", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=48)
@@ -49,8 +53,8 @@ def main(argv=None) -> None:
                "draft_model": str(args.model_dir.resolve() / "draft"), "dtype": args.dtype,
                "draft_quantization": args.draft_quantization, "max_num_seqs": args.max_num_seqs,
                "num_draft_tokens": args.num_draft_tokens}
-    models = {served_name(s, path): {**SETUPS[s][1], **weights, **flags} for s in args.setups
-              for path, flags in PATHS.items()}
+    models = {served_name(s, path): {**SETUPS[s][1], **weights, **PATHS[path]} for s in args.setups
+              for path in args.paths}
     write_repository(workdir / "repo", models, max_batch_size=2 * args.max_num_seqs, queue_size=1024)
     rows = []
     with TritonServer(workdir / "repo", *(free_port() for _ in range(3)), log_path=workdir / "server.log") as server:
@@ -58,13 +62,14 @@ def main(argv=None) -> None:
             for setup in args.setups:
                 k = 0 if setup.startswith("ar") else args.num_draft_tokens
                 point = {}
-                for path in PATHS:
+                for path in args.paths:
                     point[path] = measure_server(server, setup, k, concurrency, prompts, args, workdir, 0.0,
                                                  model=served_name(setup, path))
                     rows.append({"path": path, **point[path]})
-                ratio = point["compiled"]["tokens_per_s"] / point["eager"]["tokens_per_s"]
-                print(f"{setup} c={concurrency}: compiled {point['compiled']['tokens_per_s']} tok/s, "
-                      f"eager {point['eager']['tokens_per_s']} tok/s, ratio {ratio:.2f}", flush=True)
+                last = point[args.paths[-1]]["tokens_per_s"]
+                print(f"{setup} c={concurrency}: " + ", ".join(
+                    f"{path} {point[path]['tokens_per_s']} tok/s ({point[path]['tokens_per_s'] / last:.2f}x)"
+                    for path in args.paths), flush=True)
     report = {"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
     print_report(report, args.out)
 

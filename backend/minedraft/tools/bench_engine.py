@@ -1,7 +1,7 @@
 """In-process benchmark: AR vs SD vs PSD output-token throughput, closed loop, no Triton.
 
     python -m minedraft.tools.bench_engine [--concurrency 1 2 4 8 16 32] [--draft-lengths 2 4 6 8] [--chat]
-        [--modes ar sd psd] [--compiled] [--dtype float32] [--out FILE]
+        [--modes ar sd psd] [--compiled [--compile-sizes 1]] [--dtype float32] [--out FILE]
 
 Each mode gets one engine; concurrency is the number of requests kept in flight, and the
 draft length is set per request (num_draft_tokens), so one engine serves the whole sweep.
@@ -109,6 +109,8 @@ def main(argv=None) -> None:
     parser.add_argument("--chat", action="store_true", help="send the prompts through the target's chat template")
     parser.add_argument("--draft", help="another draft for the same target (default: the model dir's draft)")
     parser.add_argument("--compiled", action="store_true", help="enforce_eager false: the compiled forward")
+    parser.add_argument("--compile-sizes", default="",
+                        help="with --compiled: the target's static step graphs (compile_sizes, e.g. 1)")
     parser.add_argument("--modes", nargs="+", default=["ar", "sd", "psd"], choices=["ar", "sd", "psd"])
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--draft-quantization", default="none")
@@ -118,11 +120,12 @@ def main(argv=None) -> None:
     if args.chat:
         prompts = chat_prompts(prompts, args.model_dir / "target")
     overrides = {"draft_model": args.draft} if args.draft else {}
-    overrides.update(enforce_eager=not args.compiled, dtype=args.dtype, draft_quantization=args.draft_quantization)
+    overrides.update(enforce_eager=not args.compiled, dtype=args.dtype, draft_quantization=args.draft_quantization,
+                     compile_sizes=args.compile_sizes)
     results = sweep(args.concurrency, args.draft_lengths, args.max_tokens, args.model_dir, prompts, modes=args.modes,
                     **overrides)
     report = {"cpus": len(os.sched_getaffinity(0)), "max_tokens": args.max_tokens, "compiled": args.compiled,
-              "dtype": args.dtype, "results": results}
+              "compile_sizes": args.compile_sizes, "dtype": args.dtype, "results": results}
     if set(args.modes) == {"ar", "sd", "psd"}:
         report["ratios"] = ratio_table(results)
     text = json.dumps(report, indent=2)

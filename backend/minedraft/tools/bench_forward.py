@@ -2,10 +2,11 @@
 (model/compact.py), each with its weights as loaded or weight-only quantized.
 
     python -m minedraft.tools.bench_forward [--model model_repository/minedraft/1/target] [--dtype float32]
-        [--runners eager compiled compiled:int4] [--rows 1 8] [--tokens 1 5]
+        [--runners eager compiled compiled:int4 static] [--rows 1 8] [--tokens 1 5]
 
 A runner is `eager` or `compiled`, with `:int8` or `:int4` for quantization as `target_quantization`
-does it (a GGUF beside the model gives its published 4-bit blocks). Times a step's forward at each
+does it (a GGUF beside the model gives its published 4-bit blocks), or `static`: compiled, with a
+static step graph for each rows x tokens measured (`compile_sizes`; unquantized). Times a step's forward at each
 number of rows (1 token: AR or a draft step; k + 1 tokens: a verification) after a cache of
 `--context` tokens a row, and each runner's load (quantizing and compiling included). Ratios are
 to the first runner. Prints JSON.
@@ -33,19 +34,26 @@ def time_forward(runner: ModelRunner, cache, num_rows: int, num_tokens: int, con
     return (time.perf_counter() - started) / repeats * 1000
 
 
-def load_runner(spec: str, model_path: str, dtype: str, num_rows: int, capacity: int) -> ModelRunner:
-    """A runner of its own model copy: the compiled one packs its model's linear layers in place."""
+RUNNER_KINDS = ("eager", "compiled", "static")
+
+
+def load_runner(spec: str, model_path: str, dtype: str, num_rows: int, capacity: int,
+                static_shapes: tuple[tuple[int, int], ...] = ()) -> ModelRunner:
+    """A runner of its own model copy: the compiled one packs its model's linear layers in place;
+    `static` is the compiled one with static step graphs of `static_shapes` (`compile_sizes`)."""
     kind, _, quantization = spec.partition(":")
     model = load_model(model_path, "cpu", dtype)
     if quantization:
         quantize_target(model, quantization, model_path)
-    return ModelRunner(model, num_rows, capacity, enforce_eager=kind == "eager")
+    return ModelRunner(model, num_rows, capacity, enforce_eager=kind == "eager",
+                       static_shapes=static_shapes if kind == "static" else ())
 
 
 def runner_spec(text: str) -> str:
     kind, _, quantization = text.partition(":")
-    if kind not in ("eager", "compiled") or quantization not in ("", *QUANTIZATIONS[1:]):
-        raise argparse.ArgumentTypeError(f"{text!r}: want eager or compiled, optionally :int8 or :int4")
+    if kind not in RUNNER_KINDS or quantization not in ("", *QUANTIZATIONS[1:]) or (kind == "static" and quantization):
+        raise argparse.ArgumentTypeError(f"{text!r}: want eager, compiled or static, optionally :int8 or :int4 "
+                                         f"(static: unquantized)")
     return text
 
 
@@ -65,7 +73,8 @@ def main(argv=None) -> None:
     runners = {}
     for spec in args.runners:
         started = time.monotonic()
-        runners[spec] = load_runner(spec, args.model, args.dtype, num_rows, capacity)
+        runners[spec] = load_runner(spec, args.model, args.dtype, num_rows, capacity,
+                                    tuple((rows, tokens) for rows in args.rows for tokens in args.tokens))
         report["load_s"][spec] = round(time.monotonic() - started, 1)
     caches = {spec: runner.new_cache() for spec, runner in runners.items()}
     first = args.runners[0]

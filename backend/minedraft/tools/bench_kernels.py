@@ -6,7 +6,8 @@ the input grows from one row (an AR step) to a verification's rows x (k + 1) tok
 Formats: bfloat16 through `F.linear`, bfloat16 packed for oneDNN (model/packed_linear.py), the
 weight-only int8 and int4 layers of model/quantization.py on torch's own kernels
 (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), and its W8A8 layer (int8 weights, activations
-quantized per row, oneDNN's u8 x s8 GEMM). `--layers` copies of the layer run in turn, so that the
+quantized per row, oneDNN's u8 x s8 GEMM), and bfloat16 frozen into a static-shape graph under
+inductor's max-autotune C++ GEMM template (`compile_sizes`). `--layers` copies of the layer run in turn, so that the
 weights stream from memory as a model's do. Prints JSON: ms a layer and the weights' read rate.
 """
 import argparse
@@ -17,6 +18,7 @@ import time
 import torch
 from torch import nn
 
+from minedraft.model.compact import STATIC_STEP_INDUCTOR_CONFIG
 from minedraft.model.packed_linear import PackedLinear
 from minedraft.model.quantization import (
     MAX_QUANTIZED_ROWS,
@@ -50,6 +52,23 @@ class QuantizedKernel(nn.Module):
         return self.layer.quantized_matmul(x)
 
 
+class FrozenGemms(nn.Module):
+    """Every layer's product of one input, compiled as one static-shape graph with the weights
+    frozen in, as `compile_sizes`' step graphs are (inductor's max-autotune C++ GEMM template)."""
+
+    def __init__(self, linears):
+        super().__init__()
+        self.linears = nn.ModuleList(linears)
+        self.compiled = torch.compile(self._products, fullgraph=True, dynamic=False)
+
+    def _products(self, x):
+        return [linear(x) for linear in self.linears]
+
+    def forward(self, x):
+        with torch._inductor.config.patch(STATIC_STEP_INDUCTOR_CONFIG):
+            return self.compiled(x)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", type=int, nargs=2, default=[1536, 8960], metavar=("IN", "OUT"))
@@ -68,14 +87,17 @@ def main(argv=None) -> None:
         "int4 _weight_int4pack_mm_for_cpu": ([QuantizedKernel(Int4WeightOnlyLinear(linear)) for linear in linears],
                                              0.5),
         "w8a8 onednn qlinear": ([Int8DynamicLinear(linear) for linear in linears], 1),
+        "bf16 frozen, C++ GEMM template": ([FrozenGemms(linears)], 2),
     }
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(args.rows))
     weight_bytes = in_features * out_features
     report = {"shape": args.shape, "layers": args.layers, "threads": torch.get_num_threads(),
               "max_quantized_rows": MAX_QUANTIZED_ROWS, "ms": {}, "gb_s": {}}
     for rows in args.rows:
         x = torch.randn(rows, in_features).to(torch.bfloat16)
         for name, (layers, bytes_per_weight) in formats.items():
-            ms = layer_ms(layers, x, args.repeats)
+            # A FrozenGemms runs every layer in one call.
+            ms = layer_ms(layers, x, args.repeats) * len(layers) / args.layers
             report["ms"].setdefault(name, {})[rows] = round(ms, 3)
             report["gb_s"].setdefault(name, {})[rows] = round(weight_bytes * bytes_per_weight / ms / 1e6, 1)
         print(rows, {name: times[rows] for name, times in report["ms"].items()}, file=sys.stderr, flush=True)
