@@ -78,8 +78,8 @@ class EngineConfig:
     enforce_eager: bool = True
     # vLLM's `compile_sizes`, on CPU: row counts (e.g. "1" or "1,2") whose target steps, an AR
     # step's 1 token a row and a verification's num_draft_tokens + 1, each get a static-shape
-    # graph with the weights frozen in (model/compact.py, StaticSteps): ~1.2x faster forwards,
-    # ~1 minute of compiling each at load for the 1.5B target and a second copy of its weights.
+    # graph with the weights frozen in (model/compact.py, StaticSteps): faster one-row steps, for
+    # minutes of compiling at load and more copies of the weights (docs/benchmarks.md).
     # Needs enforce_eager false, an unquantized target on CPU, tensor_parallel_size 1.
     compile_sizes: str = ""
     # The KV cache is a pool of blocks per model (model/kv_cache.py), vLLM's keys: positions a block;

@@ -120,9 +120,9 @@ class CompactLM(nn.Module):
 
 # The settings a static step graph compiles under, and only it: freezing puts the weights in the
 # graph as constants, which lets max-autotune's C++ GEMM template pack them once for its own
-# micro-kernel (it streams a one-row bf16 product from memory about 1.6x faster than oneDNN's
-# packed matmul here, docs/benchmarks.md). The regional graph must not freeze: its layers' weights
-# are its inputs.
+# micro-kernel, which streams a one-row bf16 product from memory faster than oneDNN's packed
+# matmul (docs/benchmarks.md, "Static step graphs"). The regional graph must not freeze: its
+# layers' weights are its inputs.
 STATIC_STEP_INDUCTOR_CONFIG = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 

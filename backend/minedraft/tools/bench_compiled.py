@@ -57,7 +57,9 @@ def main(argv=None) -> None:
               for path in args.paths}
     write_repository(workdir / "repo", models, max_batch_size=2 * args.max_num_seqs, queue_size=1024)
     rows = []
-    with TritonServer(workdir / "repo", *(free_port() for _ in range(3)), log_path=workdir / "server.log") as server:
+    # Three or four models compile at once on a few cores: a static step graph alone takes minutes.
+    with TritonServer(workdir / "repo", *(free_port() for _ in range(3)), log_path=workdir / "server.log",
+                      ready_timeout=1800) as server:
         for concurrency in args.concurrency:
             for setup in args.setups:
                 k = 0 if setup.startswith("ar") else args.num_draft_tokens
