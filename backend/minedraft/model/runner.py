@@ -136,10 +136,11 @@ class ModelRunner:
         replaces the feeds' token embeddings; the feeds still give the rows' lengths.
         """
         last = torch.tensor([len(f) - 1 for f in feeds], device=self.device) if last_only else None
-        shape = self.static_steps.shape_for(len(feeds), max(map(len, feeds))) if self.static_steps else None
-        if shape is not None and embeds is None and not with_hidden:
-            logits = self._static_logits(cache, rows, start_lens, feeds, shape[1])
-            return logits[torch.arange(len(feeds)), last] if last_only else logits
+        if self.static_steps is not None and embeds is None and not with_hidden:
+            shape = self.static_steps.shape_for(len(feeds), max(map(len, feeds)))
+            if shape is not None:
+                logits = self._static_logits(cache, rows, start_lens, feeds, shape[1])
+                return logits[torch.arange(len(feeds)), last] if last_only else logits
         if self.compiled is not None:
             hidden = self._compact_hidden(cache, rows, start_lens, feeds, embeds)
             if last_only:
@@ -179,8 +180,7 @@ class ModelRunner:
                 addresses = cache.addresses(row_ids, start_lens, feed_lens, num_new, self.graphs.table_width,
                                             self.device)
                 return bucket.replay(input_ids, addresses)[:, :num_tokens]
-        # A visible length of 1 would take a graph of its own.
-        addresses = cache.addresses(row_ids, start_lens, feed_lens, num_new, max(2, visible_len), self.device)
+        addresses = self._compiled_addresses(cache, row_ids, start_lens, feed_lens, num_new, visible_len)
         hidden = self.compiled(input_ids, embeds_in, addresses.positions, addresses.write_slots, addresses.slot_table,
                                self.kv.keys, self.kv.values)
         return hidden[:num_rows, :num_tokens]
@@ -190,10 +190,16 @@ class ModelRunner:
         """The logits [b, n, V] of a static step graph whose shape holds the feeds, padded as
         `_compact_hidden` pads them."""
         row_ids, feed_lens, visible_len = self._reserve(cache, rows, start_lens, feeds)
-        addresses = cache.addresses(row_ids, start_lens, feed_lens, num_new, max(2, visible_len), self.device)
+        addresses = self._compiled_addresses(cache, row_ids, start_lens, feed_lens, num_new, visible_len)
         logits = self.static_steps(self._padded_ids(feeds, num_new), addresses.positions, addresses.write_slots,
                                    addresses.slot_table, self.kv.keys, self.kv.values)
         return logits[:, :max(feed_lens)]
+
+    def _compiled_addresses(self, cache: PagedKVCache, row_ids: list[int], start_lens: list[int],
+                            feed_lens: list[int], num_new: int, visible_len: int):
+        """A compiled graph's addresses: its context length is a symbolic size, and a visible length
+        of 1 would take a graph of its own."""
+        return cache.addresses(row_ids, start_lens, feed_lens, num_new, max(2, visible_len), self.device)
 
     def _inputs(self, cache: PagedKVCache, rows, start_lens: list[int], feeds: list[list[int]],
                 embeds: list[torch.Tensor] | None = None) -> dict:
