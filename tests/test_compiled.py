@@ -7,6 +7,7 @@ from engine_helpers import PROMPTS, make_engine
 from minedraft.config import ConfigError, EngineConfig
 from minedraft.model import compact
 from minedraft.model.loading import load_model
+from minedraft.model.quantization import quantize_linears
 from minedraft.model.runner import ModelRunner
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -70,10 +71,17 @@ def test_a_varied_load_is_lossless_and_compiles_nothing_after_warm_up(tiny_pair,
         {rid: tokens for rid, tokens in expected.items() if rid != "1"}
 
 
+def record_shapes(static) -> list[tuple[int, int]]:
+    """The (rows, tokens) of every call of a StaticSteps' graphs, from now on."""
+    shapes_run, compiled = [], static._compiled
+    static._compiled = lambda input_ids, *rest: shapes_run.append(tuple(input_ids.shape)) or compiled(input_ids, *rest)
+    return shapes_run
+
+
 def test_static_step_graphs_are_lossless_and_compile_nothing_after_warm_up(tiny_pair):
-    """`compile_sizes`: the target's AR and verification steps of one row run static-shape
-    graphs with frozen weights (the rest runs the regional graph); under the varied load the
-    output is the eager engine's and no graph is compiled after the warm-up."""
+    """`compile_sizes`: the target's AR and verification steps and the draft's steps of one row
+    run static-shape graphs with frozen weights (the rest runs the regional graph); under the
+    varied load the output is the eager engine's and no graph is compiled after the warm-up."""
     params = [{"max_tokens": 20 + 3 * i, "temperature": 0, "num_draft_tokens": i % 4} for i in range(4)]
 
     def run(engine):
@@ -91,16 +99,34 @@ def test_static_step_graphs_are_lossless_and_compile_nothing_after_warm_up(tiny_
     expected = run(make_engine(*tiny_pair, mode="sd", drafter="inline", max_num_seqs=4))
     engine = make_engine(*tiny_pair, mode="sd", drafter="inline", max_num_seqs=4, enforce_eager=False,
                          compile_sizes="1")
-    static = engine.target.static_steps
-    assert static.shapes == [(1, 1), (1, 4)]
-    shapes_run = []
-    compiled = static._compiled
-    static._compiled = lambda input_ids, *rest: shapes_run.append(tuple(input_ids.shape)) or compiled(input_ids,
-                                                                                                       *rest)
+    target_static, draft_static = engine.target.static_steps, engine.drafter.draft_model.runner.static_steps
+    assert target_static.shapes == [(1, 1), (1, 4)]
+    assert draft_static.shapes == [(1, 1)]
+    target_shapes, draft_shapes = record_shapes(target_static), record_shapes(draft_static)
     graphs_after_warm_up = unique_graphs()
     assert run(engine) == expected
     assert unique_graphs() == graphs_after_warm_up
-    assert {(1, 1), (1, 4)} <= set(shapes_run)
+    assert {(1, 1), (1, 4)} <= set(target_shapes)
+    assert (1, 1) in draft_shapes
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_static_step_graphs_run_weight_only_layers_as_the_kernels_do(tiny_pair, kind):
+    """A quantized model's static graph (its int8/int4 products lowered to inductor's GEMM
+    template over the frozen codes) gives the eager kernels' logits, up to bf16 rounding: two of
+    its steps at the logits' scale (the eager and the regional graph differ by one already)."""
+    models = [quantize_linears(load_model(tiny_pair[0], "cpu", "bfloat16"), kind) for _ in range(2)]
+    eager = ModelRunner(models[0], 1, 64)
+    static = ModelRunner(models[1], 1, 64, enforce_eager=False, static_shapes=((1, 1), (1, 2)))
+    shapes_run = record_shapes(static.static_steps)
+    logits = {}
+    for runner in (eager, static):
+        cache = runner.new_cache()
+        runner.fill(cache, [0], [0], [[5, 6, 7, 8, 9]])
+        logits[runner] = [runner.forward(cache, [0], [5], [[10, 11]]), runner.forward(cache, [0], [7], [[12]])]
+    assert shapes_run == [(1, 2), (1, 1)]
+    for got, want in zip(logits[static], logits[eager]):
+        torch.testing.assert_close(got, want, rtol=0, atol=2 * torch.finfo(torch.bfloat16).eps * float(want.abs().max()))
 
 
 def test_compile_sizes_are_checked(tiny_pair):
@@ -112,6 +138,9 @@ def test_compile_sizes_are_checked(tiny_pair):
     with pytest.raises(ConfigError, match="row counts such as"):
         EngineConfig(target_model=tiny_pair[0], draft_model=tiny_pair[1], compile_sizes="one", enforce_eager=False,
                      max_num_seqs=4).validate()
+    with pytest.raises(ConfigError, match="target_quantization none, int8 or int4"):
+        EngineConfig(target_model=tiny_pair[0], draft_model=tiny_pair[1], compile_sizes="1", enforce_eager=False,
+                     target_quantization="w8a8").validate()
     config = EngineConfig(target_model=tiny_pair[0], draft_model=tiny_pair[1], compile_sizes="2, 1", mode="ar",
                           enforce_eager=False)
     assert config.static_step_shapes == ((1, 1), (2, 1))

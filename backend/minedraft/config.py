@@ -23,6 +23,8 @@ DRAFT_METHODS = ("model", "ngram")
 DTYPES = ("float32", "float16", "bfloat16")  # torch dtypes by name (model.loading maps them)
 QUANTIZATIONS = ("none", "int8", "int4", "w8a8")  # of the linear layers (model/quantization.py)
 CPU_QUANTIZATIONS = ("w8a8",)  # oneDNN's u8 x s8 GEMM: a CPU kernel only
+# Weight formats inductor's C++ GEMM template takes frozen into a static step graph (W8A8 is an op of its own).
+STATIC_STEP_QUANTIZATIONS = ("none", "int8", "int4")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "model_repository" / "minedraft" / "1"
 
 
@@ -77,10 +79,11 @@ class EngineConfig:
     # (docs/benchmarks.md, "The compiled forward").
     enforce_eager: bool = True
     # vLLM's `compile_sizes`, on CPU: row counts (e.g. "1" or "1,2") whose target steps, an AR
-    # step's 1 token a row and a verification's num_draft_tokens + 1, each get a static-shape
-    # graph with the weights frozen in (model/compact.py, StaticSteps): faster one-row steps, for
-    # minutes of compiling at load and more copies of the weights (docs/benchmarks.md).
-    # Needs enforce_eager false, an unquantized target on CPU, tensor_parallel_size 1.
+    # step's 1 token a row and a verification's num_draft_tokens + 1, and whose one-token draft
+    # steps each get a static-shape graph with the weights frozen in (model/compact.py,
+    # StaticSteps): faster one-row steps, bf16 and weight-only int8/int4 alike, for minutes of
+    # compiling at load and more copies of the weights (docs/benchmarks.md). Needs enforce_eager
+    # false, a target on CPU, target_quantization none, int8 or int4, tensor_parallel_size 1.
     compile_sizes: str = ""
     # The KV cache is a pool of blocks per model (model/kv_cache.py), vLLM's keys: positions a block;
     # the pool's bytes, the target's and the draft's together (0: room for 4,096 tokens a row, or
@@ -168,11 +171,11 @@ class EngineConfig:
             raise ConfigError(f"compile_sizes are row counts in [1, max_num_seqs = {self.max_num_seqs}], "
                               f"got {self.compile_sizes!r}")
         needs = {"enforce_eager false": not self.enforce_eager, "target_device cpu": self.target_device == "cpu",
-                 "target_quantization none": self.target_quantization == "none",
+                 "target_quantization none, int8 or int4": self.target_quantization in STATIC_STEP_QUANTIZATIONS,
                  "tensor_parallel_size 1": self.tensor_parallel_size == 1}
         missing = [what for what, holds in needs.items() if not holds]
         if missing:
-            raise ConfigError(f"compile_sizes needs {', '.join(missing)} (static CPU graphs of an unquantized target)")
+            raise ConfigError(f"compile_sizes needs {', '.join(missing)} (static CPU graphs)")
 
     @property
     def static_step_rows(self) -> tuple[int, ...]:

@@ -68,7 +68,8 @@ def build(config: EngineConfig) -> EngineParts:
     if config.traits.chooses_each_step and isinstance(drafter, ProcessDrafter):
         sequential_drafter = InlineDrafter(build_draft_model(
             config.draft_model, config.draft_device, config.dtype, config.max_num_seqs, capacity,
-            eos_token_ids, target_vocab_size, config.draft_quantization, config.enforce_eager, draft_pool))
+            eos_token_ids, target_vocab_size, config.draft_quantization, config.enforce_eager, draft_pool,
+            config.static_step_rows))
     step_cpus = target_cpus if config.target_cpus else set()
     unpinned = os.sched_getaffinity(0)
     _pin_target(config, target_cpus)  # the start-up calibration times the target on its own cores
@@ -146,10 +147,12 @@ def _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity
     if config.drafter_kind == "process":
         return ProcessDrafter(config.draft_model, config.draft_device, config.dtype, config.max_num_seqs, capacity,
                               eos_token_ids, target_vocab_size, config.num_draft_tokens, draft_cpus,
-                              quantization=config.draft_quantization, enforce_eager=config.enforce_eager, pool=pool)
+                              quantization=config.draft_quantization, enforce_eager=config.enforce_eager, pool=pool,
+                              static_rows=config.static_step_rows)
     return InlineDrafter(build_draft_model(config.draft_model, config.draft_device, config.dtype,
                                            config.max_num_seqs, capacity, eos_token_ids, target_vocab_size,
-                                           config.draft_quantization, config.enforce_eager, pool))
+                                           config.draft_quantization, config.enforce_eager, pool,
+                                           config.static_step_rows))
 
 
 def _make_policy(config, target, cache, drafting, eos_token_ids) -> Policy:

@@ -126,6 +126,11 @@ class CompactLM(nn.Module):
 STATIC_STEP_INDUCTOR_CONFIG = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
+def _tensor_attributes(model):
+    """Tensors modules hold as plain attributes (a packed layer's opaque oneDNN weight)."""
+    return (value for module in model.modules() for value in vars(module).values() if isinstance(value, torch.Tensor))
+
+
 class StaticSteps:
     """vLLM's `compile_sizes` on CPU: for a few (rows, tokens) shapes of the steps that repeat (an AR
     step, a verification of k + 1), one static-shape graph of the whole model, LM head included,
@@ -136,7 +141,7 @@ class StaticSteps:
 
     def __init__(self, model, shapes):
         self.shapes = sorted(set(shapes))
-        shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+        shared = {id(t): t for t in (*model.parameters(), *model.buffers(), *_tensor_attributes(model))}
         self._compiled = torch.compile(CompactLM(copy.deepcopy(model, memo=shared)), fullgraph=True, dynamic=False)
 
     def shape_for(self, num_rows: int, num_tokens: int) -> tuple[int, int] | None:

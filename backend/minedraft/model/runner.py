@@ -37,7 +37,7 @@ class ModelRunner:
         first rows, up to 8 tokens each) through static buffers per bucket of rows and tokens
         (model/cuda_graphs.py); None: on CUDA, where each bucket is captured as a CUDA graph. Only
         with the compact forward. `static_shapes`: (rows, tokens) shapes whose forwards run a
-        static-shape graph with frozen weights (compact.StaticSteps; a CPU model, unquantized)."""
+        static-shape graph with frozen weights (compact.StaticSteps; a CPU model)."""
         self.model = model
         self.device = next(model.parameters()).device
         self.num_rows = num_rows
@@ -48,7 +48,7 @@ class ModelRunner:
         # transformers 5 renamed past_key_values to cache (the old name goes in 5.40); 4.x knows only the old one.
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.compact, self.compiled, self.graphs, self.static_steps = None, None, None, None
-        if static_shapes and not enforce_eager and compact.is_supported(model):
+        if static_shapes and not enforce_eager and compact.is_supported(model) and self.device.type == "cpu":
             # Before packing: these graphs freeze the plain weights.
             self.static_steps = compact.StaticSteps(model, static_shapes)
         # Quantized kernels read their weights once per input row: padding would only cost.

@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     parser.add_argument("--setups", nargs="+", default=["ar", "auto_inline"], choices=list(SETUPS))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--paths", nargs="+", default=["compiled", "eager"], choices=list(PATHS),
-                        help="static: compiled with compile_sizes 1 (the target's one-row steps as static graphs)")
+                        help="static: compiled with compile_sizes 1 (the one-row steps of target and draft as static graphs)")
     parser.add_argument("--num-draft-tokens", type=int, default=4)
     parser.add_argument("--max-num-seqs", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=48)
@@ -57,9 +57,11 @@ def main(argv=None) -> None:
               for path in args.paths}
     write_repository(workdir / "repo", models, max_batch_size=2 * args.max_num_seqs, queue_size=1024)
     rows = []
-    # Three or four models compile at once on a few cores: a static step graph alone takes minutes.
+    # One model loads at a time: auto's calibration at load times the steps, and timed beside
+    # another model's compiling it once took AR for every step of the eager entry. Loading them
+    # one by one takes longer (a static step graph alone takes minutes).
     with TritonServer(workdir / "repo", *(free_port() for _ in range(3)), log_path=workdir / "server.log",
-                      ready_timeout=1800) as server:
+                      extra_args=["--model-load-thread-count=1"], ready_timeout=3600) as server:
         for concurrency in args.concurrency:
             for setup in args.setups:
                 k = 0 if setup.startswith("ar") else args.num_draft_tokens

@@ -110,10 +110,11 @@ def main(argv=None) -> None:
     parser.add_argument("--draft", help="another draft for the same target (default: the model dir's draft)")
     parser.add_argument("--compiled", action="store_true", help="enforce_eager false: the compiled forward")
     parser.add_argument("--compile-sizes", default="",
-                        help="with --compiled: the target's static step graphs (compile_sizes, e.g. 1)")
+                        help="with --compiled: the static step graphs of the target and draft (compile_sizes, e.g. 1)")
     parser.add_argument("--modes", nargs="+", default=["ar", "sd", "psd"], choices=["ar", "sd", "psd"])
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--draft-quantization", default="none")
+    parser.add_argument("--target-quantization", default="none")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     prompts = load_prompts(prompts_path(args.prompts))
@@ -121,11 +122,12 @@ def main(argv=None) -> None:
         prompts = chat_prompts(prompts, args.model_dir / "target")
     overrides = {"draft_model": args.draft} if args.draft else {}
     overrides.update(enforce_eager=not args.compiled, dtype=args.dtype, draft_quantization=args.draft_quantization,
-                     compile_sizes=args.compile_sizes)
+                     target_quantization=args.target_quantization, compile_sizes=args.compile_sizes)
     results = sweep(args.concurrency, args.draft_lengths, args.max_tokens, args.model_dir, prompts, modes=args.modes,
                     **overrides)
     report = {"cpus": len(os.sched_getaffinity(0)), "max_tokens": args.max_tokens, "compiled": args.compiled,
-              "compile_sizes": args.compile_sizes, "dtype": args.dtype, "results": results}
+              "compile_sizes": args.compile_sizes, "target_quantization": args.target_quantization, "dtype": args.dtype,
+              "results": results}
     if set(args.modes) == {"ar", "sd", "psd"}:
         report["ratios"] = ratio_table(results)
     text = json.dumps(report, indent=2)

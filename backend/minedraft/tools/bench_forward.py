@@ -4,10 +4,10 @@
     python -m minedraft.tools.bench_forward [--model model_repository/minedraft/1/target] [--dtype float32]
         [--runners eager compiled compiled:int4 static] [--rows 1 8] [--tokens 1 5]
 
-A runner is `eager` or `compiled`, with `:int8` or `:int4` for quantization as `target_quantization`
-does it (a GGUF beside the model gives its published 4-bit blocks), or `static`: compiled, with a
-static step graph for each rows x tokens measured (`compile_sizes`; unquantized). Times a step's forward at each
-number of rows (1 token: AR or a draft step; k + 1 tokens: a verification) after a cache of
+A runner is `eager`, `compiled` or `static` (compiled, with a static step graph for each rows x
+tokens measured: `compile_sizes`), with `:int8` or `:int4` for quantization as
+`target_quantization` does it (a GGUF beside the model gives its published 4-bit blocks). Times a
+step's forward at each number of rows (1 token: AR or a draft step; k + 1 tokens: a verification) after a cache of
 `--context` tokens a row, and each runner's load (quantizing and compiling included). Ratios are
 to the first runner. Prints JSON.
 """
@@ -19,7 +19,7 @@ import torch
 
 from minedraft.config import DEFAULT_MODEL_DIR, DTYPES, QUANTIZATIONS
 from minedraft.model.loading import load_model
-from minedraft.model.quantization import quantize_target
+from minedraft.model.quantization import quantize_linears, quantize_target
 from minedraft.model.runner import ModelRunner
 
 
@@ -38,22 +38,25 @@ RUNNER_KINDS = ("eager", "compiled", "static")
 
 
 def load_runner(spec: str, model_path: str, dtype: str, num_rows: int, capacity: int,
-                static_shapes: tuple[tuple[int, int], ...] = ()) -> ModelRunner:
+                static_shapes: tuple[tuple[int, int], ...] = (), as_draft: bool = False) -> ModelRunner:
     """A runner of its own model copy: the compiled one packs its model's linear layers in place;
-    `static` is the compiled one with static step graphs of `static_shapes` (`compile_sizes`)."""
+    `static` is the compiled one with static step graphs of `static_shapes` (`compile_sizes`).
+    `as_draft`: quantized as `draft_quantization` does it (from the weights, not a GGUF's blocks)."""
     kind, _, quantization = spec.partition(":")
     model = load_model(model_path, "cpu", dtype)
     if quantization:
-        quantize_target(model, quantization, model_path)
+        if as_draft:
+            quantize_linears(model, quantization)
+        else:
+            quantize_target(model, quantization, model_path)
     return ModelRunner(model, num_rows, capacity, enforce_eager=kind == "eager",
                        static_shapes=static_shapes if kind == "static" else ())
 
 
 def runner_spec(text: str) -> str:
     kind, _, quantization = text.partition(":")
-    if kind not in RUNNER_KINDS or quantization not in ("", *QUANTIZATIONS[1:]) or (kind == "static" and quantization):
-        raise argparse.ArgumentTypeError(f"{text!r}: want eager, compiled or static, optionally :int8 or :int4 "
-                                         f"(static: unquantized)")
+    if kind not in RUNNER_KINDS or quantization not in ("", *QUANTIZATIONS[1:]):
+        raise argparse.ArgumentTypeError(f"{text!r}: want eager, compiled or static, optionally :int8 or :int4")
     return text
 
 
@@ -66,15 +69,18 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1])
     parser.add_argument("--runners", type=runner_spec, nargs="+", default=["eager", "compiled"])
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--as-draft", action="store_true",
+                        help="quantize as draft_quantization does (min-max int4/int8, no GGUF blocks)")
     args = parser.parse_args(argv)
     capacity, num_rows = args.context + max(args.tokens) + 1, max(args.rows)
-    report = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(), "load_s": {},
-              "forward_ms": []}
+    report = {"model": args.model, "dtype": args.dtype, "as_draft": args.as_draft, "threads": torch.get_num_threads(),
+              "load_s": {}, "forward_ms": []}
     runners = {}
     for spec in args.runners:
         started = time.monotonic()
         runners[spec] = load_runner(spec, args.model, args.dtype, num_rows, capacity,
-                                    tuple((rows, tokens) for rows in args.rows for tokens in args.tokens))
+                                    tuple((rows, tokens) for rows in args.rows for tokens in args.tokens),
+                                    args.as_draft)
         report["load_s"][spec] = round(time.monotonic() - started, 1)
     caches = {spec: runner.new_cache() for spec, runner in runners.items()}
     first = args.runners[0]

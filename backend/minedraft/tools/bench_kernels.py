@@ -6,9 +6,10 @@ the input grows from one row (an AR step) to a verification's rows x (k + 1) tok
 Formats: bfloat16 through `F.linear`, bfloat16 packed for oneDNN (model/packed_linear.py), the
 weight-only int8 and int4 layers of model/quantization.py on torch's own kernels
 (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), and its W8A8 layer (int8 weights, activations
-quantized per row, oneDNN's u8 x s8 GEMM), and bfloat16 frozen into a static-shape graph under
-inductor's max-autotune C++ GEMM template (`compile_sizes`). `--layers` copies of the layer run in turn, so that the
-weights stream from memory as a model's do. Prints JSON: ms a layer and the weights' read rate.
+quantized per row, oneDNN's u8 x s8 GEMM), and bfloat16, int8 and int4 frozen into a static-shape
+graph, where inductor's max-autotune picks its C++ GEMM template or torch's kernel
+(`compile_sizes`). `--layers` copies of the layer run in turn, so that the weights stream from
+memory as a model's do. Prints JSON: ms a layer and the weights' read rate.
 """
 import argparse
 import json
@@ -79,15 +80,17 @@ def main(argv=None) -> None:
     in_features, out_features = args.shape
     torch.manual_seed(0)
     linears = [nn.Linear(in_features, out_features, bias=False).to(torch.bfloat16) for _ in range(args.layers)]
-    int8 = [Int8WeightOnlyLinear(linear) for linear in linears]
+    int8 = [QuantizedKernel(Int8WeightOnlyLinear(linear)) for linear in linears]
+    int4 = [QuantizedKernel(Int4WeightOnlyLinear(linear)) for linear in linears]
     formats = {
         "bf16 F.linear": (linears, 2),
         "bf16 packed": ([PackedLinear(linear.weight, None) for linear in linears], 2),
-        "int8 _weight_int8pack_mm": ([QuantizedKernel(layer) for layer in int8], 1),
-        "int4 _weight_int4pack_mm_for_cpu": ([QuantizedKernel(Int4WeightOnlyLinear(linear)) for linear in linears],
-                                             0.5),
+        "int8 _weight_int8pack_mm": (int8, 1),
+        "int4 _weight_int4pack_mm_for_cpu": (int4, 0.5),
         "w8a8 onednn qlinear": ([Int8DynamicLinear(linear) for linear in linears], 1),
         "bf16 frozen, C++ GEMM template": ([FrozenGemms(linears)], 2),
+        "int8 frozen, C++ GEMM template": ([FrozenGemms(int8)], 1),
+        "int4 frozen, C++ GEMM template": ([FrozenGemms(int4)], 0.5),
     }
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(args.rows))
     weight_bytes = in_features * out_features
