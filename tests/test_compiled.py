@@ -110,21 +110,24 @@ def test_static_step_graphs_are_lossless_and_compile_nothing_after_warm_up(tiny_
     assert (1, 1) in draft_shapes
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
+# int4 is the shipped draft's format; int8's half-minute of autotuned compiling runs with the slow tests.
+@pytest.mark.parametrize("kind", [pytest.param("int8", marks=pytest.mark.slow), "int4"])
 def test_static_step_graphs_run_weight_only_layers_as_the_kernels_do(tiny_pair, kind):
-    """A quantized model's static graph (its int8/int4 products lowered to inductor's GEMM
-    template over the frozen codes) gives the eager kernels' logits, up to bf16 rounding: two of
-    its steps at the logits' scale (the eager and the regional graph differ by one already)."""
+    """A quantized model's static graph gives the eager kernels' logits, up to bf16 rounding: two of
+    its steps at the logits' scale (the eager and the regional graph differ by one already). At
+    one token its int8/int4 products are lowered over the frozen codes; at five (a verification,
+    past MAX_QUANTIZED_ROWS) its layers take the packed dense weights they keep."""
     models = [quantize_linears(load_model(tiny_pair[0], "cpu", "bfloat16"), kind) for _ in range(2)]
     eager = ModelRunner(models[0], 1, 64)
-    static = ModelRunner(models[1], 1, 64, enforce_eager=False, static_shapes=((1, 1), (1, 2)))
+    static = ModelRunner(models[1], 1, 64, enforce_eager=False, static_shapes=((1, 1), (1, 5)))
     shapes_run = record_shapes(static.static_steps)
     logits = {}
     for runner in (eager, static):
         cache = runner.new_cache()
         runner.fill(cache, [0], [0], [[5, 6, 7, 8, 9]])
-        logits[runner] = [runner.forward(cache, [0], [5], [[10, 11]]), runner.forward(cache, [0], [7], [[12]])]
-    assert shapes_run == [(1, 2), (1, 1)]
+        logits[runner] = [runner.forward(cache, [0], [5], [[10, 11, 12, 13, 14]]),
+                          runner.forward(cache, [0], [10], [[15]])]
+    assert shapes_run == [(1, 5), (1, 1)]
     for got, want in zip(logits[static], logits[eager]):
         torch.testing.assert_close(got, want, rtol=0, atol=2 * torch.finfo(torch.bfloat16).eps * float(want.abs().max()))
 
@@ -141,6 +144,11 @@ def test_compile_sizes_are_checked(tiny_pair):
     with pytest.raises(ConfigError, match="target_quantization none, int8 or int4"):
         EngineConfig(target_model=tiny_pair[0], draft_model=tiny_pair[1], compile_sizes="1", enforce_eager=False,
                      target_quantization="w8a8").validate()
+    with pytest.raises(ConfigError, match="draft_quantization none, int8 or int4"):
+        EngineConfig(target_model=tiny_pair[0], draft_model=tiny_pair[1], compile_sizes="1", enforce_eager=False,
+                     draft_quantization="w8a8").validate()
+    EngineConfig(target_model=tiny_pair[0], draft_model=tiny_pair[1], compile_sizes="1", enforce_eager=False,
+                 draft_quantization="w8a8", mode="ar").validate()  # no draft runs: nothing to refuse
     config = EngineConfig(target_model=tiny_pair[0], draft_model=tiny_pair[1], compile_sizes="2, 1", mode="ar",
                           enforce_eager=False)
     assert config.static_step_shapes == ((1, 1), (2, 1))

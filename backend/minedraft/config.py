@@ -83,7 +83,7 @@ class EngineConfig:
     # steps each get a static-shape graph with the weights frozen in (model/compact.py,
     # StaticSteps): faster one-row steps, bf16 and weight-only int8/int4 alike, for minutes of
     # compiling at load and more copies of the weights (docs/benchmarks.md). Needs enforce_eager
-    # false, a target on CPU, target_quantization none, int8 or int4, tensor_parallel_size 1.
+    # false, a target on CPU, target_ and draft_quantization none, int8 or int4, tensor_parallel_size 1.
     compile_sizes: str = ""
     # The KV cache is a pool of blocks per model (model/kv_cache.py), vLLM's keys: positions a block;
     # the pool's bytes, the target's and the draft's together (0: room for 4,096 tokens a row, or
@@ -172,6 +172,8 @@ class EngineConfig:
                               f"got {self.compile_sizes!r}")
         needs = {"enforce_eager false": not self.enforce_eager, "target_device cpu": self.target_device == "cpu",
                  "target_quantization none, int8 or int4": self.target_quantization in STATIC_STEP_QUANTIZATIONS,
+                 "draft_quantization none, int8 or int4": self.draft_quantization in STATIC_STEP_QUANTIZATIONS
+                 or not (self.traits.drafts and self.draft_method == "model"),
                  "tensor_parallel_size 1": self.tensor_parallel_size == 1}
         missing = [what for what, holds in needs.items() if not holds]
         if missing:

@@ -133,8 +133,8 @@ def is_feature_draft(path: str) -> bool:
 
 def build_draft_model(path: str, device: str, dtype: str, num_rows: int, capacity: int, eos_token_ids,
                       target_vocab_size: int, quantization: str = "none", enforce_eager: bool = True,
-                      pool: PoolSpec | None = None, static_rows: tuple[int, ...] = ()) -> DraftModel:
-    """`static_rows` (`compile_sizes`): row counts whose one-token draft steps run as static-shape
+                      pool: PoolSpec | None = None, static_step_rows: tuple[int, ...] = ()) -> DraftModel:
+    """`static_step_rows` (`compile_sizes`): row counts whose one-token draft steps run as static-shape
     graphs with frozen weights (a sequential draft on CPU; the others feed wider shapes). A
     drafting's first forward feeds two tokens only after a verification accepted every draft: it
     keeps the regional graph."""
@@ -142,11 +142,12 @@ def build_draft_model(path: str, device: str, dtype: str, num_rows: int, capacit
     dtype = "bfloat16" if quantization != "none" and device == "cpu" else dtype
     model = quantize_linears(load_model(path, device, dtype), quantization)
     mask_token_id = getattr(model.config, PARALLEL_DRAFT_KEY, None)  # as vLLM's parallel drafting reads it
-    sequential = not is_feature_draft(path) and mask_token_id is None
-    static_shapes = tuple((rows, 1) for rows in static_rows) if sequential else ()
+    feature_draft = is_feature_draft(path)
+    sequential = not feature_draft and mask_token_id is None
+    static_shapes = tuple((rows, 1) for rows in static_step_rows) if sequential else ()
     runner = ModelRunner(model, num_rows, capacity, enforce_eager=enforce_eager, pool=pool,
                          static_shapes=static_shapes)
-    if is_feature_draft(path):
+    if feature_draft:
         weights = load_file(Path(path) / FEATURE_PROJECTION_FILE, device=str(model.device))
         proposer = FeatureProposer(runner, (weights["weight"].to(model.dtype), weights["bias"].to(model.dtype)))
     elif mask_token_id is not None:

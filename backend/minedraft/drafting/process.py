@@ -32,10 +32,10 @@ class ProcessDrafter:
 
     def __init__(self, path, device, dtype, num_rows, capacity, eos_token_ids, vocab_size, max_tokens, cpus,
                  reply_timeout: float = 60.0, quantization: str = "none", enforce_eager: bool = True,
-                 pool: PoolSpec | None = None, static_rows: tuple[int, ...] = ()):
+                 pool: PoolSpec | None = None, static_step_rows: tuple[int, ...] = ()):
         self._spec = (path, device, dtype, num_rows, capacity, list(eos_token_ids), vocab_size, sorted(cpus),
                       quantization, enforce_eager, pool and [pool.num_blocks, pool.block_size, pool.prefix_caching],
-                      list(static_rows))
+                      list(static_step_rows))
         self.reads_features = is_feature_draft(path)
         self._ids_shape = (NUM_BATCH_SLOTS, num_rows, max_tokens)
         self._probs_shape = (NUM_BATCH_SLOTS, num_rows, max_tokens, vocab_size)

@@ -23,7 +23,7 @@ def _attach(name: str) -> SharedMemory:
 
 def _worker_main(spec: dict) -> None:
     (path, device, dtype, num_rows, capacity, eos_token_ids, vocab_size, cpus, quantization, enforce_eager,
-     pool, static_rows) = spec["model"]
+     pool, static_step_rows) = spec["model"]
     conn = Connection(spec["fd"])
     ids_shape, probs_shape = tuple(spec["ids_shape"]), tuple(spec["probs_shape"])
     if cpus:
@@ -34,7 +34,7 @@ def _worker_main(spec: dict) -> None:
     probs = torch.frombuffer(probs_shm.buf, dtype=torch.float32).view(probs_shape)
     try:
         draft_model = build_draft_model(path, device, dtype, num_rows, capacity, eos_token_ids, vocab_size,
-                                        quantization, enforce_eager, pool and PoolSpec(*pool), tuple(static_rows))
+                                        quantization, enforce_eager, pool and PoolSpec(*pool), tuple(static_step_rows))
         conn.send((None, "ok", None))
     except Exception:
         conn.send((None, "error", traceback.format_exc()))

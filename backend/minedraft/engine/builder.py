@@ -148,7 +148,7 @@ def _start_drafter(config, tokenizer, eos_token_ids, target_vocab_size, capacity
         return ProcessDrafter(config.draft_model, config.draft_device, config.dtype, config.max_num_seqs, capacity,
                               eos_token_ids, target_vocab_size, config.num_draft_tokens, draft_cpus,
                               quantization=config.draft_quantization, enforce_eager=config.enforce_eager, pool=pool,
-                              static_rows=config.static_step_rows)
+                              static_step_rows=config.static_step_rows)
     return InlineDrafter(build_draft_model(config.draft_model, config.draft_device, config.dtype,
                                            config.max_num_seqs, capacity, eos_token_ids, target_vocab_size,
                                            config.draft_quantization, config.enforce_eager, pool,

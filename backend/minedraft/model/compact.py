@@ -133,8 +133,9 @@ def _tensor_attributes(model):
 
 class StaticSteps:
     """vLLM's `compile_sizes` on CPU: for a few (rows, tokens) shapes of the steps that repeat (an AR
-    step, a verification of k + 1), one static-shape graph of the whole model, LM head included,
-    with its weights frozen in. Only the attention's context length stays symbolic, so a step at
+    step, a verification of k + 1, a draft's one-token step), one static-shape graph of the whole
+    model, LM head included, with its weights frozen in (a quantized layer's codes, and the packed
+    dense weights it keeps for wide inputs). Only the attention's context length stays symbolic, so a step at
     any cache length replays the same graph. The graphs run a structural copy of the model (its
     modules, sharing its weights): the runner then packs the model's own linear layers for the
     regional graph, which would otherwise change what these graphs were traced over."""

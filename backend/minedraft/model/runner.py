@@ -49,7 +49,7 @@ class ModelRunner:
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.compact, self.compiled, self.graphs, self.static_steps = None, None, None, None
         if static_shapes and not enforce_eager and compact.is_supported(model) and self.device.type == "cpu":
-            # Before packing: these graphs freeze the plain weights.
+            # Before packing: these graphs freeze the weights as loaded (or quantized).
             self.static_steps = compact.StaticSteps(model, static_shapes)
         # Quantized kernels read their weights once per input row: padding would only cost.
         self.min_tokens_per_forward = 1

@@ -2,14 +2,15 @@
 (model/compact.py), each with its weights as loaded or weight-only quantized.
 
     python -m minedraft.tools.bench_forward [--model model_repository/minedraft/1/target] [--dtype float32]
-        [--runners eager compiled compiled:int4 static] [--rows 1 8] [--tokens 1 5]
+        [--runners eager compiled compiled:int4 static] [--rows 1 8] [--tokens 1 5] [--as-draft]
 
 A runner is `eager`, `compiled` or `static` (compiled, with a static step graph for each rows x
-tokens measured: `compile_sizes`), with `:int8` or `:int4` for quantization as
-`target_quantization` does it (a GGUF beside the model gives its published 4-bit blocks). Times a
-step's forward at each number of rows (1 token: AR or a draft step; k + 1 tokens: a verification) after a cache of
-`--context` tokens a row, and each runner's load (quantizing and compiling included). Ratios are
-to the first runner. Prints JSON.
+tokens measured: `compile_sizes`), with `:int8` or `:int4` (or, not static, `:w8a8`) for
+quantization as `target_quantization` does it (a GGUF beside the model gives its published 4-bit
+blocks), or as `draft_quantization` does it with `--as-draft` (pass `--dtype bfloat16`, as the
+engine does for a quantized CPU draft). Times a step's forward at each number of rows (1 token: AR
+or a draft step; k + 1 tokens: a verification) after a cache of `--context` tokens a row, and each
+runner's load (quantizing and compiling included). Ratios are to the first runner. Prints JSON.
 """
 import argparse
 import json
@@ -17,7 +18,7 @@ import time
 
 import torch
 
-from minedraft.config import DEFAULT_MODEL_DIR, DTYPES, QUANTIZATIONS
+from minedraft.config import DEFAULT_MODEL_DIR, DTYPES, QUANTIZATIONS, STATIC_STEP_QUANTIZATIONS
 from minedraft.model.loading import load_model
 from minedraft.model.quantization import quantize_linears, quantize_target
 from minedraft.model.runner import ModelRunner
@@ -55,8 +56,10 @@ def load_runner(spec: str, model_path: str, dtype: str, num_rows: int, capacity:
 
 def runner_spec(text: str) -> str:
     kind, _, quantization = text.partition(":")
-    if kind not in RUNNER_KINDS or quantization not in ("", *QUANTIZATIONS[1:]):
-        raise argparse.ArgumentTypeError(f"{text!r}: want eager, compiled or static, optionally :int8 or :int4")
+    if (kind not in RUNNER_KINDS or quantization not in ("", *QUANTIZATIONS[1:])
+            or (kind == "static" and quantization not in ("", *STATIC_STEP_QUANTIZATIONS))):
+        raise argparse.ArgumentTypeError(f"{text!r}: want eager, compiled or static, optionally :int8 or :int4 "
+                                         f"(eager and compiled: or :w8a8)")
     return text
 
 
