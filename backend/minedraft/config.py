@@ -173,7 +173,7 @@ class EngineConfig:
         needs = {"enforce_eager false": not self.enforce_eager, "target_device cpu": self.target_device == "cpu",
                  "target_quantization none, int8 or int4": self.target_quantization in STATIC_STEP_QUANTIZATIONS,
                  "draft_quantization none, int8 or int4": self.draft_quantization in STATIC_STEP_QUANTIZATIONS
-                 or not (self.traits.drafts and self.draft_method == "model"),
+                 or not self.runs_draft_model,
                  "tensor_parallel_size 1": self.tensor_parallel_size == 1}
         missing = [what for what, holds in needs.items() if not holds]
         if missing:
@@ -192,6 +192,11 @@ class EngineConfig:
         """The target's (rows, tokens) step shapes compile_sizes asks for: AR and verification."""
         tokens = sorted({1, 1 if self.mode == "ar" else self.num_draft_tokens + 1})
         return tuple((rows, n) for rows in self.static_step_rows for n in tokens)
+
+    @property
+    def runs_draft_model(self) -> bool:
+        """Whether a draft model runs: a mode that drafts, with a model (not prompt lookup)."""
+        return self.traits.drafts and self.draft_method == "model"
 
     @property
     def traits(self) -> ModeTraits:

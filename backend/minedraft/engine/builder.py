@@ -125,7 +125,7 @@ def pool_specs(config: EngineConfig, capacity: int) -> tuple[PoolSpec, PoolSpec]
     one_request = -(-capacity // block_size)
     if config.kv_cache_memory_bytes:
         per_token = kv_bytes_per_token(load_config(config.target_model), config.dtype)
-        if config.traits.drafts and config.draft_method == "model":
+        if config.runs_draft_model:
             per_token += kv_bytes_per_token(load_config(config.draft_model), config.dtype)
         num_blocks = config.kv_cache_memory_bytes // per_token // block_size
     else:  # and never less than one whole request
