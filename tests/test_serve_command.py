@@ -77,10 +77,14 @@ def test_a_crashed_tritonserver_is_restarted_and_reported(tmp_path):
     process, (http_port, _, metrics_port) = start_serve(tmp_path)
     try:
         first = tritonserver_pid(process.pid)
+        # auto calibrates at load: the launcher loads one model at a time, restarts included
+        assert "--model-load-thread-count=1" in open(f"/proc/{first}/cmdline").read().split("\0")
         os.kill(first, signal.SIGSEGV)
         wait_for_log(tmp_path, "serving again after restart 1")
         wait_ready(http_port, process)
-        assert tritonserver_pid(process.pid) != first
+        second = tritonserver_pid(process.pid)
+        assert second != first
+        assert "--model-load-thread-count=1" in open(f"/proc/{second}/cmdline").read().split("\0")
         log = (tmp_path / "serve.log").read_text()
         assert "exited unexpectedly (signal SIGSEGV); restarting it (restart 1)" in log
         assert read_metrics(f"http://localhost:{metrics_port}/metrics")["minedraft_server_restarts"] == 1
@@ -90,3 +94,11 @@ def test_a_crashed_tritonserver_is_restarted_and_reported(tmp_path):
         process.wait(timeout=EXIT_TIMEOUT + 15)
     time.sleep(0.5)
     assert not alive(children)
+
+
+def test_the_launcher_loads_one_model_at_a_time_unless_told_otherwise(tmp_path):
+    from minedraft.serving.launcher import TritonServer
+
+    assert "--model-load-thread-count=1" in TritonServer(tmp_path).command()
+    told = TritonServer(tmp_path, extra_args=["--model-load-thread-count=4"]).command()
+    assert [arg for arg in told if arg.startswith("--model-load-thread-count")] == ["--model-load-thread-count=4"]

@@ -83,6 +83,9 @@ def server_env() -> dict:
     return env
 
 
+LOAD_THREADS_FLAG = "--model-load-thread-count"
+
+
 class TritonServer:
     """A running tritonserver serving `model_repository` with the minedraft backend."""
 
@@ -111,10 +114,15 @@ class TritonServer:
         return f"http://localhost:{self.metrics_port}/metrics"
 
     def command(self) -> list[str]:
+        """Models load one at a time unless `extra_args` says otherwise: auto's calibration times
+        the steps at load, and timed beside another entry's compiling on shared cores it chose AR
+        for every step."""
+        load_threads = [] if any(arg.startswith(LOAD_THREADS_FLAG) for arg in self.extra_args) else [
+            f"{LOAD_THREADS_FLAG}=1"]
         return [str(find_tritonserver().binary), "--model-repository", str(self.model_repository),
                 "--backend-directory", str(self._backends),
                 "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-                "--metrics-port", str(self.metrics_port), *self.extra_args]
+                "--metrics-port", str(self.metrics_port), *load_threads, *self.extra_args]
 
     def start(self, restarts: int = 0) -> "TritonServer":
         """`restarts`: how many times a supervisor has restarted this server (its metrics report it)."""

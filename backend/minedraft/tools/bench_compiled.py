@@ -57,11 +57,10 @@ def main(argv=None) -> None:
               for path in args.paths}
     write_repository(workdir / "repo", models, max_batch_size=2 * args.max_num_seqs, queue_size=1024)
     rows = []
-    # One model loads at a time: auto's calibration at load times the steps, and timed beside
-    # another model's compiling it once took AR for every step of the eager entry. Loading them
-    # one by one takes longer (a static step graph alone takes minutes).
+    # The launcher loads one model at a time, which takes long here (a static step graph alone
+    # takes minutes).
     with TritonServer(workdir / "repo", *(free_port() for _ in range(3)), log_path=workdir / "server.log",
-                      extra_args=["--model-load-thread-count=1"], ready_timeout=3600) as server:
+                      ready_timeout=3600) as server:
         for concurrency in args.concurrency:
             for setup in args.setups:
                 k = 0 if setup.startswith("ar") else args.num_draft_tokens
