@@ -54,8 +54,8 @@ def test_the_table_takes_each_goal_from_its_steps_json(measured):
     p7 = by_goal(rows, "P7")[0]
     assert p7["value"] == 0.9 and "in-process AR compile_sizes 1" in p7["measured"]  # 9 / (30e9 / 3e9)
     p2 = {r["what"]: r["value"] for r in by_goal(rows, "P2")}
-    assert p2["served auto / best fixed set-up at c = 1"] == round(9.0 / 11.0, 3)  # SD is the best fixed there
-    assert p2["served auto / best fixed set-up at c = 32"] == round(9.0 * 32 / (8.0 * 32), 3)
+    assert p2["served auto / best fixed set-up (ar, sd, psd) at c = 1"] == round(9.0 / 11.0, 3)  # SD is the best fixed there
+    assert p2["served auto / best fixed set-up (ar, sd, psd) at c = 32"] == round(9.0 * 32 / (8.0 * 32), 3)
     assert by_goal(rows, "L1")[0]["value"] == 0.4  # against llama.cpp's faster set-up
 
 
@@ -74,5 +74,33 @@ def test_a_run_cut_short_keeps_what_it_measured_and_fills_the_docs_section(measu
     bench_goals.write_doc(doc, table)
     text = doc.read_text()
     assert text.startswith("before\n") and text.endswith(f"{bench_goals.END}\nafter\n") and "old" not in text
-    assert "| P2 | served auto / best fixed set-up at c = 8 | not measured |" in text
+    assert "| P2 | served auto / best fixed set-up (ar, sd, psd) at c = 8 | not measured |" in text
     assert "`load` (failed: exit status 1" in text and "`python -m x`" in text
+
+
+def test_a_run_measures_afresh_and_a_failed_step_leaves_no_stale_figure(tmp_path, monkeypatch):
+    """`main` with the tools' runs replaced: one step writes its report, one fails; the failed
+    step's JSON from an earlier run is gone, and the table says what failed."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model_repository/qwen-coder/1/target").mkdir(parents=True)
+    out, doc = tmp_path / "goals", tmp_path / "doc.md"
+    out.mkdir()
+    write(out / "served.json", served_rows(("ar", 1, "compiled", 9.0), ("ar", 1, "eager", 1.0)))  # an earlier run's
+    doc.write_text(f"{bench_goals.BEGIN}\n{bench_goals.END}\n")
+    steps = {"demo": [("demo-static.json", ["a_tool_that_writes"])], "served": [("served.json", ["a_tool_that_fails"])]}
+    monkeypatch.setattr(bench_goals, "tool_steps", lambda out_dir: steps)
+    monkeypatch.setattr(bench_goals, "STEPS", ("demo", "served"))
+
+    def run_tool(argv, log):
+        if argv == ["a_tool_that_writes"]:
+            write(out / "demo-static.json", engine_report(ar=500.0))
+            return 0
+        return 1
+
+    monkeypatch.setattr(bench_goals, "run_tool", run_tool)
+    bench_goals.main(["--out", str(out), "--doc", str(doc)])
+    rows = json.loads((out / "goals.json").read_text())["goals"]
+    assert by_goal(rows, "H1")[0]["value"] == 2.0
+    assert not (out / "served.json").exists() and by_goal(rows, "H2")[0]["met"] is None
+    text = doc.read_text()
+    assert "one run, started" in text and "`served` (failed: exit status 1" in text

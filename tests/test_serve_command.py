@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from minedraft.serving.triton_metrics import read_metrics
@@ -78,13 +79,13 @@ def test_a_crashed_tritonserver_is_restarted_and_reported(tmp_path):
     try:
         first = tritonserver_pid(process.pid)
         # auto calibrates at load: the launcher loads one model at a time, restarts included
-        assert "--model-load-thread-count=1" in open(f"/proc/{first}/cmdline").read().split("\0")
+        assert "--model-load-thread-count=1" in Path(f"/proc/{first}/cmdline").read_text().split("\0")
         os.kill(first, signal.SIGSEGV)
         wait_for_log(tmp_path, "serving again after restart 1")
         wait_ready(http_port, process)
         second = tritonserver_pid(process.pid)
         assert second != first
-        assert "--model-load-thread-count=1" in open(f"/proc/{second}/cmdline").read().split("\0")
+        assert "--model-load-thread-count=1" in Path(f"/proc/{second}/cmdline").read_text().split("\0")
         log = (tmp_path / "serve.log").read_text()
         assert "exited unexpectedly (signal SIGSEGV); restarting it (restart 1)" in log
         assert read_metrics(f"http://localhost:{metrics_port}/metrics")["minedraft_server_restarts"] == 1
@@ -96,9 +97,13 @@ def test_a_crashed_tritonserver_is_restarted_and_reported(tmp_path):
     assert not alive(children)
 
 
-def test_the_launcher_loads_one_model_at_a_time_unless_told_otherwise(tmp_path):
+def test_the_launcher_loads_one_model_at_a_time_unless_told_otherwise(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from minedraft.serving import launcher
     from minedraft.serving.launcher import TritonServer
 
+    monkeypatch.setattr(launcher, "find_tritonserver", lambda: SimpleNamespace(binary="tritonserver"))
     assert "--model-load-thread-count=1" in TritonServer(tmp_path).command()
     told = TritonServer(tmp_path, extra_args=["--model-load-thread-count=4"]).command()
     assert [arg for arg in told if arg.startswith("--model-load-thread-count")] == ["--model-load-thread-count=4"]

@@ -345,7 +345,8 @@ def run(args) -> dict:
     plan = [(s, k, c) for c in args.concurrency for s in setups for k in draft_sweep(s, args)]
     rows, extras = [], {}
     ports = [free_port() for _ in range(3)]
-    with Progress() as progress, TritonServer(workdir / "repo", *ports, log_path=workdir / "server.log") as server:
+    with Progress() as progress, TritonServer(workdir / "repo", *ports, log_path=workdir / "server.log",
+                                                  ready_timeout=1800) as server:
         task = progress.add_task("perf_analyzer", total=len(plan))
         for setup, k, c in plan:
             progress.update(task, description=f"{SETUPS[setup][0]} k={k} c={c}")

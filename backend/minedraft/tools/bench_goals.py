@@ -61,6 +61,8 @@ def tool_steps(out: Path) -> dict[str, list[tuple[str, list[str]]]]:
 
 
 STEPS = ("bandwidth", *tool_steps(Path(".")))
+BANDWIDTH_FILE = "bandwidth.json"
+TOOL_TIMEOUT_S = 7200  # one tool's run; the served sweep takes about half an hour here
 
 
 def utc_now() -> str:
@@ -71,23 +73,39 @@ def command_text(argv: list[str]) -> str:
     return "python -m " + " ".join(argv)
 
 
+def run_tool(argv: list[str], log) -> int:
+    """One tool's run, its output into the log; its exit status."""
+    return subprocess.run([*TOOL, *argv], check=False, stdout=log, stderr=subprocess.STDOUT,
+                          timeout=TOOL_TIMEOUT_S).returncode
+
+
+def step_files(name: str, out: Path) -> list[str]:
+    return [BANDWIDTH_FILE] if name == "bandwidth" else [file_name for file_name, _ in tool_steps(out)[name]]
+
+
 def run_step(name: str, out: Path, threads: int, log) -> dict:
-    """Runs one step; returns its record: the commands, seconds, and an error where one failed."""
+    """Runs one step; returns its record: the commands, seconds, and an error where one failed.
+    The step's files from an earlier run go first, so that a failed step leaves no stale figure."""
     started = time.monotonic()
-    if name == "bandwidth":
-        figures = {"read_gb_s": read_bandwidth(threads), "threads": threads,
-                   "target_weight_bytes": weight_bytes(QWEN / "target")}
-        (out / "bandwidth.json").write_text(json.dumps(figures, indent=2))
-        return {"commands": [f"python -m minedraft.tools.bench_goals --only bandwidth --out {out}"],
-                "seconds": round(time.monotonic() - started, 1), "finished": utc_now()}
-    record = {"commands": [], "seconds": None}
-    for _, argv in tool_steps(out)[name]:
-        record["commands"].append(command_text(argv))
-        print(f"[{name}] {command_text(argv)}", flush=True)
-        done = subprocess.run([*TOOL, *argv], check=False, stdout=log, stderr=subprocess.STDOUT)
-        if done.returncode != 0:
-            record["error"] = f"exit status {done.returncode} (log: {log.name})"
-            break
+    runs = [] if name == "bandwidth" else tool_steps(out)[name]
+    for file_name in step_files(name, out):
+        (out / file_name).unlink(missing_ok=True)
+    record = {"commands": [command_text(["minedraft.tools.bench_goals", "--only", name, "--out", str(out)])]
+              if name == "bandwidth" else []}
+    try:
+        if name == "bandwidth":
+            figures = {"read_gb_s": read_bandwidth(threads), "threads": threads,
+                       "target_weight_bytes": weight_bytes(QWEN / "target")}
+            (out / BANDWIDTH_FILE).write_text(json.dumps(figures, indent=2))
+        for _, argv in runs:
+            record["commands"].append(command_text(argv))
+            print(f"[{name}] {command_text(argv)}", flush=True)
+            returncode = run_tool(argv, log)
+            if returncode != 0:
+                record["error"] = f"exit status {returncode} (log: {log.name})"
+                break
+    except Exception as exc:  # noqa: BLE001 - the rest of the steps go on; the record says what failed
+        record["error"] = f"{type(exc).__name__}: {exc}"
     record["seconds"] = round(time.monotonic() - started, 1)
     record["finished"] = utc_now()
     return record
@@ -98,8 +116,9 @@ def load_json(path: Path):
 
 
 def in_process_rate(report, mode: str) -> float | None:
-    rows = report["results"].get(mode) if report else None
-    return rows[0]["tokens_per_s"] if rows else None
+    """The best rate of `mode` at one request in a bench_engine report."""
+    rows = [r for r in (report["results"].get(mode) or []) if r["concurrency"] == 1] if report else []
+    return max((r["tokens_per_s"] for r in rows), default=None)
 
 
 def served_rate(report, setup: str, concurrency: int, path: str = "compiled") -> float | None:
@@ -109,7 +128,7 @@ def served_rate(report, setup: str, concurrency: int, path: str = "compiled") ->
 
 
 def ratio(numerator, denominator) -> float | None:
-    return round(numerator / denominator, 3) if numerator and denominator else None
+    return numerator / denominator if numerator and denominator else None
 
 
 def best(named: dict) -> tuple[str, float] | tuple[None, None]:
@@ -125,20 +144,22 @@ def goal_rows(out: Path) -> list[dict]:
     served, load, peer = (load_json(out / f) for f in ("served.json", "load.json", "peer.json"))
     rows = []
 
-    def add(goal, what, measured, value, target, met, source):
-        rows.append({"goal": goal, "what": what, "measured": measured if value is not None else "not measured",
-                     "value": value, "target": target, "met": None if value is None else met(value), "source": source})
+    def add(goal, what, measured, value, target, met, source, why_missing=""):
+        """`met` sees the unrounded value; the table shows it to three decimals."""
+        rows.append({"goal": goal, "what": what,
+                     "measured": measured if value is not None else f"not measured{why_missing}",
+                     "value": None if value is None else round(value, 3), "target": target,
+                     "met": None if value is None else met(value), "source": source})
 
     def ms_a_token(report):
         rate = in_process_rate(report, "ar")
         return f"{round(1000 / rate, 2)} ms ({rate} tok/s)" if rate else "not measured"
 
-    fastest = max((r for r in (demo_static, demo_compiled) if in_process_rate(r, "ar")),
-                  key=lambda r: in_process_rate(r, "ar"), default=None)
-    add("H1", "demo pair, AR at c = 1, in-process, ms a token (the faster compiled path)",
+    _, fastest = best({path: in_process_rate(report, "ar") for path, report in
+                       (("static", demo_static), ("compiled", demo_compiled), ("eager", demo_eager))})
+    add("H1", "demo pair, AR at c = 1, in-process, ms a token (the fastest path)",
         f"compile_sizes 1: {ms_a_token(demo_static)}; compiled: {ms_a_token(demo_compiled)}; "
-        f"eager: {ms_a_token(demo_eager)}", round(1000 / in_process_rate(fastest, "ar"), 2) if fastest else None,
-        "≤ 1.5", lambda v: v <= 1.5, "demo")
+        f"eager: {ms_a_token(demo_eager)}", 1000 / fastest if fastest else None, "≤ 1.5", lambda v: v <= 1.5, "demo")
     for goal, setup, concurrency in (("H2", "ar", 1), ("H3", "auto_inline", 1), ("H3", "auto_inline", 8)):
         fast, slow = served_rate(served, setup, concurrency), served_rate(served, setup, concurrency, "eager")
         add(goal, f"served {setup} at c = {concurrency}: compiled / enforce_eager",
@@ -154,7 +175,8 @@ def goal_rows(out: Path) -> list[dict]:
     add("P3", "served, c = 1: best speculative set-up / AR, both compiled",
         f"{spec_name} {spec_rate} / ar {served_rate(load, 'ar', 1)} tok/s", ratio(spec_rate, served_rate(load, "ar", 1)),
         "≥ 2.0", lambda v: v >= 2.0, "load")
-    limit = round(bandwidth["read_gb_s"] * 1e9 / bandwidth["target_weight_bytes"], 2) if bandwidth else None
+    limit = (round(bandwidth["read_gb_s"] * 1e9 / bandwidth["target_weight_bytes"], 2)
+             if bandwidth and bandwidth["target_weight_bytes"] else None)
     best_ar_name, best_ar = best({**{f"in-process {k}": v for k, v in in_ar.items()},
                                   "served AR compiled": served_rate(load, "ar", 1)})
     add("P7", "best AR at c = 1 / the memory-bandwidth limit (read rate ÷ bf16 target weights)",
@@ -164,21 +186,23 @@ def goal_rows(out: Path) -> list[dict]:
     for concurrency in (1, 2, 4, 8, 16, 32):
         fixed_name, fixed = best({s: served_rate(load, s, concurrency) for s in ("ar", "sd", "psd")})
         auto = served_rate(load, "auto_inline", concurrency)
-        add("P2", f"served auto / best fixed set-up at c = {concurrency}", f"{auto} / {fixed_name} {fixed} tok/s",
+        add("P2", f"served auto / best fixed set-up (ar, sd, psd) at c = {concurrency}",
+            f"{auto} / {fixed_name} {fixed} tok/s",
             ratio(auto, fixed), "≥ 0.95", lambda v: v >= 0.95, "load")
     ours = next((r["tokens_per_s"] for r in (peer or {}).get("rows", []) if r["server"] == "minedraft"), None)
     peer_name, peer_rate = best({r["setup"]: r["tokens_per_s"] for r in (peer or {}).get("rows", [])
                                  if r["server"] == "llama.cpp"})
     add("L1", "served default / llama.cpp's best on the same GGUFs, c = 1",
-        f"{ours} / llama.cpp {peer_name} {peer_rate} tok/s"
-        + (f" ({peer['skipped']})" if peer and peer.get("skipped") else ""), ratio(ours, peer_rate), "report",
-        lambda v: True, "peer")
+        f"{ours} / llama.cpp {peer_name} {peer_rate} tok/s", ratio(ours, peer_rate), "report", lambda v: True, "peer",
+        f" ({peer['skipped']})" if peer and peer.get("skipped") else "")
     return rows
 
 
-def markdown(rows: list[dict], records: dict, report_machine: dict, out: Path) -> str:
+def markdown(rows: list[dict], records: dict, report_machine: dict, out: Path, one_run: bool = True) -> str:
+    when = (f"one run, started {report_machine['started']}" if one_run else
+            "steps from more than one invocation (`--only`): see when each finished, below")
     lines = [(f"Machine: {report_machine['cpu']} ({report_machine['flags']}), {report_machine['cores']} cores; "
-              f"run {report_machine['started']}. Raw JSON under `{out}`."), "",
+              f"{when}. Raw JSON under `{out}`."), "",
              "| # | what | measured | ratio or figure | goal | met |", "|---|---|---|---|---|---|"]
     for row in rows:
         met = {True: "yes", False: "**no**", None: "not measured"}[row["met"]]
@@ -214,16 +238,24 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads for the bandwidth measurement (the engine's)")
     parser.add_argument("--doc", type=Path, help="a markdown file whose goals section gets the table")
     args = parser.parse_args(argv)
+    if not (QWEN / "target").is_dir():
+        raise SystemExit(f"no {QWEN / 'target'} here: run from the repository root, after "
+                         "`python -m minedraft.tools.prepare_models`")
+    if args.doc and not {BEGIN, END} <= set(args.doc.read_text().split("\n")):
+        raise SystemExit(f"{args.doc} has no {BEGIN} ... {END} section to fill")
     args.out.mkdir(parents=True, exist_ok=True)
     records_path = args.out / "goals.json"
-    previous = load_json(records_path) or {}
-    records = previous.get("steps", {})
+    # A whole run starts afresh; --only keeps the other steps' records (the table then says so).
+    records = (load_json(records_path) or {}).get("steps", {}) if args.only else {}
+    for name in [] if args.only else STEPS:
+        for file_name in step_files(name, args.out):
+            (args.out / file_name).unlink(missing_ok=True)
     report_machine = {**machine(), "flags": cpu_flags(), "started": utc_now()}
-    with open(args.out / "goals.log", "a") as log:
+    with open(args.out / "goals.log", "a" if args.only else "w") as log:
         for name in args.only or STEPS:
             records[name] = run_step(name, args.out, args.threads, log)
             rows = goal_rows(args.out)
-            table = markdown(rows, records, report_machine, args.out)
+            table = markdown(rows, records, report_machine, args.out, one_run=not args.only)
             (args.out / "goals.md").write_text(table)
             records_path.write_text(json.dumps({"machine": report_machine, "steps": records, "goals": rows}, indent=2))
             if args.doc:

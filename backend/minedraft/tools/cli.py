@@ -119,7 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--openai-port", type=int,
                    help="also serve OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models) on this port "
                         "(Triton's OpenAI frontend uses 9000); off by default")
-    p.add_argument("--ready-timeout", type=float, default=300)
+    p.add_argument("--ready-timeout", type=float, default=900,
+                   help="seconds for every model to load, one after another (compiling takes minutes on a CPU)")
     p.add_argument("--exit-timeout", type=float, default=30,
                    help="seconds the server gets to finish on SIGINT/SIGTERM before it is killed")
     p.add_argument("triton_args", nargs="*", help="extra tritonserver flags, after --")
