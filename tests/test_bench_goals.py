@@ -104,3 +104,5 @@ def test_a_run_measures_afresh_and_a_failed_step_leaves_no_stale_figure(tmp_path
     assert not (out / "served.json").exists() and by_goal(rows, "H2")[0]["met"] is None
     text = doc.read_text()
     assert "one run, started" in text and "`served` (failed: exit status 1" in text
+    bench_goals.main(["--out", str(out), "--doc", str(doc), "--render"])  # measures nothing, writes the same
+    assert doc.read_text() == text

@@ -24,11 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-from minedraft.config import DEFAULT_MODEL_DIR
-
 from .bench import machine, read_bandwidth, weight_bytes
 
 QWEN = Path("model_repository/qwen-coder/1")
+DEMO = Path("model_repository/minedraft/1")
 TOOL = [sys.executable, "-m"]
 BEGIN, END = "<!-- goals:begin -->", "<!-- goals:end -->"
 QWEN_ENGINE = ["--model-dir", str(QWEN), "--prompts", "heldout", "--chat", "--dtype", "bfloat16",
@@ -38,7 +37,7 @@ QWEN_ENGINE = ["--model-dir", str(QWEN), "--prompts", "heldout", "--chat", "--dt
 
 def tool_steps(out: Path) -> dict[str, list[tuple[str, list[str]]]]:
     """Each step's runs: (raw JSON file name, the command that writes it)."""
-    demo = ["minedraft.tools.bench_engine", "--model-dir", str(DEFAULT_MODEL_DIR), "--modes", "ar", "--concurrency",
+    demo = ["minedraft.tools.bench_engine", "--model-dir", str(DEMO), "--modes", "ar", "--concurrency",
             "1", "--max-tokens", "64"]
     return {
         "demo": [("demo-eager.json", [*demo, "--out", str(out / "demo-eager.json")]),
@@ -205,7 +204,8 @@ def markdown(rows: list[dict], records: dict, report_machine: dict, out: Path, o
               f"{when}. Raw JSON under `{out}`."), "",
              "| # | what | measured | ratio or figure | goal | met |", "|---|---|---|---|---|---|"]
     for row in rows:
-        met = {True: "yes", False: "**no**", None: "not measured"}[row["met"]]
+        met = {True: "yes", False: "**no**", None: "not measured"}[row["met"]] if row["target"] != "report" else (
+            "reported" if row["met"] else "not measured")
         lines.append(f"| {row['goal']} | {row['what']} | {row['measured']} | {row['value']} | {row['target']} | {met} |")
     lines.append("| G1 | the 1.5B-shaped verify step on a GPU | no GPU lent to this run | | ≤ 3 ms | not run |")
     lines += ["", "Commands (each step's; `python -m minedraft.tools.bench_goals --only STEP` reruns one):", ""]
@@ -224,6 +224,18 @@ def write_doc(doc: Path, table: str) -> None:
     doc.write_text(f"{head}{BEGIN}\n{table}{END}{rest.split(END, 1)[1]}")
 
 
+def write_outputs(out: Path, records: dict, report_machine: dict, one_run: bool, doc: Path | None) -> str:
+    """The table from the JSON under `out`, into goals.md, goals.json and `doc`'s section; returns it."""
+    rows = goal_rows(out)
+    table = markdown(rows, records, report_machine, out, one_run)
+    (out / "goals.md").write_text(table)
+    (out / "goals.json").write_text(json.dumps({"machine": report_machine, "one_run": one_run, "steps": records,
+                                                "goals": rows}, indent=2))
+    if doc:
+        write_doc(doc, table)
+    return table
+
+
 def cpu_flags() -> str:
     with open("/proc/cpuinfo") as cpuinfo:
         flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
@@ -237,12 +249,20 @@ def main(argv=None) -> None:
     parser.add_argument("--only", nargs="+", choices=STEPS, help="run these steps; the table reads the rest's JSON as left")
     parser.add_argument("--threads", type=int, default=2, help="threads for the bandwidth measurement (the engine's)")
     parser.add_argument("--doc", type=Path, help="a markdown file whose goals section gets the table")
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: write the table again from the JSON under --out")
     args = parser.parse_args(argv)
+    if args.doc and not {BEGIN, END} <= set(args.doc.read_text().split("\n")):
+        raise SystemExit(f"{args.doc} has no {BEGIN} ... {END} section to fill")
+    if args.render:
+        previous = load_json(args.out / "goals.json")
+        if previous is None:
+            raise SystemExit(f"nothing measured under {args.out}")
+        print(write_outputs(args.out, previous["steps"], previous["machine"], previous["one_run"], args.doc))
+        return
     if not (QWEN / "target").is_dir():
         raise SystemExit(f"no {QWEN / 'target'} here: run from the repository root, after "
                          "`python -m minedraft.tools.prepare_models`")
-    if args.doc and not {BEGIN, END} <= set(args.doc.read_text().split("\n")):
-        raise SystemExit(f"{args.doc} has no {BEGIN} ... {END} section to fill")
     args.out.mkdir(parents=True, exist_ok=True)
     records_path = args.out / "goals.json"
     # A whole run starts afresh; --only keeps the other steps' records (the table then says so).
@@ -254,12 +274,7 @@ def main(argv=None) -> None:
     with open(args.out / "goals.log", "a" if args.only else "w") as log:
         for name in args.only or STEPS:
             records[name] = run_step(name, args.out, args.threads, log)
-            rows = goal_rows(args.out)
-            table = markdown(rows, records, report_machine, args.out, one_run=not args.only)
-            (args.out / "goals.md").write_text(table)
-            records_path.write_text(json.dumps({"machine": report_machine, "steps": records, "goals": rows}, indent=2))
-            if args.doc:
-                write_doc(args.doc, table)
+            table = write_outputs(args.out, records, report_machine, not args.only, args.doc)
             print(f"[{name}] done in {records[name]['seconds']} s" + (f": {records[name]['error']}"
                                                                        if "error" in records[name] else ""), flush=True)
     print(table)
