@@ -388,10 +388,19 @@ def print_report(report: dict, out: Path | None) -> None:
     print(text)
 
 
+# The instruction sets that decide which CPU kernels run (bf16 and int8 matmuls): a figure names them.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
+
+
 def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.machine())
-    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+    with open("/proc/cpuinfo") as cpuinfo:  # the first processor's fields: every core has the same
+        fields = {}
+        for key, _, value in (line.partition(":") for line in cpuinfo):
+            fields.setdefault(key.strip(), value.strip())
+    model = fields.get("model name", platform.machine())
+    flags = fields.get("flags", "").split()
+    return {"cpu": model, "flags": ", ".join(f for f in CPU_FLAGS if f in flags) or "none of " + "/".join(CPU_FLAGS),
+            "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
             "platform": platform.platform()}
 
 

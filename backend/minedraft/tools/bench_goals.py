@@ -5,12 +5,13 @@ after another on an otherwise idle machine, each with the command that reproduce
 
 Steps, in order (each tool a subprocess of its own, its raw JSON under --out):
   bandwidth  the machine's memory read rate and the Qwen target's weight bytes (P7's limit)
-  demo       the demo pair, AR at c = 1 in-process, eager and compiled (H1)
+  demo       the demo pair, AR at c = 1 in-process, eager, compiled and compiled with
+             `compile_sizes` 1 (H1)
   inprocess  the Qwen pair in-process at c = 1, AR and SD, compiled and compiled with
              `compile_sizes` 1 (P3, P7)
   served     the Qwen pair through tritonserver, AR and the served default (auto, inline int4
              draft) at c = 1 and 8, compiled against `enforce_eager` (H2, H3)
-  load       the same server's fixed set-ups (AR, SD, PSD) and auto at every c in 1..32,
+  load       a second server: the fixed set-ups (AR, SD, PSD) and auto at every c in 1..32,
              compiled (P2; P3 and P7 through the server)
   peer       the shipped entry against llama.cpp on the same GGUF files, c = 1 (L1)
 After every step the table is written again (goals.md, goals.json under --out, and with --doc
@@ -216,11 +217,16 @@ def markdown(rows: list[dict], records: dict, report_machine: dict, out: Path, o
     return "\n".join(lines) + "\n"
 
 
-def write_doc(doc: Path, table: str) -> None:
+def check_doc(doc: Path) -> str:
+    """The doc's text, if it has a goals section to fill."""
     text = doc.read_text()
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{doc} has no {BEGIN} ... {END} section to fill")
-    head, rest = text.split(BEGIN, 1)
+    return text
+
+
+def write_doc(doc: Path, table: str) -> None:
+    head, rest = check_doc(doc).split(BEGIN, 1)
     doc.write_text(f"{head}{BEGIN}\n{table}{END}{rest.split(END, 1)[1]}")
 
 
@@ -236,13 +242,6 @@ def write_outputs(out: Path, records: dict, report_machine: dict, one_run: bool,
     return table
 
 
-def cpu_flags() -> str:
-    with open("/proc/cpuinfo") as cpuinfo:
-        flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
-    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags]
-    return ", ".join(shown) or "none of avx2/avx512/amx"
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs/bench/goals"))
@@ -252,8 +251,8 @@ def main(argv=None) -> None:
     parser.add_argument("--render", action="store_true",
                         help="measure nothing: write the table again from the JSON under --out")
     args = parser.parse_args(argv)
-    if args.doc and not {BEGIN, END} <= set(args.doc.read_text().split("\n")):
-        raise SystemExit(f"{args.doc} has no {BEGIN} ... {END} section to fill")
+    if args.doc:
+        check_doc(args.doc)  # before a step runs for an hour
     if args.render:
         previous = load_json(args.out / "goals.json")
         if previous is None:
@@ -270,7 +269,7 @@ def main(argv=None) -> None:
     for name in [] if args.only else STEPS:
         for file_name in step_files(name, args.out):
             (args.out / file_name).unlink(missing_ok=True)
-    report_machine = {**machine(), "flags": cpu_flags(), "started": utc_now()}
+    report_machine = {**machine(), "started": utc_now()}
     with open(args.out / "goals.log", "a" if args.only else "w") as log:
         for name in args.only or STEPS:
             records[name] = run_step(name, args.out, args.threads, log)
